@@ -1,0 +1,206 @@
+"""Speed: normnets against the usual way these networks are trained, and against the machine's limit.
+
+    python benchmarks/speed.py --data ../shared/data/cifar10-jpeg.tgz
+
+Measured in one run, on one machine, with the same torch threads:
+1. normnets: training images/s over real training steps after warm-up (the real `get_dls` pipeline and the
+   real fastai `Learner` loop), inference images/s over the test set, and forward MACs per image (counted).
+2. The usual pipeline: a published 49,672-parameter solution of the same exercise, a plain PyTorch loop,
+   a torch DataLoader over per-image PIL transforms with 2 workers, batch size 128, SGD.
+3. The machine's limit: fp32 GFLOP/s of a large matrix multiply, and each variant's achieved training
+   GFLOP/s (3 x 2 x forward MACs x images/s: forward, and backward for inputs and for weights) as a fraction.
+4. What the speed-ups are worth, measured the same way: normnets without channels-last, with the usual
+   per-image data pipeline, and at batch size 256.
+Then a torch.profiler table of the top operators of one variant's training step, and the projected wall time
+of the full study. Writes results/speed.md; the last line of stdout is machine-readable.
+"""
+import sys, time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
+import pandas as pd
+import torch
+from torch import nn
+from fastai.callback.core import Callback, CancelFitException
+from fastcore.script import call_parse
+from torchvision import transforms
+from PIL import Image
+
+from normnets import NORMS, normnet, count_macs, count_params
+from normnets_data import REPO_DIR, get_dls, load_cifar
+from train import BS, make_learner, device_name
+import report
+
+# ---------------------------------------------------------------- the usual pipeline
+
+def usual_net(dropout=0.05) -> nn.Sequential:
+    "The published 49,672-parameter solution: conv -> ReLU -> BatchNorm -> Dropout, with 1x1 transitions."
+    def block(c_in, c_out): return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.ReLU(), nn.BatchNorm2d(c_out), nn.Dropout(dropout)]
+    return nn.Sequential(
+        *block(3, 32), *block(32, 54), nn.Conv2d(54, 10, 1, bias=False), nn.MaxPool2d(2),
+        *block(10, 16), *block(16, 16), *block(16, 32), nn.Conv2d(32, 16, 1, bias=False), nn.MaxPool2d(2),
+        *block(16, 32), *block(32, 32), *block(32, 32), nn.AdaptiveAvgPool2d(1), nn.Conv2d(32, 10, 1, bias=False), nn.Flatten())
+
+
+class PILDataset(torch.utils.data.Dataset):
+    "CIFAR-10 the way torchvision's CIFAR10 dataset serves it: a PIL image per item, then per-image transforms."
+    def __init__(self, x, y, tfm): self.x, self.y, self.tfm = x, y, tfm
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i): return self.tfm(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def usual_loader(cifar, bs=128, workers=2):
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    tfm = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                              transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return torch.utils.data.DataLoader(PILDataset(cifar.x_train, cifar.y_train, tfm), batch_size=bs, shuffle=True,
+                                       num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+
+
+def time_plain_loop(model, loader, device, steps, warmup, channels_last=False) -> float:
+    "Images/s of a plain PyTorch training loop (SGD) over `steps` batches after `warmup`."
+    model = model.to(device)
+    if channels_last: model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn, n, it = nn.CrossEntropyLoss(), 0, iter(loader)
+    model.train()
+    for i in range(warmup + steps):
+        try: x, y = next(it)
+        except StopIteration: it = iter(loader); x, y = next(it)
+        if i == warmup: sync(device); start = time.perf_counter()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        if i >= warmup: n += len(x)
+    sync(device)
+    return n / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- normnets through fastai
+
+def sync(device):
+    if torch.device(device).type == 'cuda': torch.cuda.synchronize()
+
+
+class StepTimer(Callback):
+    "Times `steps` training batches after `warmup` of them, then stops the fit."
+    order = 100
+    def __init__(self, warmup, steps): self.warmup, self.steps = warmup, steps
+    def before_fit(self): self.count, self.images = 0, 0
+    def before_batch(self):
+        if self.count == self.warmup: sync(self.dls.device); self.start = time.perf_counter()
+    def after_batch(self):
+        self.count += 1
+        if self.count > self.warmup: self.images += len(self.xb[0])
+        if self.count == self.warmup + self.steps:
+            sync(self.dls.device); self.seconds = time.perf_counter() - self.start
+            raise CancelFitException()
+
+
+def learner_throughput(dls, norm, steps, warmup, channels_last=True) -> float:
+    "Training images/s of the real fastai Learner loop (one-cycle, label smoothing, accuracy metric)."
+    learn = make_learner(dls, norm)
+    if not channels_last: learn.remove_cb(learn.channels_last)
+    timer = StepTimer(warmup, steps)
+    with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(1, cbs=timer)
+    return timer.images / timer.seconds, learn
+
+
+def inference_throughput(learn) -> float:
+    "Images/s of `get_preds` over the whole test set (eval mode, the real validation pipeline)."
+    learn.model.eval()
+    with learn.no_bar(): learn.get_preds(dl=learn.dls.valid)   # warm-up
+    sync(learn.dls.device); start = time.perf_counter()
+    with learn.no_bar(): learn.get_preds(dl=learn.dls.valid)
+    sync(learn.dls.device)
+    return len(learn.dls.valid_ds) / (time.perf_counter() - start)
+
+
+def matmul_gflops(device, n=4096, reps=10) -> float:
+    "fp32 GFLOP/s of an n x n matrix multiply, the best of `reps`."
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float('inf')
+    for _ in range(reps + 2):
+        sync(device); t = time.perf_counter(); a @ b; sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def profile_table(dls, norm, steps=10, rows=12) -> str:
+    "torch.profiler's top operators by self time over `steps` training batches."
+    learn = make_learner(dls, norm)
+    with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(1, cbs=StepTimer(3, 1))   # warm-up
+    timer = StepTimer(0, steps)
+    with torch.profiler.profile() as prof, learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(1, cbs=timer)
+    key = 'self_cuda_time_total' if dls.device.type == 'cuda' else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+@call_parse
+def main(
+    data:str=None,     # CIFAR-10 folder or .tgz (default: $NORMNETS_DATA, data/cifar10, else download)
+    steps:int=150,     # timed training steps per measurement
+    warmup:int=10,     # untimed steps first
+    out:str=None,      # markdown to write (default: results/speed.md)
+):
+    "Measure and print the speed table; write it to results/speed.md."
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    cifar = load_cifar(data)
+    dls = get_dls(cifar=cifar, bs=BS, device=device)
+    machine = device_name(device)
+    cores = f"{torch.get_num_threads()} torch threads" + (f", {torch.cuda.get_device_name()}" if device.type == 'cuda' else '')
+    print(f"device: {machine}; torch {torch.__version__}; {cores}", flush=True)
+
+    peak = matmul_gflops(device)
+    print(f"fp32 matmul: {peak:.0f} GFLOP/s", flush=True)
+
+    usual = usual_net()
+    usual_ips = time_plain_loop(usual, usual_loader(cifar), device, steps, warmup)
+    usual_macs = count_macs(usual)
+    print(f"usual pipeline: {usual_ips:.0f} images/s", flush=True)
+
+    rows = []
+    for norm in NORMS:
+        ips, learn = learner_throughput(dls, norm, steps, warmup)
+        macs = count_macs(learn.model)
+        rows.append(dict(norm=norm, params=count_params(learn.model), macs=macs, train_ips=ips, infer_ips=inference_throughput(learn)))
+        print(f"{norm} norm: {ips:.0f} training images/s", flush=True)
+    df = pd.DataFrame(rows)
+    df['train_gflops'] = 6 * df.macs * df.train_ips / 1e9
+    df['peak_fraction'] = df.train_gflops / peak
+    df['vs_usual'] = df.train_ips / usual_ips
+    # One study run: 20 epochs of training and a test pass each, then the final evaluation
+    # (4 test passes for interpretation and figures, 1 pass over the training images).
+    per_variant = 20 * (50_000 / df.train_ips + 10_000 / df.infer_ips) + (4 * 10_000 + 50_000) / df.infer_ips
+    study_minutes = per_variant.sum() / 60
+
+    # What the speed-ups are worth (batch norm, the same loop and steps).
+    variants = [('normnets, batch norm, as run', df.train_ips[0])]
+    variants.append(('without channels-last', learner_throughput(dls, 'batch', steps, warmup, channels_last=False)[0]))
+    variants.append(('batch size 256', learner_throughput(get_dls(cifar=cifar, bs=256, device=device), 'batch', steps, warmup)[0]))
+    variants.append(('normnets network, usual per-image PIL pipeline, plain loop',
+                     time_plain_loop(normnet('batch'), usual_loader(cifar, bs=BS), device, steps, warmup, channels_last=True)))
+    prof = profile_table(dls, 'batch')
+
+    table = pd.DataFrame({
+        'network': [f'normnets, {n} norm' for n in df.norm] + ['usual pipeline (49,672-parameter solution)'],
+        'parameters': [f'{p:,}' for p in df.params] + [f'{count_params(usual):,}'],
+        'MACs / image': [f'{m / 1e6:.2f} M' for m in df.macs] + [f'{usual_macs / 1e6:.2f} M'],
+        'train images/s': [f'{x:.0f}' for x in df.train_ips] + [f'{usual_ips:.0f}'],
+        'inference images/s': [f'{x:.0f}' for x in df.infer_ips] + [''],
+        'x usual': [f'{x:.2f}' for x in df.vs_usual] + ['1.00'],
+        'train GFLOP/s': [f'{x:.1f}' for x in df.train_gflops] + [f'{6 * usual_macs * usual_ips / 1e9:.1f}'],
+        'of matmul peak': [f'{100 * x:.0f}%' for x in df.peak_fraction] + [f'{100 * 6 * usual_macs * usual_ips / 1e9 / peak:.0f}%']})
+    what = pd.DataFrame({'change (batch norm variant)': [v[0] for v in variants],
+                         'train images/s': [f'{v[1]:.0f}' for v in variants],
+                         'relative': [f'{v[1] / variants[0][1]:.2f}' for v in variants]})
+    md = (f"Measured by `benchmarks/speed.py` on {machine}, torch {torch.__version__}, {cores}, {steps} timed training "
+          f"steps after {warmup} of warm-up, all in one run.\n\n"
+          f"fp32 matrix-multiply peak (4096 x 4096): **{peak:.0f} GFLOP/s**. "
+          f"Projected full study (3 variants x 20 epochs, evaluation included): **{study_minutes:.1f} minutes**.\n\n"
+          + report.markdown_table(table) + '\n' + report.markdown_table(what)
+          + f"\nTop operators of the batch-norm variant's training step (torch.profiler, self time):\n\n```\n{prof}\n```\n")
+    out = Path(out) if out else REPO_DIR / 'results' / 'speed.md'
+    out.write_text(md)
+    print('\n' + md)
+    print(f"speed: vs_usual={df.vs_usual.min():.2f} peak_fraction={df.peak_fraction.min():.3f} study_minutes={study_minutes:.1f}")

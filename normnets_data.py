@@ -1,0 +1,266 @@
+"""CIFAR-10 for normnets: find it, decode it once, and serve it as fastai `DataLoaders`.
+
+Sections follow the data: where the images come from, decoding and checking
+them (once: the uint8 arrays are cached under `data/`), the batch transforms,
+and the `DataLoaders`.
+
+Training batches are sliced straight out of one uint8 tensor and augmented as
+whole batches, so an epoch does no per-image Python work: on 2 CPU cores the
+usual per-image PIL pipeline costs more than the tiny network itself. The
+same `DataLoaders` still take image files the fastai way (`learn.predict(path)`,
+`dls.test_dl(files)`), item by item through `ToTensorImage`.
+"""
+import hashlib, io, os, tarfile, tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from fastai.data.core import Datasets, DataLoaders, TfmdDL
+from fastai.data.transforms import AttrGetter, Categorize, IntToFloatTensor, Normalize
+from fastai.torch_core import TensorImage, TensorCategory, default_device
+from fastai.vision.core import PILImage
+from fasttransform import Transform, DisplayedTransform
+from fastprogress.fastprogress import progress_bar
+
+__all__ = ['REPO_DIR', 'DATA_DIR', 'CIFAR10_CLASSES', 'CIFAR10_COUNTS', 'CifarDataError', 'Cifar', 'Sample', 'find_data',
+           'load_cifar', 'ToTensorImage', 'RandomCropFlip', 'ArrayDL', 'plain_train_dl', 'get_dls']
+
+REPO_DIR = Path(__file__).resolve().parent
+DATA_DIR = REPO_DIR / 'data'
+CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+CIFAR10_COUNTS = {'train': 5000, 'test': 1000}   # images per class folder in the real dataset
+# Sources we can name by their md5; the offline copy differs from the official PNGs (see README).
+KNOWN_DATA = {'b4275aaa92a8d48022b289e647203665': 'CIFAR-10, offline JPEG copy (quality 75) of the official release'}
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+LAYOUT = "fastai's URLs.CIFAR layout: train/<class>/*.png|jpg and test/<class>/*.png|jpg for the 10 CIFAR-10 classes"
+
+
+class CifarDataError(ValueError):
+    "The data is missing, is not CIFAR-10 in fastai's layout, or cannot be read."
+
+
+# ---------------------------------------------------------------- where the data comes from
+
+def find_data(data=None) -> Path:
+    """The CIFAR-10 source: `data` if given, else $NORMNETS_DATA, else `data/cifar10` in the repo,
+    else fastai's `untar_data(URLs.CIFAR)` downloads the official release into `data/`."""
+    data = data or os.environ.get('NORMNETS_DATA')
+    if data:
+        path = Path(data).expanduser()
+        if not path.exists(): raise CifarDataError(f"CIFAR-10 data not found at {path}: expected a folder in {LAYOUT}, or a .tgz of one")
+        return path
+    if (DATA_DIR / 'cifar10').exists(): return DATA_DIR / 'cifar10'
+    from fastai.data.external import untar_data, URLs
+    try: return untar_data(URLs.CIFAR, archive=DATA_DIR, data=DATA_DIR)
+    except Exception as e:
+        raise CifarDataError(f"no CIFAR-10 given and the download of {URLs.CIFAR} failed ({e}): pass a folder or "
+                             f".tgz in {LAYOUT} as --data / data=, or set NORMNETS_DATA") from e
+
+
+def _is_archive(path: Path) -> bool: return path.is_file() and path.name.endswith(('.tgz', '.tar.gz', '.tar'))
+
+
+def fingerprint(path: Path) -> str:
+    "md5 of the archive's bytes, or of a folder's image paths and bytes: names the exact data a result used."
+    md5 = hashlib.md5()
+    if path.is_file():
+        with open(path, 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 20), b''): md5.update(chunk)
+    else:
+        for p in sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES):
+            md5.update(str(p.relative_to(path)).encode()); md5.update(p.read_bytes())
+    return md5.hexdigest()
+
+
+# ---------------------------------------------------------------- decoding and checking, once
+
+def _image_files(path: Path):
+    "Yield (split, class, name, bytes) for every image under `path`, a folder or an archive."
+    if _is_archive(path):
+        try:
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    parts = m.name.split('/')
+                    if m.isfile() and len(parts) >= 3 and parts[-1].lower().endswith(IMAGE_SUFFIXES):
+                        yield parts[-3], parts[-2], parts[-1], tar.extractfile(m).read()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise CifarDataError(f"{path} is not a readable tar archive ({e}): expected a .tgz in {LAYOUT}") from e
+    elif path.is_dir():
+        # Accept the folder itself or its parent (e.g. data/ holding cifar10/).
+        root = path if (path / 'train').is_dir() else next((d for d in path.iterdir() if (d / 'train').is_dir()), path)
+        for split in CIFAR10_COUNTS:
+            for p in sorted((root / split).glob('*/*')):
+                if p.suffix.lower() in IMAGE_SUFFIXES: yield split, p.parent.name, p.name, p.read_bytes()
+    else:
+        raise CifarDataError(f"{path} is neither a folder nor a .tgz archive: expected {LAYOUT}")
+
+
+def _decode(data: bytes, where: str) -> np.ndarray:
+    try: img = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
+    except Exception as e: raise CifarDataError(f"{where}: cannot decode the image ({e})") from e
+    if img.shape != (32, 32, 3): raise CifarDataError(f"{where}: image is {img.shape[1]}x{img.shape[0]}, expected 32x32")
+    return img
+
+
+def _read(path: Path, counts: dict) -> dict:
+    "Decode and check every image; return uint8 arrays (N,32,32,3) and int64 labels per split."
+    found = {split: {} for split in counts}
+    print(f"Decoding {path} (once: the arrays are cached for later runs)")
+    for split, cls, name, data in progress_bar(list(_image_files(path))):
+        if split in found: found[split].setdefault(cls, []).append((name, _decode(data, f"{path}: {split}/{cls}/{name}")))
+    arrays = {}
+    for split, per_class in found.items():
+        if sorted(per_class) != CIFAR10_CLASSES:
+            raise CifarDataError(f"{path}: {split}/ holds class folders {sorted(per_class) or 'none'}, expected the "
+                                 f"10 CIFAR-10 classes {CIFAR10_CLASSES} ({LAYOUT})")
+        for cls, imgs in per_class.items():
+            if len(imgs) != counts[split]:
+                raise CifarDataError(f"{path}: {split}/{cls} has {len(imgs)} images, expected {counts[split]}")
+        ordered = [(CIFAR10_CLASSES.index(c), img) for c in CIFAR10_CLASSES for _, img in sorted(per_class[c], key=lambda o: o[0])]
+        arrays[f'x_{split}'] = np.stack([img for _, img in ordered])
+        arrays[f'y_{split}'] = np.array([lbl for lbl, _ in ordered], dtype=np.int64)
+    return arrays
+
+
+class Cifar:
+    "Decoded CIFAR-10: uint8 images (N,32,32,3) and labels for train and test, and where they came from."
+    def __init__(self, arrays: dict, source: Path, fingerprint: str):
+        self.x_train, self.y_train, self.x_test, self.y_test = (arrays[k] for k in ('x_train', 'y_train', 'x_test', 'y_test'))
+        self.source, self.fingerprint, self.classes = str(source), fingerprint, CIFAR10_CLASSES
+
+    def describe(self) -> dict:
+        "What a result must say about its data."
+        return dict(data=KNOWN_DATA.get(self.fingerprint, 'CIFAR-10'), data_source=self.source, data_md5=self.fingerprint)
+
+
+def load_cifar(data=None, counts: dict = CIFAR10_COUNTS, cache_dir: Path = DATA_DIR / 'cache') -> Cifar:
+    """Decode CIFAR-10 from `data` (see `find_data`), checking its layout and per-class counts.
+    The decoded arrays are cached by the source's fingerprint, so later starts skip the decoding."""
+    path = find_data(data)
+    fp = fingerprint(path)
+    cache = Path(cache_dir) / f'cifar10-{fp}.npz'
+    if cache.exists():
+        try:
+            with np.load(cache) as z: return Cifar(dict(z), path, fp)
+        except Exception: cache.unlink()   # a damaged cache is rebuilt, never trusted
+    arrays = _read(path, counts)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary name and rename, so an interrupted run leaves no half-written cache.
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix='.npz.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f: np.savez(f, **arrays)
+        os.replace(tmp, cache)
+    finally:
+        if os.path.exists(tmp): os.remove(tmp)
+    return Cifar(arrays, path, fp)
+
+
+# ---------------------------------------------------------------- transforms
+
+class Sample:
+    "An item of the `Datasets`: one decoded (32,32,3) uint8 image and its class name."
+    __slots__ = ('image', 'label')
+    def __init__(self, image, label): self.image, self.label = image, label
+
+
+class ToTensorImage(Transform):
+    "An item -> uint8 (3,32,32) `TensorImage`: a decoded `Sample`, or an image file, PIL image or array from a user."
+    input_types = (Sample, str, Path, Image.Image, np.ndarray)   # what `test_dl`/`predict` may be given
+    def encodes(self, o: Sample): return self._from_array(o.image)
+    def encodes(self, o: np.ndarray): return self._from_array(o)
+    def encodes(self, o: str | Path | Image.Image):
+        img = PILImage.create(o).convert('RGB')
+        if img.size != (32, 32): img = img.resize((32, 32), Image.BILINEAR)
+        return self._from_array(np.asarray(img))
+    @staticmethod
+    def _from_array(a): return TensorImage(torch.from_numpy(np.array(a)).permute(2, 0, 1))   # a writable copy
+
+
+class RandomCropFlip(DisplayedTransform):
+    "Random crop with `pad` pixels of zero padding and a random horizontal flip, on a whole uint8 batch at once."
+    split_idx, order = 0, 5   # training only; before IntToFloatTensor, so it moves bytes, not floats
+    def __init__(self, pad: int = 4): self.pad = pad
+
+    def encodes(self, x: TensorImage):
+        n, c, h, w = x.shape
+        r = self.pad
+        padded = F.pad(x, (r, r, r, r))
+        # Crop rows then columns with one masked copy per shift (airbench's batch_crop):
+        # 2*(2r+1) vectorized copies instead of n Python-level crops.
+        dy, dx = (torch.randint(0, 2 * r + 1, (2, n), device=x.device))
+        rows = torch.empty(n, c, h, w + 2 * r, dtype=x.dtype, device=x.device)
+        for s in range(2 * r + 1):
+            m = dy == s
+            rows[m] = padded[m, :, s:s + h]
+        out = torch.empty_like(x)
+        for s in range(2 * r + 1):
+            m = dx == s
+            out[m] = rows[m, :, :, s:s + w]
+        flip = torch.rand(n, device=x.device) < 0.5
+        return TensorImage(torch.where(flip[:, None, None, None], out.flip(-1), out))
+
+
+# ---------------------------------------------------------------- DataLoaders
+
+class ArrayDL(TfmdDL):
+    """A `TfmdDL` that slices batches out of in-memory uint8 `images` and `labels` when it has them
+    (training and validation), and falls back to fastai's item-by-item path when it does not
+    (`test_dl` of image files, and exported learners, which carry no data)."""
+    def __init__(self, dataset=None, images=None, labels=None, **kwargs):
+        self.images, self.labels = images, labels
+        super().__init__(dataset, **kwargs)
+
+    def create_batches(self, samps):
+        if self.images is None: yield from super().create_batches(samps); return
+        idxs = torch.as_tensor(list(samps), device=self.images.device)
+        for b in idxs.split(self.bs):
+            if self.drop_last and len(b) < self.bs: break
+            yield TensorImage(self.images[b]), TensorCategory(self.labels[b])
+
+    def new(self, dataset=None, cls=None, **kwargs):
+        # Same data (e.g. `get_preds` re-batching the validation set): keep the fast path.
+        if dataset is None or dataset is self.dataset: kwargs = {"images": self.images, "labels": self.labels, **kwargs}
+        return super().new(dataset, cls, **kwargs)
+
+
+def plain_train_dl(dls: DataLoaders) -> ArrayDL:
+    "The training images in order and without augmentation (the test set's pipeline): to measure training accuracy."
+    return dls.valid.new(images=dls.train.images, labels=dls.train.labels, n=len(dls.train.images))
+
+
+def _subset(x, y, n, seed):
+    "A random `n` of (x, y), the same for the same seed; all of it when n is None."
+    if n is None or n >= len(x): return x, y
+    idx = np.sort(np.random.default_rng(seed).permutation(len(x))[:n])
+    return x[idx], y[idx]
+
+
+def get_dls(data=None, bs: int = 512, n_train: int = None, n_test: int = None, seed: int = 0, device=None,
+            counts: dict = CIFAR10_COUNTS, cifar: Cifar = None) -> DataLoaders:
+    """fastai `DataLoaders` of CIFAR-10: the training images (augmented) for training and the test images
+    for validation. `n_train`/`n_test` take a random subset (for quick checks); `cifar` reuses decoded data."""
+    cifar = cifar or load_cifar(data, counts)
+    x_train, y_train = _subset(cifar.x_train, cifar.y_train, n_train, seed)
+    x_test, y_test = _subset(cifar.x_test, cifar.y_test, n_test, seed)
+    device = default_device() if device is None else torch.device(device)
+
+    # Normalize with the training images' channel statistics.
+    std, mean = torch.std_mean(torch.from_numpy(x_train).reshape(-1, 3).float() / 255, dim=0)
+    batch_tfms = [RandomCropFlip(4), IntToFloatTensor(), Normalize.from_stats(mean.tolist(), std.tolist(), cuda=False)]
+    item_tfms = [[ToTensorImage()], [AttrGetter('label'), Categorize(vocab=cifar.classes, sort=False)]]
+
+    def dl(x, y, split_idx, **kwargs):
+        # fastai's item pipeline (`show`, `test_dl`, `Interpretation`) sees (image, class name) `Sample`s; batches
+        # come from the tensors. One Datasets per split, not one split Datasets: an exported learner then
+        # carries no list of 60,000 split indices.
+        dset = Datasets([Sample(img, cifar.classes[l]) for img, l in zip(x, y)], item_tfms, split_idx=split_idx)
+        images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
+        return ArrayDL(dset, images=images, labels=torch.from_numpy(y).to(device), after_batch=batch_tfms,
+                       num_workers=0, device=device, **kwargs)
+    # Evaluation keeps no activations for a backward pass, so it takes bigger batches.
+    dls = DataLoaders(dl(x_train, y_train, 0, bs=bs, shuffle=True, drop_last=True), dl(x_test, y_test, 1, bs=2 * bs),
+                      device=device)
+    dls.cifar = cifar
+    return dls

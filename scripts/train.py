@@ -1,0 +1,162 @@
+"""Train one normnets variant on CIFAR-10 with a fastai `Learner` and a one-cycle schedule.
+
+    python scripts/train.py --norm gn            # 20 epochs, writes results/group/
+    python scripts/train.py --norm bn --epochs 5 --out /tmp/bn5
+
+Writes under --out: history.csv (one row an epoch), metrics.json (final
+accuracies, parameters, seed, versions, device, data and its md5), model.pkl
+(`learn.export`, for `load_learner`), curves.png, misclassified.png,
+confusion.png and per_class.csv. Everything is written to a temporary folder
+and moved into place at the end, so an interrupted run leaves nothing behind.
+"""
+import json, platform, shutil, sys, tempfile, time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # normnets*.py without an install
+
+import pandas as pd
+import torch
+import fastai
+from fastai.callback.core import Callback
+from fastai.callback.channelslast import ChannelsLast
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy
+from fastai.torch_core import set_seed
+from fastai.interpret import ClassificationInterpretation
+import fastai.callback.schedule   # adds Learner.fit_one_cycle
+import fastai.vision.learner      # adds plot_top_losses for images
+from fastcore.script import call_parse, CliError
+
+from normnets import PARAM_LIMIT, normnet, norm_name, count_params, count_macs
+from normnets_data import REPO_DIR, get_dls, plain_train_dl
+import plots
+
+MAX_EPOCHS = 20        # the exercise's rule
+PASS_ACCURACY = 0.70   # the exercise's bar; the epoch a variant first passes it is reported
+
+# ---------------------------------------------------------------- hyperparameters
+# Plain Python, one place. Chosen as recorded in results/ablation.md.
+BS = 512               # big batches keep the CPU's cores busy; fine for batch norm at this size
+LR = 1e-2              # one-cycle peak for Adam (fastai's default optimizer, decoupled weight decay)
+WD = 0.05              # not applied to norm parameters and biases (fastai's wd_bn_bias=False)
+LABEL_SMOOTHING = 0.1  # soft targets regularize this small network a little
+
+
+class RuleError(ValueError):
+    "A run that would break the exercise's rules."
+
+
+def check_rules(model, epochs: int):
+    "Refuse, before any training, a run of more than 20 epochs or a model of 50,000 parameters or more."
+    if not 1 <= epochs <= MAX_EPOCHS: raise RuleError(f"--epochs {epochs}: the rules allow 1 to {MAX_EPOCHS} epochs")
+    n = count_params(model)
+    if n >= PARAM_LIMIT: raise RuleError(f"the model has {n:,} parameters: the rules require fewer than {PARAM_LIMIT:,}")
+
+
+class EpochSeconds(Callback):
+    "Wall-clock seconds of each epoch (training and validation); fastai's Recorder keeps only a formatted string."
+    def before_fit(self): self.seconds = []
+    def before_epoch(self): self.start = time.perf_counter()
+    def after_epoch(self): self.seconds.append(time.perf_counter() - self.start)
+
+
+def device_name(device) -> str:
+    "What computed the numbers: the GPU's name, or the CPU's model and the threads torch used."
+    device = torch.device(device)
+    if device.type == 'cuda': return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try: cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except (OSError, StopIteration): pass
+    return f"{cpu} (CPU, {torch.get_num_threads()} threads)"
+
+
+def make_learner(dls, norm: str, lr: float = LR, wd: float = WD, label_smoothing: float = LABEL_SMOOTHING,
+                 **widths) -> Learner:
+    "The `norm` variant in a fastai `Learner`: label-smoothed cross-entropy, accuracy on train and test, channels-last."
+    learn = Learner(dls, normnet(norm, **widths), loss_func=CrossEntropyLossFlat(label_smoothing=label_smoothing),
+                    metrics=accuracy, lr=lr, wd=wd, train_bn=True)
+    learn.recorder.train_metrics = True   # accuracy of the augmented training batches, each epoch
+    # Channels-last lets oneDNN's (CPU) and cuDNN's (GPU) fastest convolutions run without layout copies.
+    learn.add_cb(ChannelsLast())
+    return learn
+
+
+def history_frame(learn: Learner, seconds) -> pd.DataFrame:
+    "The Recorder's per-epoch values as a table. train_loss is fastai's smoothed training loss at the epoch's end."
+    df = pd.DataFrame(learn.recorder.values, columns=learn.recorder.metric_names[1:-1])
+    df = df.rename(columns={'train_accuracy': 'train_acc', 'valid_accuracy': 'test_acc', 'valid_loss': 'test_loss'})
+    df.insert(0, 'epoch', range(1, len(df) + 1))
+    df['seconds'] = seconds
+    return df[['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'seconds']]
+
+
+def evaluate(learn: Learner, out: Path, title: str) -> dict:
+    "Figures and per-class accuracy of the trained model on the test set, from fastai's ClassificationInterpretation."
+    interp = ClassificationInterpretation.from_learner(learn)
+    plots.misclassified_grid(interp, title, out / 'misclassified.png')
+    plots.confusion(interp, title, out / 'confusion.png')
+    cm = interp.confusion_matrix()
+    per_class = pd.DataFrame({'class': list(interp.vocab), 'test_acc': cm.diagonal() / cm.sum(1)})
+    per_class.to_csv(out / 'per_class.csv', index=False)
+    return dict(zip(per_class['class'], per_class['test_acc']))
+
+
+def train_variant(norm='bn', epochs=MAX_EPOCHS, bs=BS, lr=LR, wd=WD, seed=0, data=None, out=None,
+                  n_train=None, n_test=None, widths=None, label_smoothing=LABEL_SMOOTHING, device=None) -> dict:
+    "Train and evaluate one variant; write its files to `out` (default results/<norm>/) and return its metrics."
+    norm = norm_name(norm)
+    model = normnet(norm, **(widths or {}))
+    check_rules(model, epochs)
+    out = Path(out) if out else REPO_DIR / 'results' / norm
+
+    set_seed(seed, reproducible=True)
+    dls = get_dls(data, bs=bs, n_train=n_train, n_test=n_test, seed=seed, device=device)
+    learn = make_learner(dls, norm, lr=lr, wd=wd, label_smoothing=label_smoothing, **(widths or {}))
+    timer = EpochSeconds()
+    learn.fit_one_cycle(epochs, lr, cbs=timer)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}-', dir=out.parent))
+    try:
+        hist = history_frame(learn, timer.seconds)
+        hist.to_csv(tmp / 'history.csv', index=False)
+        title = f"{norm} norm"
+        plots.curves(hist, title, tmp / 'curves.png')
+        per_class = evaluate(learn, tmp, title)
+        # Final train accuracy: one pass over the training images as they are (no augmentation), in eval mode.
+        train_loss, train_acc = learn.validate(dl=plain_train_dl(dls))
+        test_loss, test_acc = learn.validate()
+        passed = hist.index[hist.test_acc >= PASS_ACCURACY]
+        metrics = dict(
+            norm=norm, params=count_params(learn.model), macs=count_macs(learn.model), epochs=epochs, bs=bs, lr=lr,
+            wd=wd, label_smoothing=label_smoothing, seed=seed, train_acc=train_acc, train_loss=train_loss, test_acc=test_acc, test_loss=test_loss,
+            best_test_acc=float(hist.test_acc.max()), epochs_to_70=int(passed[0]) + 1 if len(passed) else None,
+            seconds=float(sum(timer.seconds)), per_class_test_acc=per_class,
+            device=device_name(dls.device), torch=torch.__version__, fastai=fastai.__version__,
+            python=platform.python_version(), n_train=len(dls.train_ds), n_test=len(dls.valid_ds), **dls.cifar.describe())
+        (tmp / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
+        learn.export(tmp / 'model.pkl')
+        if out.exists(): shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp)
+    return metrics
+
+
+@call_parse
+def main(
+    norm:str='bn',           # normalization: batch/bn, group/gn or layer/ln
+    epochs:int=MAX_EPOCHS,   # epochs of one-cycle training (at most 20)
+    bs:int=BS,               # batch size
+    lr:float=LR,             # peak learning rate of the one-cycle schedule
+    wd:float=WD,             # weight decay (not on norm parameters and biases)
+    seed:int=0,              # random seed: data order, augmentation, initialization
+    data:str=None,           # CIFAR-10 folder or .tgz in fastai's URLs.CIFAR layout (default: $NORMNETS_DATA, data/cifar10, else download)
+    out:str=None,            # output folder (default: results/<norm>/)
+):
+    "Train one normnets variant on CIFAR-10 and write its history, metrics, exported learner and figures."
+    try: m = train_variant(norm, epochs, bs, lr, wd, seed, data, out)
+    except ValueError as e: raise CliError(f"error: {e}")   # bad norm, broken rules, bad data: say what, exit non-zero
+    print(f"{m['norm']} norm: train accuracy {m['train_acc']:.4f}, test accuracy {m['test_acc']:.4f} "
+          f"({m['params']:,} parameters, {m['epochs']} epochs, {m['seconds']:.0f} s on {m['device']})")

@@ -1,0 +1,70 @@
+"The network's rules: size, shape, normalization, skip connections, names."
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normnets import NORMS, PARAM_LIMIT, LayerNorm2d, normnet, norm_name, count_params, count_macs
+
+
+@pytest.mark.parametrize('norm', ['batch', 'group', 'layer', 'bn', 'gn', 'ln'])
+def test_under_param_limit_and_shape(norm):
+    model = normnet(norm)
+    assert count_params(model) < PARAM_LIMIT
+    assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+
+
+def norm_layers(model): return [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm))]
+
+
+def test_each_variant_has_its_norm_and_no_other():
+    convs = lambda m: [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+    for norm, kind in [('batch', nn.BatchNorm2d), ('group', nn.GroupNorm), ('layer', LayerNorm2d)]:
+        model = normnet(norm)
+        layers = norm_layers(model)
+        assert len(layers) == len(convs(model)) - 1          # after every conv but the classifier
+        assert all(type(l) is kind for l in layers), (norm, {type(l).__name__ for l in layers})
+    for l in norm_layers(normnet('group')):
+        assert 1 < l.num_groups < l.num_channels
+    for l in norm_layers(normnet('layer')):
+        assert l.num_groups == 1
+
+
+def test_layer_norm_normalizes_over_chw_per_sample():
+    ln = LayerNorm2d(8)
+    with torch.no_grad(): ln.weight.uniform_(0.5, 2); ln.bias.uniform_(-1, 1)
+    x = torch.randn(3, 8, 5, 5) * 4 + 2
+    expected = F.layer_norm(x, x.shape[1:]) * ln.weight[:, None, None] + ln.bias[:, None, None]
+    torch.testing.assert_close(ln(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_skip_connections_add_one_layer_to_another():
+    model = normnet('batch').eval()
+    seen = {}
+    for name in ['C3', 'C5', 'C7', 'C9']:
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+    model.c6.register_forward_pre_hook(lambda m, i: seen.__setitem__('into_c6', i[0]))
+    model.gap.register_forward_pre_hook(lambda m, i: seen.__setitem__('into_gap', i[0]))
+    model(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(seen['into_c6'], seen['C3'] + seen['C5'])
+    torch.testing.assert_close(seen['into_gap'], seen['C7'] + seen['C9'])
+
+
+def test_layer_order_matches_the_spec():
+    names = [n for n, _ in normnet('ln').named_children()]
+    assert names == ['C1', 'C2', 'c3', 'C3', 'C4', 'C5', 'c6', 'C7', 'C8', 'C9', 'gap', 'C10']
+    model = normnet('ln')
+    assert [model.c3[0].kernel_size, model.c6[0].kernel_size, model.C10.kernel_size] == [(1, 1)] * 3
+    assert all(getattr(model, n)[0].kernel_size == (3, 3) for n in ['C1', 'C2', 'C3', 'C4', 'C5', 'C7', 'C8', 'C9'])
+    assert isinstance(model.c3[1], nn.MaxPool2d) and isinstance(model.c6[1], nn.MaxPool2d)
+
+
+def test_unknown_norm_lists_the_valid_names():
+    with pytest.raises(ValueError) as e: normnet('instance')
+    for name in ['batch', 'group', 'layer', 'bn', 'gn', 'ln']: assert f"'{name}'" in str(e.value)
+    assert norm_name(' GN ') == 'group'
+
+
+def test_count_macs_counts_every_conv():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 4, 1))
+    assert count_macs(conv) == 32 * 32 * 8 * 27 + 16 * 16 * 4 * 8
