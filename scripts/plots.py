@@ -45,8 +45,9 @@ def misclassified(interp, k: int = 10) -> pd.DataFrame:
 def misclassified_grid(interp, title: str, path, k: int = 10) -> pd.DataFrame:
     "A 5x2 grid of the `k` worst misclassified test images (fastai's plot_top_losses); its data goes beside it as CSV."
     wrong = misclassified(interp, k)
-    interp.plot_top_losses(wrong['rank'].tolist(), nrows=2, ncols=5, figsize=(12, 6))
+    interp.plot_top_losses(wrong['rank'].tolist(), nrows=2, ncols=5, figsize=(13, 6.5))
     fig = plt.gcf()
+    for ax in fig.axes: ax.title.set_fontsize(9)   # fastai's default size overlaps at 5 columns
     fig.suptitle(f'{title}: the {k} misclassified test images with the highest loss\n'
                  'each titled prediction/actual / loss / probability', fontsize=12)
     _save(fig, path)

@@ -35,6 +35,7 @@ def summary_markdown(summary: pd.DataFrame, missing=()) -> str:
     for col, name in (('train_acc', 'train acc %'), ('test_acc', 'test acc %')):
         t[name] = [pct(m) + (f' ± {pct(s)}' if pd.notna(s) else '') for m, s in zip(summary[col], summary[f'{col}_std'])]
     t['best test acc %'] = summary.best_test_acc.map(pct)
+    t['test acc % with flip TTA'] = summary.tta_test_acc.map(pct)
     t['train loss'] = summary.train_loss.map('{:.3f}'.format)
     t['test loss'] = summary.test_loss.map('{:.3f}'.format)
     t['epochs to 70%'] = summary.epochs_to_70.map(lambda e: '' if pd.isna(e) else f'{e:g}')
@@ -234,7 +235,8 @@ channel a group instance norm, whose statistics are noisy on 8x8 maps. Layer nor
 {summary}
 Accuracies in %. Train accuracy: one pass over the 50,000 training images without augmentation after training.
 Test accuracy: the 10,000 test images after the last epoch ("best" is the best epoch, for reference only: the
-reported number is the last epoch's, with no selection on the test set).
+reported number is the last epoch's, with no selection on the test set). Flip TTA: each test image's
+probabilities averaged with its mirror image's, reported beside the plain score.
 
 ![comparison]({results}/comparison.png)
 

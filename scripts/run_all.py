@@ -22,11 +22,20 @@ from normnets_data import REPO_DIR, load_cifar
 import plots, report
 
 SUMMARY_COLUMNS = ['norm', 'params', 'epochs', 'seeds', 'train_acc', 'train_acc_std', 'best_test_acc', 'test_acc',
-                   'test_acc_std', 'train_loss', 'test_loss', 'epochs_to_70', 'seconds', 'device', 'data', 'data_md5']
+                   'test_acc_std', 'tta_test_acc', 'train_loss', 'test_loss', 'epochs_to_70', 'seconds', 'device',
+                   'data', 'data_md5']
 
 
 def run_dir(out: Path, norm: str, seed: int, first_seed: int) -> Path:
     return out / norm if seed == first_seed else out / 'seeds' / f'{norm}-seed{seed}'
+
+
+def finished(d: Path, **config) -> dict | None:
+    "The metrics of a run already in `d` with exactly this configuration, if there is one (for --resume)."
+    f = d / 'metrics.json'
+    if not f.exists(): return None
+    m = json.loads(f.read_text())
+    return m if all(m.get(k) == v for k, v in config.items()) else None
 
 
 def summarize(runs: list, norms: list, n_seeds: int, out: Path):
@@ -42,7 +51,7 @@ def summarize(runs: list, norms: list, n_seeds: int, out: Path):
             norm=norm, params=first.params, epochs=first.epochs, seeds=len(done),
             train_acc=done.train_acc.mean(), train_acc_std=done.train_acc.std(ddof=1) if len(done) > 1 else None,
             best_test_acc=done.best_test_acc.mean(), test_acc=done.test_acc.mean(),
-            test_acc_std=done.test_acc.std(ddof=1) if len(done) > 1 else None,
+            test_acc_std=done.test_acc.std(ddof=1) if len(done) > 1 else None, tta_test_acc=done.tta_test_acc.mean(),
             train_loss=done.train_loss.mean(), test_loss=done.test_loss.mean(),
             epochs_to_70=done.epochs_to_70.mean(), seconds=done.seconds.mean(),
             device=first.device, data=first.data, data_md5=first.data_md5))
@@ -71,6 +80,7 @@ def main(
     out:str=None,           # results folder (default: results/, which also regenerates README.md)
     n_train:int=None,       # train on a random subset of this many training images (quick checks only)
     n_test:int=None,        # evaluate on a random subset of this many test images (quick checks only)
+    resume:bool=False,      # keep runs already in --out with the same configuration and data instead of retraining
 ):
     "Train every variant with the same data, seeds and schedule, and write the study's tables and figures."
     try:
@@ -89,7 +99,10 @@ def main(
             eta = f", about {(time.perf_counter() - start) / i * (len(plan) - i) / 60:.0f} min left" if i else ''
             print(f"\n=== run {i + 1}/{len(plan)}: {norm} norm, seed {s}, {epochs} epochs{eta} ===", flush=True)
             d = run_dir(out_dir, norm, s, seed)
-            m = train_variant(norm, epochs, bs, lr, wd, s, cifar.source, d, n_train=n_train, n_test=n_test)
+            m = resume and finished(d, norm=norm, epochs=epochs, bs=bs, lr=lr, wd=wd, seed=s, data_md5=cifar.fingerprint,
+                                    n_train=n_train or len(cifar.x_train), n_test=n_test or len(cifar.x_test))
+            if m: print(f"kept the finished run in {d}")
+            else: m = train_variant(norm, epochs, bs, lr, wd, s, cifar.source, d, n_train=n_train, n_test=n_test)
             runs.append({**m, 'run': d.relative_to(out_dir).as_posix()})
             print(f"{norm} norm, seed {s}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
     except KeyboardInterrupt:

@@ -17,8 +17,8 @@ NORMS = ['batch', 'group', 'layer']
 @pytest.fixture(scope='module')
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp('study')
-    r = subprocess.run([sys.executable, str(REPO_DIR / 'scripts' / 'run_all.py'), '--epochs', '1', '--n_train', '2000',
-                        '--n_test', '500', '--bs', '128', '--out', str(out)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(REPO_DIR / 'scripts' / 'run_all.py'), '--epochs', '1', '--n-train', '2000',
+                        '--n-test', '500', '--bs', '128', '--out', str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r.stdout
 
