@@ -12,11 +12,14 @@ output to a later one's, as in ResNet-9:
 convolution but the last. Everything here is a plain `nn.Module`; the fastai
 side (data, Learner, one-cycle) lives in `normnets_data.py` and `scripts/`.
 """
+import hashlib
+from functools import partial
+
 import torch
 from torch import nn
 
 __all__ = ['NORMS', 'PARAM_LIMIT', 'WIDTHS', 'GN_GROUPS', 'LayerNorm2d', 'ConvNormAct',
-           'NormNet', 'normnet', 'norm_name', 'count_params', 'count_macs']
+           'NormNet', 'make_norm', 'normnet', 'norm_name', 'architecture_id', 'count_params', 'count_macs']
 
 PARAM_LIMIT = 50_000  # the exercise's rule: every variant stays under it
 
@@ -40,12 +43,15 @@ class LayerNorm2d(nn.GroupNorm):
         super().__init__(1, num_channels, eps=eps)
 
 
-def _batch(c): return nn.BatchNorm2d(c)
-def _group(c): return nn.GroupNorm(GN_GROUPS, c)
-def _layer(c): return LayerNorm2d(c)
-
-NORMS = {'batch': _batch, 'group': _group, 'layer': _layer}
+NORMS = ('batch', 'group', 'layer')
 _ALIASES = {'bn': 'batch', 'gn': 'group', 'ln': 'layer'}
+
+
+def make_norm(norm: str, channels: int, gn_groups: int = GN_GROUPS) -> nn.Module:
+    "The normalization layer of a variant for `channels` channels."
+    if norm == 'batch': return nn.BatchNorm2d(channels)
+    if norm == 'group': return nn.GroupNorm(gn_groups, channels)
+    return LayerNorm2d(channels)
 
 
 def norm_name(norm: str) -> str:
@@ -60,30 +66,33 @@ def norm_name(norm: str) -> str:
 
 class ConvNormAct(nn.Sequential):
     "Conv (no bias: the norm's shift replaces it), then an optional max-pool, then norm and ReLU."
-    def __init__(self, c_in: int, c_out: int, norm: str, kernel_size: int = 3, pool: bool = False):
+    def __init__(self, c_in: int, c_out: int, norm: str, kernel_size: int = 3, pool: bool = False,
+                 gn_groups: int = GN_GROUPS):
         layers = [nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)]
         # Pooling before the norm, as in ResNet-9: max-pool commutes with ReLU,
         # and the norm then runs on a quarter of the values.
         if pool: layers.append(nn.MaxPool2d(2))
-        layers += [NORMS[norm](c_out), nn.ReLU(inplace=True)]
+        layers += [make_norm(norm, c_out, gn_groups), nn.ReLU(inplace=True)]
         super().__init__(*layers)
 
 
 class NormNet(nn.Module):
     "C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10 with skips C3->C5 and C7->C9."
-    def __init__(self, norm: str = 'batch', c1=12, c2=24, c3=16, c4=24, c6=32, c7=32, n_classes: int = 10):
+    def __init__(self, norm: str = 'batch', c1=12, c2=24, c3=16, c4=24, c6=32, c7=32, gn_groups: int = GN_GROUPS,
+                 n_classes: int = 10):
         super().__init__()
         self.norm = norm = norm_name(norm)
-        self.C1 = ConvNormAct(3, c1, norm)
-        self.C2 = ConvNormAct(c1, c2, norm)
-        self.c3 = ConvNormAct(c2, c3, norm, kernel_size=1, pool=True)   # c3 + P1
-        self.C3 = ConvNormAct(c3, c4, norm)
-        self.C4 = ConvNormAct(c4, c4, norm)
-        self.C5 = ConvNormAct(c4, c4, norm)
-        self.c6 = ConvNormAct(c4, c6, norm, kernel_size=1, pool=True)   # c6 + P2
-        self.C7 = ConvNormAct(c6, c7, norm)
-        self.C8 = ConvNormAct(c7, c7, norm)
-        self.C9 = ConvNormAct(c7, c7, norm)
+        unit = partial(ConvNormAct, norm=norm, gn_groups=gn_groups)
+        self.C1 = unit(3, c1)
+        self.C2 = unit(c1, c2)
+        self.c3 = unit(c2, c3, kernel_size=1, pool=True)   # c3 + P1
+        self.C3 = unit(c3, c4)
+        self.C4 = unit(c4, c4)
+        self.C5 = unit(c4, c4)
+        self.c6 = unit(c4, c6, kernel_size=1, pool=True)   # c6 + P2
+        self.C7 = unit(c6, c7)
+        self.C8 = unit(c7, c7)
+        self.C9 = unit(c7, c7)
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.C10 = nn.Conv2d(c7, n_classes, 1)
 
@@ -96,9 +105,14 @@ class NormNet(nn.Module):
         return self.C10(self.gap(x)).flatten(1)
 
 
-def normnet(norm: str = 'batch', **widths) -> NormNet:
-    "The network with `norm` ('batch'/'bn', 'group'/'gn' or 'layer'/'ln'); `widths` override `WIDTHS`."
-    return NormNet(norm, **{**WIDTHS, **widths})
+def normnet(norm: str = 'batch', **kwargs) -> NormNet:
+    "The network with `norm` ('batch'/'bn', 'group'/'gn' or 'layer'/'ln'); `kwargs` override `WIDTHS` or `gn_groups`."
+    return NormNet(norm, **{**WIDTHS, **kwargs})
+
+
+def architecture_id(model: nn.Module) -> str:
+    "A short fingerprint of the layers (types, shapes, group counts): runs with the same id trained the same network."
+    return hashlib.md5(repr(model).encode()).hexdigest()[:12]
 
 
 def count_params(model: nn.Module) -> int:

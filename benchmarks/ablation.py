@@ -25,7 +25,10 @@ CHANGES = [
     ('no label smoothing (from 0.1)', dict(label_smoothing=0.0)),
     ('weight decay 0.01 (from 0.05)', dict(wd=0.01)),
     ('batch size 256 (from 512)', dict(bs=256)),
-    ('wider 16x16 stage: c4=32, c7=26', dict(widths=dict(c4=32, c7=26))),
+    ('wider 16x16 stage: c4=32, c7=26', dict(net=dict(c4=32, c7=26))),
+    ('peak lr 3e-2 (from 1e-2)', dict(lr=3e-2)),
+    ('group norm with 2 groups (from 4)', dict(net=dict(gn_groups=2))),
+    ('batch size 128 (from 512)', dict(bs=128)),
 ]
 
 

@@ -173,7 +173,7 @@ on {data} (md5 `{md5}`); accuracy on that copy is a little lower than on the los
 ```bash
 pip install -e .                 # torch, torchvision, fastai, matplotlib, pandas (CPU or GPU)
 python scripts/run_all.py        # the whole study: 3 variants x 20 epochs -> results/, README.md
-python -m pytest -q tests        # the tests (about 5 minutes on 2 CPU cores)
+python -m pytest -q tests        # the tests (about 2 minutes on 2 CPU cores; NORMNETS_DATA names the data)
 ```
 
 Data: `run_all.py`, `train.py` and `get_dls` take `--data`/`data=` (a folder in fastai's `URLs.CIFAR` layout,

@@ -9,7 +9,7 @@ Per variant (first seed): results/<norm>/ as scripts/train.py writes it. Further
 Study: summary.csv and summary.md (mean and spread over seeds), runs.csv (one row a run), per_class.csv, comparison.png.
 A Ctrl-C keeps every finished run and writes a summary that names what is missing.
 """
-import json, sys, time
+import json, signal, sys, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -17,7 +17,7 @@ import pandas as pd
 from fastcore.script import call_parse, CliError
 
 from train import BS, LR, WD, MAX_EPOCHS, train_variant, check_rules
-from normnets import normnet, norm_name
+from normnets import normnet, norm_name, architecture_id
 from normnets_data import REPO_DIR, load_cifar
 import plots, report
 
@@ -93,13 +93,15 @@ def main(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     plan = [(s, n) for s in range(seed, seed + seeds) for n in norm_list]   # every variant's first seed first
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C: finished runs are summarized
     runs, start = [], time.perf_counter()
     try:
         for i, (s, norm) in enumerate(plan):
             eta = f", about {(time.perf_counter() - start) / i * (len(plan) - i) / 60:.0f} min left" if i else ''
             print(f"\n=== run {i + 1}/{len(plan)}: {norm} norm, seed {s}, {epochs} epochs{eta} ===", flush=True)
             d = run_dir(out_dir, norm, s, seed)
-            m = resume and finished(d, norm=norm, epochs=epochs, bs=bs, lr=lr, wd=wd, seed=s, data_md5=cifar.fingerprint,
+            m = resume and finished(d, norm=norm, arch=architecture_id(normnet(norm)), epochs=epochs, bs=bs, lr=lr, wd=wd,
+                                    seed=s, data_md5=cifar.fingerprint,
                                     n_train=n_train or len(cifar.x_train), n_test=n_test or len(cifar.x_test))
             if m: print(f"kept the finished run in {d}")
             else: m = train_variant(norm, epochs, bs, lr, wd, s, cifar.source, d, n_train=n_train, n_test=n_test)

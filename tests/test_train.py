@@ -38,7 +38,7 @@ def test_models_of_50000_parameters_or_more_are_refused(tmp_path):
     check_rules(normnet('gn'), 20)
     with pytest.raises(RuleError, match='fewer than 50,000'): check_rules(normnet('gn', c7=48), 5)
     with pytest.raises(RuleError, match='fewer than 50,000'):
-        train_variant('gn', 1, widths=dict(c7=48), out=tmp_path / 'out')
+        train_variant('gn', 1, net=dict(c7=48), out=tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
 
 
