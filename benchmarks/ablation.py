@@ -13,11 +13,11 @@ import pandas as pd
 from fastcore.script import call_parse
 
 from train import train_variant
-from normnets import normnet, count_params
 from normnets_data import REPO_DIR
 import report
 
-# (change, keyword arguments of train_variant that make it). The first row is the current recipe.
+# (change, keyword arguments of train_variant that make it). The first row is the current recipe. The labels say
+# what each change was measured against: the recipe had batch size 512 when these rows ran (256 since).
 CHANGES = [
     ('current recipe', {}),
     ('peak lr 5e-3 (from 1e-2)', dict(lr=5e-3)),
@@ -32,19 +32,38 @@ CHANGES = [
 ]
 
 
+def write_table(rows: list, out: Path):
+    "ablation.csv (one row a run) and ablation.md (each run against the current recipe of its variant and epochs)."
+    df = pd.DataFrame(rows)
+    df.to_csv(out.with_suffix('.csv'), index=False)
+    base = df[df.change == CHANGES[0][0]].set_index(['norm', 'epochs']).test_acc
+    table = pd.DataFrame({
+        'change': df.change, 'norm': df.norm, 'epochs': df.epochs, 'params': df.params.map('{:,}'.format),
+        'test acc % (current recipe)': [report.pct(base.get((n, e))) for n, e in zip(df.norm, df.epochs)],
+        'test acc % (with the change)': df.test_acc.map(report.pct),
+        'difference (points)': [f'{100 * (a - base.get((n, e))):+.2f}' if (n, e) in base.index else ''
+                                for a, n, e in zip(df.test_acc, df.norm, df.epochs)],
+        'train s': df.seconds.map('{:.0f}'.format)})
+    out.write_text(f"Each row changes one thing in the recipe and trains the variant for the given epochs with seed "
+                   f"{df.seed.iloc[0]}, on {df.device.iloc[0]}, data md5 `{df.data_md5.iloc[0]}` (written by "
+                   "`benchmarks/ablation.py`). 'current recipe' is the recipe when the row ran; the change column says "
+                   "what it was changed from. Seconds are wall time: rows that ran while other jobs shared the cores "
+                   "took longer.\n\n" + report.markdown_table(table))
+
+
 @call_parse
 def main(
     norm:str='bn',     # variant to ablate
     epochs:int=5,      # epochs per run
     seed:int=0,        # seed of every run
     data:str=None,     # CIFAR-10 folder or .tgz
-    only:str=None,     # comma-separated row numbers to run (default: all)
+    only:str=None,     # comma-separated row numbers to run (default: all; 'none' rewrites the table only)
     out:str=None,      # table to write (default: results/ablation.md)
 ):
     "Train the variant once per change and tabulate test accuracy and seconds against the current recipe."
     out = Path(out) if out else REPO_DIR / 'results' / 'ablation.md'
     rows = pd.read_csv(out.with_suffix('.csv')).to_dict('records') if out.with_suffix('.csv').exists() else []
-    picks = [int(i) for i in only.split(',')] if only else range(len(CHANGES))
+    picks = [] if only == 'none' else [int(i) for i in only.split(',')] if only else range(len(CHANGES))
     for i in picks:
         change, kwargs = CHANGES[i]
         with tempfile.TemporaryDirectory() as tmp:
@@ -52,17 +71,6 @@ def main(
         rows = [r for r in rows if not (r['change'] == change and r['norm'] == m['norm'] and r['epochs'] == epochs)]
         rows.append(dict(change=change, norm=m['norm'], epochs=epochs, seed=seed, params=m['params'],
                          test_acc=m['test_acc'], seconds=m['seconds'], device=m['device'], data_md5=m['data_md5']))
-        df = pd.DataFrame(rows)
-        df.to_csv(out.with_suffix('.csv'), index=False)
-        base = df[(df.change == CHANGES[0][0])].set_index(['norm', 'epochs']).test_acc
-        table = pd.DataFrame({
-            'change': df.change, 'norm': df.norm, 'epochs': df.epochs, 'params': df.params.map('{:,}'.format),
-            'test acc % (current recipe)': [report.pct(base.get((n, e))) for n, e in zip(df.norm, df.epochs)],
-            'test acc % (with the change)': df.test_acc.map(report.pct),
-            'difference (points)': [f'{100 * (a - base.get((n, e))):+.2f}' if (n, e) in base.index else ''
-                                    for a, n, e in zip(df.test_acc, df.norm, df.epochs)],
-            'train s': df.seconds.map('{:.0f}'.format)})
-        out.write_text(f"Each row changes one thing in the recipe and trains the variant for the given epochs with seed {seed}, "
-                       f"on {m['device']}, data md5 `{m['data_md5']}` (written by `benchmarks/ablation.py`).\n\n"
-                       + report.markdown_table(table))
+        write_table(rows, out)
         print(f"{change}: test accuracy {m['test_acc']:.4f} ({m['seconds']:.0f} s)", flush=True)
+    if rows: write_table(rows, out)

@@ -3,7 +3,7 @@
     python scripts/report.py                  # results/ -> README.md
     python scripts/report.py --results /tmp/study --readme /tmp/study/README.md
 """
-import json, sys
+import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -152,6 +152,7 @@ def write_readme(results: Path = REPO_DIR / 'results', readme: Path = REPO_DIR /
         speed=section(results / 'speed.md', '_No speed benchmark has been recorded yet: run `python benchmarks/speed.py`._\n'),
         ablation=section(results / 'ablation.md', '_No ablation has been recorded yet._\n'),
         device=summary.device.iloc[0], data=summary.data.iloc[0], md5=summary.data_md5.iloc[0],
+        bs=runs.bs.iloc[0], lr=runs.lr.iloc[0], wd=runs.wd.iloc[0], ls=runs.label_smoothing.iloc[0],
         torch=runs.torch.iloc[0], fastai=runs.fastai.iloc[0], widths=', '.join(f'{k}={v}' for k, v in WIDTHS.items()))
     readme.write_text(text)
     return readme
@@ -230,6 +231,13 @@ Group norm uses {gn} groups in every layer (3 to 8 channels a group): one group 
 channel a group instance norm, whose statistics are noisy on 8x8 maps. Layer norm normalizes each sample over all of
 (C, H, W), as the exercise defines it, with a per-channel scale and shift.
 
+## Training
+
+A fastai `Learner` with `fit_one_cycle` for 20 epochs: Adam with decoupled weight decay {wd} (not on norm
+parameters and biases), peak learning rate {lr}, batch size {bs}, cross-entropy with label smoothing {ls}.
+Augmentation: random crop with 4 pixels of padding and a horizontal flip, on whole uint8 batches. Inputs are
+normalized with the training images' channel statistics. The same recipe, data and seed for every variant.
+
 ## Results
 
 {summary}
@@ -253,8 +261,18 @@ Hardest class: {worst}.
 {figures}
 ## Speed
 
+`python benchmarks/speed.py` measures, in one run on one machine, normnets' training and inference throughput
+through the real `get_dls` pipeline and fastai `Learner` loop, the usual way this exercise is trained (a
+published 49,672-parameter solution, a plain PyTorch loop, per-image PIL transforms in a 2-worker
+`DataLoader`, batch size 128), and the machine's fp32 matrix-multiply rate. Its last table measures what each
+speed choice is worth; the profile shows where a training step's time goes.
+
 {speed}
 ## Ablation
+
+`python benchmarks/ablation.py --norm gn --epochs 5` trains one variant for a few epochs per change, one change
+at a time, to rank changes cheaply before a full run. Short runs favour whatever learns fast, so a row is a hint,
+not a verdict; each is one seed.
 
 {ablation}"""
 TEMPLATE = TEMPLATE.replace('{gn}', str(GN_GROUPS))
