@@ -207,11 +207,16 @@ def main(
     what = pd.DataFrame({'change (batch norm variant)': [v[0] for v in variants],
                          'train images/s': [f'{v[1]:.0f}' for v in variants],
                          'relative': [f'{v[1] / variants[0][1]:.2f}' for v in variants]})
+    goal = lambda ok: 'met' if ok else 'not met'
+    goals = (f"Goals: training at least 3x the usual pipeline's images/s: {goal(df.vs_usual.min() >= 3)} (lowest "
+             f"{df.vs_usual.min():.2f}x); at least 50% of the matmul peak: {goal(df.peak_fraction.min() >= 0.5)} (lowest "
+             f"{100 * df.peak_fraction.min():.0f}%, see the profile below); the full study in 30 minutes or less: "
+             f"{goal(study_minutes <= 30)} (projected {study_minutes:.1f} minutes).\n\n")
     md = (f"Measured by `benchmarks/speed.py` on {machine}, torch {torch.__version__}, {cores}, {steps} timed training "
           f"steps after {warmup} of warm-up, all in one run.\n\n"
           f"fp32 matrix-multiply peak (4096 x 4096): **{peak:.0f} GFLOP/s**. "
           f"Projected full study (3 variants x 20 epochs, evaluation included): **{study_minutes:.1f} minutes**.\n\n"
-          + report.markdown_table(table) + '\n' + report.markdown_table(what)
+          + goals + report.markdown_table(table) + '\n' + report.markdown_table(what)
           + f"\nWhere the batch-norm variant's training step spends its time (torch.profiler, self time, forward and "
           f"backward together): {share_text}, the rest in the optimizer, loss and data. Convolutions with 3 to 32 "
           f"channels are too thin to keep the vector units as busy as a large matrix multiply, and normalization, "

@@ -143,6 +143,10 @@ def write_readme(results: Path = REPO_DIR / 'results', readme: Path = REPO_DIR /
     per_class = pd.read_csv(results / 'per_class.csv').set_index('class')
     per_class_md = markdown_table(per_class.map(lambda x: pct(x, 1)).reset_index())
     worst = '; '.join(f"{n} norm: {per_class[n].idxmin()} ({pct(per_class[n].min(), 1)}%)" for n in per_class.columns)
+    if 'batch' in per_class:
+        gaps = per_class.drop(columns='batch').sub(per_class['batch'], axis=0)
+        worst += '. Largest loss against batch norm: ' + '; '.join(
+            f"{n} norm on {gaps[n].idxmin()} ({100 * gaps[n].min():+.1f} points)" for n in gaps.columns)
     figures = '\n'.join(f"### {n} norm\n\n![{n} norm curves]({r}/{n}/curves.png)\n\n"
                         f"![{n} norm misclassified]({r}/{n}/misclassified.png)\n\n"
                         f"![{n} norm confusion matrix]({r}/{n}/confusion.png)\n" for n in summary.norm)
@@ -199,6 +203,7 @@ More than 20 epochs, or a model of 50,000 parameters or more, is refused before 
 | `scripts/plots.py` | the figures (fastai's `ClassificationInterpretation` for misclassified images and confusion) |
 | `scripts/report.py` | this README, from the result files |
 | `benchmarks/speed.py` | training and inference speed against the usual pipeline and the machine's matmul peak |
+| `benchmarks/ablation.py` | short runs that change one thing in the recipe at a time |
 | `tests/` | pytest: model rules, data errors, training refusals, a quick accuracy check, the study end to end |
 
 In a Python or fastai session:
@@ -208,7 +213,7 @@ from normnets import normnet, count_params
 from normnets_data import get_dls
 from fastai.vision.all import *
 
-dls = get_dls('path/to/cifar10.tgz', bs=512)          # or get_dls() with NORMNETS_DATA set
+dls = get_dls('path/to/cifar10.tgz', bs=256)          # or get_dls() with NORMNETS_DATA set
 learn = Learner(dls, normnet('gn'), metrics=accuracy)
 learn.fit_one_cycle(5, 1e-2)
 
