@@ -1,6 +1,5 @@
 "The data path: tiny archives and folders built here, their errors, the cache, the batch augmentation."
 import io, tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normnets import NORMS, PARAM_LIMIT, LayerNorm2d, normnet, norm_name, count_params, count_macs
+from normnets import PARAM_LIMIT, LayerNorm2d, normnet, norm_name, count_params, count_macs
 
 
 @pytest.mark.parametrize('norm', ['batch', 'group', 'layer', 'bn', 'gn', 'ln'])

@@ -1,13 +1,14 @@
 """Training: the rules are enforced before any work, a quick real training learns, and the exported learner
 works on its own in a fresh fastai session. Uses the real CIFAR-10 (NORMNETS_DATA, see the README)."""
 import json, subprocess, sys, textwrap
-from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
+from fastai.learner import load_learner
 
-from normnets_data import REPO_DIR, load_cifar
+from normnets_data import REPO_DIR, get_dls, load_cifar
 
 sys.path.insert(0, str(REPO_DIR / 'scripts'))
 from train import RuleError, check_rules, train_variant
@@ -92,11 +93,8 @@ def test_exported_learner_works_in_a_fresh_session(quick_run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     fresh = json.loads(r.stdout.strip().splitlines()[-1])
     # The same predictions as the model in this session on the decoded test images.
-    from fastai.learner import load_learner
     learn = load_learner(out / 'model.pkl')
-    import torch
-    from normnets_data import get_dls
-    dls = get_dls(cifar=c, n_test=None, device='cpu')
+    dls = get_dls(cifar=c, device='cpu')
     x, _ = next(iter(dls.valid))
     learn.model.eval()
     with torch.no_grad(): here = learn.model(x[:4]).argmax(1).tolist()
