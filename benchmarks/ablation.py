@@ -73,4 +73,4 @@ def main(
                          test_acc=m['test_acc'], seconds=m['seconds'], device=m['device'], data_md5=m['data_md5']))
         write_table(rows, out)
         print(f"{change}: test accuracy {m['test_acc']:.4f} ({m['seconds']:.0f} s)", flush=True)
-    if rows: write_table(rows, out)
+    if only == 'none' and rows: write_table(rows, out)   # each trained row already rewrote it

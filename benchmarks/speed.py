@@ -10,7 +10,7 @@ Measured in one run, on one machine, with the same torch threads:
 3. The machine's limit: fp32 GFLOP/s of a large matrix multiply, and each variant's achieved training
    GFLOP/s (3 x 2 x forward MACs x images/s: forward, and backward for inputs and for weights) as a fraction.
 4. What the speed-ups are worth, measured the same way: normnets without channels-last, with the usual
-   per-image data pipeline, and at batch size 256.
+   per-image data pipeline, and at twice the batch size.
 Then a torch.profiler table of the top operators of one variant's training step, and the projected wall time
 of the full study. Writes results/speed.md; the last line of stdout is machine-readable.
 """
@@ -144,7 +144,7 @@ def profile(dls, norm, steps=10, rows=12):
     total = sum(self_time(e) for e in events)
     shares = {kind: sum(self_time(e) for e in events if any(f in e.key for f in frags)) / total
               for kind, frags in OP_KINDS.items()}
-    table = events.table(sort_by='self_cuda_time_total' if cuda else 'self_cpu_time_total', row_limit=rows)
+    table = events.table(sort_by='self_device_time_total' if cuda else 'self_cpu_time_total', row_limit=rows)
     return table, shares
 
 

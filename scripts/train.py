@@ -144,8 +144,8 @@ def train_variant(norm='bn', epochs=MAX_EPOCHS, bs=BS, lr=LR, wd=WD, seed=0, dat
         passed = hist.index[hist.test_acc >= PASS_ACCURACY]
         metrics = dict(
             norm=norm, arch=architecture_id(model), params=count_params(learn.model), macs=count_macs(learn.model),
-            epochs=epochs, bs=bs, lr=lr,
-            wd=wd, label_smoothing=label_smoothing, seed=seed, train_acc=train_acc, train_loss=train_loss,
+            epochs=epochs, bs=bs, lr=lr, wd=wd, label_smoothing=label_smoothing, seed=seed,
+            train_acc=train_acc, train_loss=train_loss,
             test_acc=test_acc, test_loss=test_loss, tta_test_acc=tta_test_acc,
             best_test_acc=float(hist.test_acc.max()), epochs_to_70=int(passed[0]) + 1 if len(passed) else None,
             seconds=float(sum(timer.seconds)), per_class_test_acc=per_class,
