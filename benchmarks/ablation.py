@@ -3,7 +3,8 @@
     python benchmarks/ablation.py --data ../shared/data/cifar10-jpeg.tgz --epochs 5
 
 Every row trains the same variant with the same seed and data for --epochs epochs (short runs, to rank
-changes cheaply), changing one thing. Writes results/ablation.md (and .csv) as each row finishes.
+changes cheaply), changing one thing. Writes results/ablation.md (and .csv) as each row finishes. The
+current recipe's row reuses the committed study's run when one matches (full length, say: --epochs 20).
 """
 import sys, tempfile
 from pathlib import Path
@@ -12,8 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
 import pandas as pd
 from fastcore.script import call_parse
 
-from train import train_variant
-from normnets_data import REPO_DIR
+from train import BS, LR, WD, LABEL_SMOOTHING, train_variant
+from run_all import finished, run_dir
+from normnets import normnet, norm_name, architecture_id
+from normnets_data import REPO_DIR, load_cifar
 import report
 
 # (change, keyword arguments of train_variant that make it). The first row is the current recipe. The labels say
@@ -29,6 +32,11 @@ CHANGES = [
     ('peak lr 3e-2 (from 1e-2)', dict(lr=3e-2)),
     ('group norm with 2 groups (from 4)', dict(net=dict(gn_groups=2))),
     ('batch size 128 (from 512)', dict(bs=128)),
+    ('widths c1=16, c2=16 (from 12, 24)', dict(net=dict(c1=16, c2=16))),
+    ('widths c1=16, c2=16, c4=32, c7=24 (from 12, 24, 24, 32)', dict(net=dict(c1=16, c2=16, c4=32, c7=24))),
+    ("group norm scales exempt from weight decay (from decayed, fastai's default)", dict(exempt_gn_scale=True)),
+    ('widths c1=16, c2=16, c4=32, c7=24 and group norm scales exempt', dict(net=dict(c1=16, c2=16, c4=32, c7=24),
+                                                                          exempt_gn_scale=True)),
 ]
 
 
@@ -44,11 +52,27 @@ def write_table(rows: list, out: Path):
         'difference (points)': [f'{100 * (a - base.get((n, e))):+.2f}' if (n, e) in base.index else ''
                                 for a, n, e in zip(df.test_acc, df.norm, df.epochs)],
         'train s': df.seconds.map('{:.0f}'.format)})
+    changed = table[(table.change != CHANGES[0][0]) & (table['difference (points)'] != '')]
+    diff = changed['difference (points)'].astype(float)
+    kinds = [('helped (more than +0.5 points)', diff > 0.5),
+             ('within 0.5 points, no clear effect for one seed', diff.abs() <= 0.5),
+             ('hurt (more than 0.5 points lost)', diff < -0.5)]
+    verdict = '; '.join(f"{label}: " + ', '.join(f"{c} ({n}, {e} epochs, {d:+.2f})" for c, n, e, d in
+                                                 zip(changed.change[m], changed.norm[m], changed.epochs[m], diff[m]))
+                        for label, m in kinds if m.any())
     out.write_text(f"Each row changes one thing in the recipe and trains the variant for the given epochs with seed "
                    f"{df.seed.iloc[0]}, on {df.device.iloc[0]}, data md5 `{df.data_md5.iloc[0]}` (written by "
                    "`benchmarks/ablation.py`). 'current recipe' is the recipe when the row ran; the change column says "
                    "what it was changed from. Seconds are wall time: rows that ran while other jobs shared the cores "
-                   "took longer.\n\n" + report.markdown_table(table))
+                   "took longer.\n\n" + report.markdown_table(table) + f"\nIn short, {verdict}.\n")
+
+
+def study_run(norm: str, epochs: int, seed: int, data) -> dict | None:
+    "The committed study's run of the current recipe with this length, seed and data, if there is one."
+    norm = norm_name(norm)
+    return finished(run_dir(REPO_DIR / 'results', norm, seed, 0), norm=norm, arch=architecture_id(normnet(norm)),
+                    epochs=epochs, bs=BS, lr=LR, wd=WD, label_smoothing=LABEL_SMOOTHING, seed=seed,
+                    data_md5=load_cifar(data).fingerprint)
 
 
 @call_parse
@@ -66,8 +90,11 @@ def main(
     picks = [] if only == 'none' else [int(i) for i in only.split(',')] if only else range(len(CHANGES))
     for i in picks:
         change, kwargs = CHANGES[i]
-        with tempfile.TemporaryDirectory() as tmp:
-            m = train_variant(norm, epochs, seed=seed, data=data, out=Path(tmp) / 'run', **kwargs)
+        m = study_run(norm, epochs, seed, data) if i == 0 else None   # the current recipe may be trained already
+        if m: print(f"{change}: the study's run of it, {m['norm']} norm, seed {seed}")
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                m = train_variant(norm, epochs, seed=seed, data=data, out=Path(tmp) / 'run', **kwargs)
         rows = [r for r in rows if not (r['change'] == change and r['norm'] == m['norm'] and r['epochs'] == epochs)]
         rows.append(dict(change=change, norm=m['norm'], epochs=epochs, seed=seed, params=m['params'],
                          test_acc=m['test_acc'], seconds=m['seconds'], device=m['device'], data_md5=m['data_md5']))

@@ -9,8 +9,8 @@ Measured in one run, on one machine, with the same torch threads:
    a torch DataLoader over per-image PIL transforms with 2 workers, batch size 128, SGD.
 3. The machine's limit: fp32 GFLOP/s of a large matrix multiply, and each variant's achieved training
    GFLOP/s (3 x 2 x forward MACs x images/s: forward, and backward for inputs and for weights) as a fraction.
-4. What the speed-ups are worth, measured the same way: normnets without channels-last, with the usual
-   per-image data pipeline, and at twice the batch size.
+4. What the speed-ups are worth, measured the same way: normnets without channels-last, with widths of 16 at 32x32,
+   with the usual per-image data pipeline, and at twice the batch size.
 Then a torch.profiler table of the top operators of one variant's training step, and the projected wall time
 of the full study. Writes results/speed.md; the last line of stdout is machine-readable.
 """
@@ -30,6 +30,11 @@ from normnets import NORMS, normnet, count_macs, count_params
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from train import BS, make_learner, device_name
 import report
+
+# Widths with 16 channels at 32x32, where normnets has 12 and 24: AVX-512 holds 16 floats, and PyTorch's
+# channels-last CPU batch norm is several times slower on 12 or 24 channels than on 16. Measured here for speed;
+# results/ablation.md has what they cost in accuracy.
+ALIGNED_WIDTHS = dict(c1=16, c2=16, c4=32, c7=24)
 
 # ---------------------------------------------------------------- the usual pipeline
 
@@ -97,9 +102,9 @@ class StepTimer(Callback):
             raise CancelFitException()
 
 
-def learner_throughput(dls, norm, steps, warmup, channels_last=True) -> float:
-    "Training images/s of the real fastai Learner loop (one-cycle, label smoothing, accuracy metric)."
-    learn = make_learner(dls, norm)
+def learner_throughput(dls, norm, steps, warmup, channels_last=True, **net) -> float:
+    "Training images/s of the real fastai Learner loop (one-cycle, label smoothing, accuracy metric); `net`: widths."
+    learn = make_learner(dls, norm, **net)
     if not channels_last: learn.remove_cb(learn.channels_last)
     timer = StepTimer(warmup, steps)
     epochs = -(-(warmup + steps) // len(dls.train))   # enough epochs to reach the last timed step
@@ -189,6 +194,8 @@ def main(
     # What the speed-ups are worth (batch norm, the same loop and steps).
     variants = [('normnets, batch norm, as run', df.train_ips[0])]
     variants.append(('without channels-last', learner_throughput(dls, 'batch', steps, warmup, channels_last=False)[0]))
+    variants.append(('widths ' + ', '.join(f'{k}={v}' for k, v in ALIGNED_WIDTHS.items()) + ' (16 channels at 32x32)',
+                     learner_throughput(dls, 'batch', steps, warmup, **ALIGNED_WIDTHS)[0]))
     variants.append((f'batch size {2 * BS}', learner_throughput(get_dls(cifar=cifar, bs=2 * BS, device=device), 'batch', steps, warmup)[0]))
     variants.append(('normnets network, usual per-image PIL pipeline, plain loop',
                      time_plain_loop(normnet('batch'), usual_loader(cifar, bs=BS), device, steps, warmup, channels_last=True)))
@@ -217,6 +224,9 @@ def main(
           f"fp32 matrix-multiply peak (4096 x 4096): **{peak:.0f} GFLOP/s**. "
           f"Projected full study (3 variants x 20 epochs, evaluation included): **{study_minutes:.1f} minutes**.\n\n"
           + goals + report.markdown_table(table) + '\n' + report.markdown_table(what)
+          + "\nThe widths row changes the network: group norm lost accuracy with 16 channels at 32x32 in "
+          "the ablation's short runs (results/ablation.md), so normnets keeps 12 and 24 there "
+          "and pays batch norm's slow channels-last CPU kernel on those layers.\n"
           + f"\nWhere the batch-norm variant's training step spends its time (torch.profiler, self time, forward and "
           f"backward together): {share_text}, the rest in the optimizer, loss and data. Convolutions with 3 to 32 "
           f"channels are too thin to keep the vector units as busy as a large matrix multiply, and normalization, "

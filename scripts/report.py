@@ -38,13 +38,23 @@ def summary_markdown(summary: pd.DataFrame, missing=()) -> str:
     t['test acc % with flip TTA'] = summary.tta_test_acc.map(pct)
     t['train loss'] = summary.train_loss.map('{:.3f}'.format)
     t['test loss'] = summary.test_loss.map('{:.3f}'.format)
-    t['epochs to 70%'] = summary.epochs_to_70.map(lambda e: '' if pd.isna(e) else f'{e:g}')
+    t['epochs to 70%'] = summary.epochs_to_70.map(lambda e: '' if pd.isna(e) else f'{round(e, 1):g}')   # mean over seeds
     t['train s'] = summary.seconds.map('{:.0f}'.format)
     text = markdown_table(t)
     if len(summary):
         text += f"\nDevice: {summary.device.iloc[0]}. Data: {summary.data.iloc[0]} (md5 `{summary.data_md5.iloc[0]}`).\n"
     if missing: text += f"\n**Missing (not finished): {', '.join(missing)}.**\n"
     return text
+
+
+def runs_markdown(runs: pd.DataFrame) -> str:
+    "One row per run: the spread behind the means."
+    runs = runs.sort_values(['norm', 'seed'], key=lambda c: c.map(NORMS.index) if c.name == 'norm' else c)
+    return markdown_table(pd.DataFrame({
+        'norm': runs.norm, 'seed': runs.seed, 'train acc %': runs.train_acc.map(pct), 'test acc %': runs.test_acc.map(pct),
+        'test acc % with flip TTA': runs.tta_test_acc.map(pct),
+        'epochs to 70%': runs.epochs_to_70.map(lambda e: '' if pd.isna(e) else f'{e:g}'),
+        'train s': runs.seconds.map('{:.0f}'.format), 'folder': runs.run.map(lambda r: f'`{r}`')}))
 
 
 def architecture_markdown() -> str:
@@ -100,11 +110,12 @@ def findings_markdown(summary: pd.DataFrame, histories: dict) -> str:
                  f"{' (mean ± standard deviation over ' + str(int(s.seeds.iloc[0])) + ' seeds)' if s.seeds.iloc[0] > 1 else ''}. "
                  f"The gap between best and worst is {100 * (order.iloc[0] - order.iloc[-1]):.2f} points; every variant is "
                  f"{'above' if (s.test_acc > 0.7).all() else 'NOT above'} the 70% bar.")
-    conv = '; '.join(f"{names[n]} after {int(s.epochs_to_70[n]) if pd.notna(s.epochs_to_70[n]) else 'never'}"
-                     for n in s.index)
+    conv = '; '.join(f"{names[n]} after {round(s.epochs_to_70[n], 1):g}" if pd.notna(s.epochs_to_70[n])
+                     else f"{names[n]} never" for n in s.index)
     early = '; '.join(f"{names[n]} {pct(h.test_acc.iloc[min(4, len(h) - 1)], 1)}%" for n, h in histories.items())
-    lines.append(f"- **Convergence.** Epochs to first pass 70% test accuracy: {conv}. "
-                 f"Test accuracy after epoch {min(5, min(len(h) for h in histories.values()))}: {early}.")
+    mean = ' (mean over seeds)' if s.seeds.iloc[0] > 1 else ''
+    lines.append(f"- **Convergence.** Epochs to first pass 70% test accuracy{mean}: {conv}. Test accuracy after "
+                 f"epoch {min(5, min(len(h) for h in histories.values()))} (first seed): {early}.")
     drops = {n: (h.test_acc.diff().min(), int(h.epoch[h.test_acc.diff().idxmin()]) if len(h) > 1 else 0)
              for n, h in histories.items()}
     stab = '; '.join(f"{names[n]} {100 * -d:.2f} points (epoch {e})" if d < 0 else f"{names[n]} never dropped"
@@ -152,7 +163,7 @@ def write_readme(results: Path = REPO_DIR / 'results', readme: Path = REPO_DIR /
                         f"![{n} norm confusion matrix]({r}/{n}/confusion.png)\n" for n in summary.norm)
     text = TEMPLATE.format(
         architecture=architecture_markdown(), summary=(results / 'summary.md').read_text(), findings=findings_markdown(summary, histories),
-        per_class=per_class_md, worst=worst, figures=figures, results=r,
+        per_class=per_class_md, worst=worst, runs=runs_markdown(runs), figures=figures, results=r,
         speed=section(results / 'speed.md', '_No speed benchmark has been recorded yet: run `python benchmarks/speed.py`._\n'),
         ablation=section(results / 'ablation.md', '_No ablation has been recorded yet._\n'),
         device=summary.device.iloc[0], data=summary.data.iloc[0], md5=summary.data_md5.iloc[0],
@@ -238,10 +249,11 @@ channel a group instance norm, whose statistics are noisy on 8x8 maps. Layer nor
 
 ## Training
 
-A fastai `Learner` with `fit_one_cycle` for 20 epochs: Adam with decoupled weight decay {wd} (not on norm
-parameters and biases), peak learning rate {lr}, batch size {bs}, cross-entropy with label smoothing {ls}.
+A fastai `Learner` with `fit_one_cycle` for 20 epochs: Adam with decoupled weight decay {wd} (fastai's default:
+not on biases and batch norm's parameters, but on group norm's scale; taking it off made no clear difference in the
+ablation below), peak learning rate {lr}, batch size {bs}, cross-entropy with label smoothing {ls}.
 Augmentation: random crop with 4 pixels of padding and a horizontal flip, on whole uint8 batches. Inputs are
-normalized with the training images' channel statistics. The same recipe, data and seed for every variant.
+normalized with the training images' channel statistics. The same recipe, data and seeds for every variant.
 
 ## Results
 
@@ -249,7 +261,11 @@ normalized with the training images' channel statistics. The same recipe, data a
 Accuracies in %. Train accuracy: one pass over the 50,000 training images without augmentation after training.
 Test accuracy: the 10,000 test images after the last epoch ("best" is the best epoch, for reference only: the
 reported number is the last epoch's, with no selection on the test set). Flip TTA: each test image's
-probabilities averaged with its mirror image's, reported beside the plain score.
+probabilities averaged with its mirror image's, reported beside the plain score. Every run:
+
+{runs}
+The curves, grids and confusion matrices below are of each variant's first seed (`{results}/<norm>/`); the
+other seeds' runs, with the same files, are in `{results}/seeds/`.
 
 ![comparison]({results}/comparison.png)
 
@@ -277,7 +293,8 @@ speed choice is worth; the profile shows where a training step's time goes.
 
 `python benchmarks/ablation.py --norm gn --epochs 5` trains one variant for a few epochs per change, one change
 at a time, to rank changes cheaply before a full run. Short runs favour whatever learns fast, so a row is a hint,
-not a verdict; each is one seed.
+not a verdict; each is one seed. With `--epochs 20` the rows are full-length runs, and the current recipe's row is
+the study's own first-seed run.
 
 {ablation}"""
 TEMPLATE = TEMPLATE.replace('{gn}', str(GN_GROUPS))

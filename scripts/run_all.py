@@ -94,17 +94,20 @@ def main(
 
     plan = [(s, n) for s in range(seed, seed + seeds) for n in norm_list]   # every variant's first seed first
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C: finished runs are summarized
-    runs, start = [], time.perf_counter()
+    runs, trained, train_seconds = [], 0, 0.0   # the time estimate counts runs trained here, not kept ones
     try:
         for i, (s, norm) in enumerate(plan):
-            eta = f", about {(time.perf_counter() - start) / i * (len(plan) - i) / 60:.0f} min left" if i else ''
+            eta = f", about {train_seconds / trained * (len(plan) - i) / 60:.0f} min left" if trained else ''
             print(f"\n=== run {i + 1}/{len(plan)}: {norm} norm, seed {s}, {epochs} epochs{eta} ===", flush=True)
             d = run_dir(out_dir, norm, s, seed)
             m = resume and finished(d, norm=norm, arch=architecture_id(normnet(norm)), epochs=epochs, bs=bs, lr=lr, wd=wd,
                                     seed=s, data_md5=cifar.fingerprint,
                                     n_train=n_train or len(cifar.x_train), n_test=n_test or len(cifar.x_test))
             if m: print(f"kept the finished run in {d}")
-            else: m = train_variant(norm, epochs, bs, lr, wd, s, cifar.source, d, n_train=n_train, n_test=n_test)
+            else:
+                start = time.perf_counter()
+                m = train_variant(norm, epochs, bs, lr, wd, s, cifar.source, d, n_train=n_train, n_test=n_test)
+                trained, train_seconds = trained + 1, train_seconds + time.perf_counter() - start
             runs.append({**m, 'run': d.relative_to(out_dir).as_posix()})
             print(f"{norm} norm, seed {s}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
     except KeyboardInterrupt:

@@ -5,13 +5,14 @@ import json, subprocess, sys, textwrap
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 from PIL import Image
 from fastai.learner import load_learner
 
 from normnets_data import REPO_DIR, get_dls, load_cifar
 
 sys.path.insert(0, str(REPO_DIR / 'scripts'))
-from train import RuleError, check_rules, train_variant
+from train import RuleError, check_rules, make_learner, train_variant
 from normnets import normnet
 
 TRAIN = [sys.executable, str(REPO_DIR / 'scripts' / 'train.py')]
@@ -41,6 +42,22 @@ def test_models_of_50000_parameters_or_more_are_refused(tmp_path):
     with pytest.raises(RuleError, match='fewer than 50,000'):
         train_variant('gn', 1, net=dict(c7=48), out=tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('norm,exempt_gn_scale', [('bn', False), ('gn', False), ('ln', False), ('gn', True)])
+def test_weight_decay_acts_on_the_expected_parameters(norm, exempt_gn_scale):
+    learn = make_learner(get_dls(n_train=256, n_test=256, bs=128, device='cpu'), norm, exempt_gn_scale=exempt_gn_scale)
+    if learn.opt is None: learn.create_opt()
+    learn.opt.set_hypers(lr=0.1, wd=1.0)
+    before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
+    for p in learn.model.parameters(): p.grad = torch.zeros_like(p)   # Adam moves nothing: only decay acts
+    learn.opt.step()
+    for name, p in learn.model.named_parameters():
+        module = learn.model.get_submodule(name.rsplit('.', 1)[0])
+        # fastai decays weights but not biases nor BatchNorm's parameters; GroupNorm's scale unless exempted.
+        decayed = name.endswith('.weight') and (isinstance(module, nn.Conv2d) or
+                                                isinstance(module, nn.GroupNorm) and not exempt_gn_scale)
+        assert torch.allclose(p, before[name] * (0.9 if decayed else 1.0)), name
 
 
 @pytest.fixture(scope='module')
