@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
 import pandas as pd
 from fastcore.script import call_parse
 
-from train import BS, LR, WD, LABEL_SMOOTHING, train_variant
-from run_all import finished, run_dir
-from normnets import normnet, norm_name, architecture_id
+from train import BS, LR, WD, train_variant
+from run_all import finished, recipe, run_dir
+from normnets import norm_name
 from normnets_data import REPO_DIR, load_cifar
 import report
 
@@ -45,20 +45,19 @@ def write_table(rows: list, out: Path):
     df = pd.DataFrame(rows)
     df.to_csv(out.with_suffix('.csv'), index=False)
     base = df[df.change == CHANGES[0][0]].set_index(['norm', 'epochs']).test_acc
+    diff = 100 * (df.test_acc - pd.Series([base.get((n, e)) for n, e in zip(df.norm, df.epochs)], dtype=float))
     table = pd.DataFrame({
         'change': df.change, 'norm': df.norm, 'epochs': df.epochs, 'params': df.params.map('{:,}'.format),
         'test acc % (current recipe)': [report.pct(base.get((n, e))) for n, e in zip(df.norm, df.epochs)],
         'test acc % (with the change)': df.test_acc.map(report.pct),
-        'difference (points)': [f'{100 * (a - base.get((n, e))):+.2f}' if (n, e) in base.index else ''
-                                for a, n, e in zip(df.test_acc, df.norm, df.epochs)],
+        'difference (points)': diff.map(lambda d: '' if pd.isna(d) else f'{d:+.2f}'),
         'train s': df.seconds.map('{:.0f}'.format)})
-    changed = table[(table.change != CHANGES[0][0]) & (table['difference (points)'] != '')]
-    diff = changed['difference (points)'].astype(float)
-    kinds = [('helped (more than +0.5 points)', diff > 0.5),
-             ('within 0.5 points, no clear effect for one seed', diff.abs() <= 0.5),
-             ('hurt (more than 0.5 points lost)', diff < -0.5)]
+    changed = (df.change != CHANGES[0][0]) & diff.notna()
+    kinds = [('helped (more than +0.5 points)', changed & (diff > 0.5)),
+             ('within 0.5 points, no clear effect for one seed', changed & (diff.abs() <= 0.5)),
+             ('hurt (more than 0.5 points lost)', changed & (diff < -0.5))]
     verdict = '; '.join(f"{label}: " + ', '.join(f"{c} ({n}, {e} epochs, {d:+.2f})" for c, n, e, d in
-                                                 zip(changed.change[m], changed.norm[m], changed.epochs[m], diff[m]))
+                                                 zip(df.change[m], df.norm[m], df.epochs[m], diff[m]))
                         for label, m in kinds if m.any())
     out.write_text(f"Each row changes one thing in the recipe and trains the variant for the given epochs with seed "
                    f"{df.seed.iloc[0]}, on {df.device.iloc[0]}, data md5 `{df.data_md5.iloc[0]}` (written by "
@@ -70,9 +69,7 @@ def write_table(rows: list, out: Path):
 def study_run(norm: str, epochs: int, seed: int, data) -> dict | None:
     "The committed study's run of the current recipe with this length, seed and data, if there is one."
     norm = norm_name(norm)
-    return finished(run_dir(REPO_DIR / 'results', norm, seed, 0), norm=norm, arch=architecture_id(normnet(norm)),
-                    epochs=epochs, bs=BS, lr=LR, wd=WD, label_smoothing=LABEL_SMOOTHING, seed=seed,
-                    data_md5=load_cifar(data).fingerprint)
+    return finished(run_dir(REPO_DIR / 'results', norm, seed, 0), **recipe(norm, epochs, BS, LR, WD, seed, load_cifar(data)))
 
 
 @call_parse

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd
 from fastcore.script import call_parse, CliError
 
-from train import BS, LR, WD, MAX_EPOCHS, train_variant, check_rules
+from train import BS, LR, WD, LABEL_SMOOTHING, MAX_EPOCHS, train_variant, check_rules
 from normnets import normnet, norm_name, architecture_id
 from normnets_data import REPO_DIR, load_cifar
 import plots, report
@@ -36,6 +36,13 @@ def finished(d: Path, **config) -> dict | None:
     if not f.exists(): return None
     m = json.loads(f.read_text())
     return m if all(m.get(k) == v for k, v in config.items()) else None
+
+
+def recipe(norm: str, epochs: int, bs: int, lr: float, wd: float, seed: int, cifar, n_train=None, n_test=None) -> dict:
+    "What a run's metrics.json must hold to count as this run: network, recipe, seed and data (see `finished`)."
+    return dict(norm=norm, arch=architecture_id(normnet(norm)), epochs=epochs, bs=bs, lr=lr, wd=wd,
+                label_smoothing=LABEL_SMOOTHING, seed=seed, data_md5=cifar.fingerprint,
+                n_train=n_train or len(cifar.x_train), n_test=n_test or len(cifar.x_test))
 
 
 def summarize(runs: list, norms: list, n_seeds: int, out: Path):
@@ -100,9 +107,7 @@ def main(
             eta = f", about {train_seconds / trained * (len(plan) - i) / 60:.0f} min left" if trained else ''
             print(f"\n=== run {i + 1}/{len(plan)}: {norm} norm, seed {s}, {epochs} epochs{eta} ===", flush=True)
             d = run_dir(out_dir, norm, s, seed)
-            m = resume and finished(d, norm=norm, arch=architecture_id(normnet(norm)), epochs=epochs, bs=bs, lr=lr, wd=wd,
-                                    seed=s, data_md5=cifar.fingerprint,
-                                    n_train=n_train or len(cifar.x_train), n_test=n_test or len(cifar.x_test))
+            m = resume and finished(d, **recipe(norm, epochs, bs, lr, wd, s, cifar, n_train, n_test))
             if m: print(f"kept the finished run in {d}")
             else:
                 start = time.perf_counter()
