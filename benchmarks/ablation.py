@@ -12,8 +12,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
 import pandas as pd
 from fastcore.script import call_parse
+from fastai.torch_core import default_device
 
-from train import BS, LR, WD, train_variant
+from train import BS, LR, WD, PRECISION, train_variant, resolve_precision
 from run_all import finished, recipe, run_dir
 from normnets import norm_name
 from normnets_data import REPO_DIR, load_cifar
@@ -43,12 +44,16 @@ CHANGES = [
 def write_table(rows: list, out: Path):
     "ablation.csv (one row a run) and ablation.md (each run against the current recipe of its variant and epochs)."
     df = pd.DataFrame(rows)
+    df['precision'] = df['precision'].fillna('fp32') if 'precision' in df else 'fp32'   # rows from before mixed precision
     df.to_csv(out.with_suffix('.csv'), index=False)
-    base = df[df.change == CHANGES[0][0]].set_index(['norm', 'epochs']).test_acc
-    diff = 100 * (df.test_acc - pd.Series([base.get((n, e)) for n, e in zip(df.norm, df.epochs)], dtype=float))
+    key = ['norm', 'epochs', 'precision']   # a change is compared with the current recipe run the same way
+    base = df[df.change == CHANGES[0][0]].set_index(key).test_acc
+    base_acc = [base.get(k) for k in df[key].itertuples(index=False, name=None)]
+    diff = 100 * (df.test_acc - pd.Series(base_acc, dtype=float))
     table = pd.DataFrame({
-        'change': df.change, 'norm': df.norm, 'epochs': df.epochs, 'params': df.params.map('{:,}'.format),
-        'test acc % (current recipe)': [report.pct(base.get((n, e))) for n, e in zip(df.norm, df.epochs)],
+        'change': df.change, 'norm': df.norm, 'epochs': df.epochs, 'precision': df.precision,
+        'params': df.params.map('{:,}'.format),
+        'test acc % (current recipe)': [report.pct(a) for a in base_acc],
         'test acc % (with the change)': df.test_acc.map(report.pct),
         'difference (points)': diff.map(lambda d: '' if pd.isna(d) else f'{d:+.2f}'),
         'train s': df.seconds.map('{:.0f}'.format)})
@@ -69,7 +74,9 @@ def write_table(rows: list, out: Path):
 def study_run(norm: str, epochs: int, seed: int, data) -> dict | None:
     "The committed study's run of the current recipe with this length, seed and data, if there is one."
     norm = norm_name(norm)
-    return finished(run_dir(REPO_DIR / 'results', norm, seed, 0), **recipe(norm, epochs, BS, LR, WD, seed, load_cifar(data)))
+    precision = resolve_precision(PRECISION, default_device())
+    return finished(run_dir(REPO_DIR / 'results', norm, seed, 0),
+                    **recipe(norm, epochs, BS, LR, WD, seed, load_cifar(data), precision=precision))
 
 
 @call_parse
@@ -93,7 +100,7 @@ def main(
             with tempfile.TemporaryDirectory() as tmp:
                 m = train_variant(norm, epochs, seed=seed, data=data, out=Path(tmp) / 'run', **kwargs)
         rows = [r for r in rows if not (r['change'] == change and r['norm'] == m['norm'] and r['epochs'] == epochs)]
-        rows.append(dict(change=change, norm=m['norm'], epochs=epochs, seed=seed, params=m['params'],
+        rows.append(dict(change=change, norm=m['norm'], epochs=epochs, precision=m['precision'], seed=seed, params=m['params'],
                          test_acc=m['test_acc'], seconds=m['seconds'], device=m['device'], data_md5=m['data_md5']))
         write_table(rows, out)
         print(f"{change}: test accuracy {m['test_acc']:.4f} ({m['seconds']:.0f} s)", flush=True)

@@ -19,7 +19,7 @@ PCT_COLUMNS = ('train_acc', 'train_acc_std', 'best_test_acc', 'test_acc', 'test_
 
 def markdown_table(df: pd.DataFrame) -> str:
     "A pandas table as GitHub markdown (pandas' own to_markdown needs an extra package)."
-    cells = df.astype(str).replace({'nan': '', 'None': ''})
+    cells = df.astype(object).fillna('').astype(str)   # missing values (NaN, None) as empty cells
     lines = ['| ' + ' | '.join(map(str, df.columns)) + ' |', '|' + '---|' * len(df.columns)]
     lines += ['| ' + ' | '.join(row) + ' |' for row in cells.values.tolist()]
     return '\n'.join(lines) + '\n'
@@ -141,6 +141,40 @@ def findings_markdown(summary: pd.DataFrame, histories: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
+PRECISION_WORDS = {'fp32': 'float32', 'bf16': 'bfloat16 mixed precision', 'fp16': 'float16 mixed precision'}
+
+
+def precision_markdown(results: Path) -> str:
+    """The full study in float32 (the runs.csv of the last float32 study, kept in precision/fp32-runs.csv) against the
+    current one, per variant: what mixed precision changed in accuracy and time."""
+    kept, runs = results / 'precision' / 'fp32-runs.csv', pd.read_csv(results / 'runs.csv')
+    if not kept.exists() or 'precision' not in runs or (runs.precision == 'fp32').all(): return ''
+    old = pd.read_csv(kept)
+    spread = lambda r: pct(r.test_acc.mean()) + (f" ± {pct(r.test_acc.std(ddof=1))}" if len(r) > 1 else '')
+    epoch_s = lambda r: (r.seconds / r.epochs).mean()
+    rows = []
+    for norm in [n for n in NORMS if n in set(runs.norm)]:
+        a, b = old[old.norm == norm], runs[runs.norm == norm]
+        rows.append({'norm': norm, 'runs': f"{len(a)} / {len(b)}", 'test acc % float32': spread(a),
+                     f"test acc % {PRECISION_WORDS[b.precision.iloc[0]].split()[0]}": spread(b),
+                     'difference (points)': f"{100 * (b.test_acc.mean() - a.test_acc.mean()):+.2f}",
+                     's / epoch float32': f"{epoch_s(a):.1f}", 's / epoch now': f"{epoch_s(b):.1f}",
+                     'speed-up': f"{epoch_s(a) / epoch_s(b):.2f}x"})
+    seeds = ', '.join(map(str, sorted(set(old.seed) | set(runs.seed))))
+    return ("\nThe full study in both precisions (test accuracy: mean ± standard deviation over the runs, seeds "
+            f"{seeds}):\n\n" + markdown_table(pd.DataFrame(rows)) + "\nThe seconds per epoch come from the two "
+            "studies' own runs, which did not share a machine state; `benchmarks/speed.py` below measures the speed "
+            "side by side.\n")
+
+
+def study_minutes(runs: pd.DataFrame) -> str:
+    "Wall time of the study's first seed (every variant, from loading the data to the last file), as a sentence."
+    first = runs[runs.seed == runs.seed.min()]
+    if 'wall_seconds' not in first or first.wall_seconds.isna().any(): return ''
+    return (f"The study's first seed (3 variants x {first.epochs.iloc[0]} epochs, each run from loading the data to its "
+            f"last file) took **{first.wall_seconds.sum() / 60:.1f} minutes** of wall time on {first.device.iloc[0]}.\n")
+
+
 def section(path: Path, fallback: str) -> str:
     return path.read_text() if path.exists() else fallback
 
@@ -162,13 +196,15 @@ def write_readme(results: Path = REPO_DIR / 'results', readme: Path = REPO_DIR /
                         f"![{n} norm misclassified]({r}/{n}/misclassified.png)\n\n"
                         f"![{n} norm confusion matrix]({r}/{n}/confusion.png)\n" for n in summary.norm)
     text = TEMPLATE.format(
-        architecture=architecture_markdown(), summary=(results / 'summary.md').read_text(), findings=findings_markdown(summary, histories),
+        architecture=architecture_markdown(), summary=(results / 'summary.md').read_text() + '\n' + study_minutes(runs),
+        findings=findings_markdown(summary, histories),
         per_class=per_class_md, worst=worst, runs=runs_markdown(runs), figures=figures, results=r,
         speed=section(results / 'speed.md', '_No speed benchmark has been recorded yet: run `python benchmarks/speed.py`._\n'),
         ablation=section(results / 'ablation.md', '_No ablation has been recorded yet._\n'),
         device=summary.device.iloc[0], data=summary.data.iloc[0], md5=summary.data_md5.iloc[0],
         bs=runs.bs.iloc[0], lr=runs.lr.iloc[0], wd=runs.wd.iloc[0], ls=runs.label_smoothing.iloc[0],
-        torch=runs.torch.iloc[0], fastai=runs.fastai.iloc[0], widths=', '.join(f'{k}={v}' for k, v in WIDTHS.items()))
+        torch=runs.torch.iloc[0], fastai=runs.fastai.iloc[0], precision_table=precision_markdown(results),
+        precision=PRECISION_WORDS[runs.precision.iloc[0] if 'precision' in runs else 'fp32'], widths=', '.join(f'{k}={v}' for k, v in WIDTHS.items()))
     readme.write_text(text)
     return readme
 
@@ -181,8 +217,8 @@ Batch, group and layer normalization compared on CIFAR-10 in one tiny, fast-trai
 at most 20 epochs with fastai's one-cycle schedule. It trains on a laptop CPU as well as on a GPU.
 
 _This README is written by `scripts/report.py` from the files in [`{results}/`]({results}); do not edit it by hand.
-Its numbers come from one real run of `scripts/run_all.py` on {device}, with torch {torch} and fastai {fastai},
-on {data} (md5 `{md5}`); accuracy on that copy is a little lower than on the lossless PNG release._
+Its numbers come from one real run of `scripts/run_all.py` on {device}, with torch {torch} and fastai {fastai}
+in {precision}, on {data} (md5 `{md5}`); accuracy on that copy is a little lower than on the lossless PNG release._
 
 ## Set up, run, test
 
@@ -199,7 +235,7 @@ environment variable, else `data/cifar10`, else they download the official relea
 `python scripts/run_all.py --data ../shared/data/cifar10-jpeg.tgz` (the tests read `NORMNETS_DATA`).
 Images are decoded once and cached as uint8 arrays under `data/cache/`.
 
-One variant: `python scripts/train.py --norm gn` (`--epochs`, `--bs`, `--lr`, `--seed`, `--data`, `--out`;
+One variant: `python scripts/train.py --norm gn` (`--epochs`, `--bs`, `--lr`, `--seed`, `--data`, `--out`, `--precision`;
 `--help` lists them). It writes `results/<norm>/`: `history.csv`, `metrics.json`, `model.pkl`, and the figures.
 More than 20 epochs, or a model of 50,000 parameters or more, is refused before training starts.
 
@@ -255,6 +291,17 @@ ablation below), peak learning rate {lr}, batch size {bs}, cross-entropy with la
 Augmentation: random crop with 4 pixels of padding and a horizontal flip, on whole uint8 batches. Inputs are
 normalized with the training images' channel statistics. The same recipe, data and seeds for every variant.
 
+Mixed precision (`--precision auto`, the default): where the hardware computes bfloat16 natively (x86 CPUs with
+AVX512-BF16 or AMX, GPUs that support it) the convolutions run in bfloat16 under `torch.autocast`, through a
+device-agnostic version of fastai's `MixedPrecision` callback (fastai's own autocasts on CUDA only); the weights, the
+optimizer and the loss stay in float32, batch norm computes its statistics in float32, and group and layer norm compute
+in float32 altogether. Older GPUs train in float16 with loss scaling. Other CPUs, most laptops' among them, train in
+float32: oneDNN emulates bfloat16 on AVX-512 CPUs without those instructions, which is untested here.
+`--precision fp32` forces float32. The exported `model.pkl` runs in float32.
+
+On Linux, training keeps the memory PyTorch frees in the process (`keep_freed_memory` in `scripts/train.py`):
+by default glibc hands each step's activation buffers back to the OS and faults them in again, zeroed, on the next step.
+{precision_table}
 ## Results
 
 {summary}
@@ -285,8 +332,9 @@ Hardest class: {worst}.
 `python benchmarks/speed.py` measures, in one run on one machine, normnets' training and inference throughput
 through the real `get_dls` pipeline and fastai `Learner` loop, the usual way this exercise is trained (a
 published 49,672-parameter solution, a plain PyTorch loop, per-image PIL transforms in a 2-worker
-`DataLoader`, batch size 128), and the machine's fp32 matrix-multiply rate. Its last table measures what each
-speed choice is worth; the profile shows where a training step's time goes.
+`DataLoader`, batch size 128), and the machine's matrix-multiply rate (in float32, and in bfloat16 when normnets
+trains in it). Its second table measures what each speed choice is worth; the profile shows where a training step's
+time goes.
 
 {speed}
 ## Ablation

@@ -15,8 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd
 from fastcore.script import call_parse, CliError
+from fastai.torch_core import default_device
 
-from train import BS, LR, WD, LABEL_SMOOTHING, MAX_EPOCHS, train_variant, check_rules
+from train import BS, LR, WD, LABEL_SMOOTHING, MAX_EPOCHS, PRECISION, train_variant, check_rules, resolve_precision
 from normnets import normnet, norm_name, architecture_id
 from normnets_data import REPO_DIR, load_cifar
 import plots, report
@@ -38,10 +39,11 @@ def finished(d: Path, **config) -> dict | None:
     return m if all(m.get(k) == v for k, v in config.items()) else None
 
 
-def recipe(norm: str, epochs: int, bs: int, lr: float, wd: float, seed: int, cifar, n_train=None, n_test=None) -> dict:
-    "What a run's metrics.json must hold to count as this run: network, recipe, seed and data (see `finished`)."
+def recipe(norm: str, epochs: int, bs: int, lr: float, wd: float, seed: int, cifar, n_train=None, n_test=None, *,
+           precision: str) -> dict:
+    "What a run's metrics.json must hold to count as this run: network, recipe, precision, seed and data (see `finished`)."
     return dict(norm=norm, arch=architecture_id(normnet(norm)), epochs=epochs, bs=bs, lr=lr, wd=wd,
-                label_smoothing=LABEL_SMOOTHING, seed=seed, data_md5=cifar.fingerprint,
+                label_smoothing=LABEL_SMOOTHING, precision=precision, seed=seed, data_md5=cifar.fingerprint,
                 n_train=n_train or len(cifar.x_train), n_test=n_test or len(cifar.x_test))
 
 
@@ -88,12 +90,14 @@ def main(
     n_train:int=None,       # train on a random subset of this many training images (quick checks only)
     n_test:int=None,        # evaluate on a random subset of this many test images (quick checks only)
     resume:bool=False,      # keep runs already in --out with the same configuration and data instead of retraining
+    precision:str=PRECISION, # auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16 (GPU)
 ):
     "Train every variant with the same data, seeds and schedule, and write the study's tables and figures."
     try:
         norm_list = [norm_name(n) for n in norms.split(',')]
         for n in norm_list: check_rules(normnet(n), epochs)
         if seeds < 1: raise ValueError(f"--seeds {seeds}: need at least one")
+        precision = resolve_precision(precision, default_device())
         cifar = load_cifar(data)   # fail on bad data before any training, and decode it only once
     except ValueError as e: raise CliError(f"error: {e}")
     out_dir = Path(out) if out else REPO_DIR / 'results'
@@ -107,11 +111,12 @@ def main(
             eta = f", about {train_seconds / trained * (len(plan) - i) / 60:.0f} min left" if trained else ''
             print(f"\n=== run {i + 1}/{len(plan)}: {norm} norm, seed {s}, {epochs} epochs{eta} ===", flush=True)
             d = run_dir(out_dir, norm, s, seed)
-            m = resume and finished(d, **recipe(norm, epochs, bs, lr, wd, s, cifar, n_train, n_test))
+            m = resume and finished(d, **recipe(norm, epochs, bs, lr, wd, s, cifar, n_train, n_test, precision=precision))
             if m: print(f"kept the finished run in {d}")
             else:
                 start = time.perf_counter()
-                m = train_variant(norm, epochs, bs, lr, wd, s, cifar.source, d, n_train=n_train, n_test=n_test)
+                m = train_variant(norm, epochs, bs, lr, wd, s, cifar.source, d, n_train=n_train, n_test=n_test,
+                                  precision=precision)
                 trained, train_seconds = trained + 1, train_seconds + time.perf_counter() - start
             runs.append({**m, 'run': d.relative_to(out_dir).as_posix()})
             print(f"{norm} norm, seed {s}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normnets import PARAM_LIMIT, LayerNorm2d, normnet, norm_name, count_params, count_macs
+from normnets import PARAM_LIMIT, FloatGroupNorm, LayerNorm2d, normnet, norm_name, count_params, count_macs
 
 
 @pytest.mark.parametrize('norm', ['batch', 'group', 'layer', 'bn', 'gn', 'ln'])
@@ -19,7 +19,7 @@ def norm_layers(model): return [m for m in model.modules() if isinstance(m, (nn.
 
 def test_each_variant_has_its_norm_and_no_other():
     convs = lambda m: [c for c in m.modules() if isinstance(c, nn.Conv2d)]
-    for norm, kind in [('batch', nn.BatchNorm2d), ('group', nn.GroupNorm), ('layer', LayerNorm2d)]:
+    for norm, kind in [('batch', nn.BatchNorm2d), ('group', FloatGroupNorm), ('layer', LayerNorm2d)]:
         model = normnet(norm)
         layers = norm_layers(model)
         assert len(layers) == len(convs(model)) - 1          # after every conv but the classifier
@@ -36,6 +36,18 @@ def test_layer_norm_normalizes_over_chw_per_sample():
     x = torch.randn(3, 8, 5, 5) * 4 + 2
     expected = F.layer_norm(x, x.shape[1:]) * ln.weight[:, None, None] + ln.bias[:, None, None]
     torch.testing.assert_close(ln(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_group_norm_computes_in_float32_and_returns_the_input_type():
+    gn, plain = FloatGroupNorm(4, 8), nn.GroupNorm(4, 8)
+    with torch.no_grad(): gn.weight.uniform_(0.5, 2); gn.bias.uniform_(-1, 1)
+    plain.load_state_dict(gn.state_dict())
+    x = torch.randn(3, 8, 5, 5) * 4 + 2
+    torch.testing.assert_close(gn(x), plain(x))   # in float32 it is plain GroupNorm
+    xb = x.bfloat16()
+    with torch.autocast('cpu', dtype=torch.bfloat16): y = gn(xb)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, plain(xb.float()).bfloat16())   # statistics of the float32 values, rounded once
 
 
 def test_skip_connections_add_one_layer_to_another():

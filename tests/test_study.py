@@ -1,12 +1,12 @@
 """The study end to end: run_all on a small subset of the real data for 1 epoch, every file written and
 well-formed, and a README generated from it."""
-import subprocess, sys
+import json, subprocess, sys
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from normnets_data import REPO_DIR
+from normnets_data import REPO_DIR, load_cifar
 
 sys.path.insert(0, str(REPO_DIR / 'scripts'))
 import report, run_all
@@ -91,7 +91,23 @@ def test_interrupted_study_names_what_is_missing(study, tmp_path):
     assert 'Missing (not finished): group (1 of 1 seeds), layer (1 of 1 seeds)' in (tmp_path / 'summary.md').read_text()
 
 
+def test_resume_keeps_only_runs_of_the_same_recipe_and_precision(study):
+    out, _ = study
+    m = json.loads((out / 'batch' / 'metrics.json').read_text())
+    cifar = load_cifar()
+    same = run_all.recipe('batch', 1, 128, m['lr'], m['wd'], 0, cifar, 2000, 500, precision=m['precision'])
+    assert run_all.finished(out / 'batch', **same) == m
+    other = 'bf16' if m['precision'] == 'fp32' else 'fp32'
+    assert run_all.finished(out / 'batch', **{**same, 'precision': other}) is None
+    assert run_all.finished(out / 'batch', **{**same, 'epochs': 2}) is None
+
+
 def test_run_all_refuses_more_than_20_epochs(tmp_path):
     r = subprocess.run([sys.executable, str(REPO_DIR / 'scripts' / 'run_all.py'), '--epochs', '25', '--out', str(tmp_path / 's')],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and 'the rules allow 1 to 20 epochs' in r.stderr and not (tmp_path / 's').exists()
+
+
+def test_markdown_table_leaves_missing_values_empty():
+    df = pd.DataFrame({'a': [1.5, None], 'b': ['x', None]})
+    assert report.markdown_table(df) == '| a | b |\n|---|---|\n| 1.5 | x |\n|  |  |\n'

@@ -12,8 +12,10 @@ from fastai.learner import load_learner
 from normnets_data import REPO_DIR, get_dls, load_cifar
 
 sys.path.insert(0, str(REPO_DIR / 'scripts'))
-from train import RuleError, check_rules, make_learner, train_variant
-from normnets import normnet
+from fastai.callback.fp16 import MixedPrecision
+import train
+from train import RuleError, check_rules, make_learner, resolve_precision, train_variant
+from normnets import FloatGroupNorm, normnet
 
 TRAIN = [sys.executable, str(REPO_DIR / 'scripts' / 'train.py')]
 
@@ -33,6 +35,8 @@ def test_cli_bad_norm_and_bad_data(tmp_path):
     assert r.returncode != 0 and "unknown norm 'instance'" in r.stderr
     r = run(TRAIN + ['--norm', 'ln', '--epochs', '1', '--data', str(tmp_path / 'missing.tgz'), '--out', str(tmp_path / 'out')])
     assert r.returncode != 0 and 'CIFAR-10 data not found at' in r.stderr and 'missing.tgz' in r.stderr
+    r = run(TRAIN + ['--norm', 'ln', '--epochs', '1', '--precision', 'fp8', '--out', str(tmp_path / 'out')])
+    assert r.returncode != 0 and "unknown precision 'fp8'" in r.stderr
     assert not (tmp_path / 'out').exists()
 
 
@@ -60,6 +64,32 @@ def test_weight_decay_acts_on_the_expected_parameters(norm, exempt_gn_scale):
         assert torch.allclose(p, before[name] * (0.9 if decayed else 1.0)), name
 
 
+@pytest.mark.parametrize('flags, auto', [('fpu avx2 avx512f avx512_bf16', 'bf16'), ('fpu amx_bf16 amx_tile', 'bf16'),
+                                         ('fpu avx2 avx512f avx512bw', 'fp32'), ('', 'fp32')])
+def test_precision_auto_takes_bf16_only_where_the_cpu_has_it(monkeypatch, flags, auto):
+    "AVX-512 alone is not enough (oneDNN would emulate bfloat16); no readable flags means float32."
+    monkeypatch.setattr(train, 'cpuinfo', lambda field: flags if field == 'flags' else '')
+    assert resolve_precision('auto', 'cpu') == auto
+    assert resolve_precision('fp32', 'cpu') == 'fp32'
+    with pytest.raises(ValueError, match="unknown precision 'half'"): resolve_precision('half', 'cpu')
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_training_runs_in_the_precision_asked_for(precision):
+    "Dtypes seen inside a real fastai training step: bf16 convolutions and group norm in and out, float32 weights."
+    learn = make_learner(get_dls(n_train=256, n_test=128, bs=128, device='cpu'), 'gn', precision=precision)
+    assert any(isinstance(cb, MixedPrecision) for cb in learn.cbs) == (precision == 'bf16')
+    seen = {}
+    for m in learn.model.modules():
+        if isinstance(m, (nn.Conv2d, FloatGroupNorm)):
+            m.register_forward_hook(lambda m, i, o: seen.setdefault(type(m).__name__, set()).add((i[0].dtype, o.dtype)))
+    with learn.no_logging(), learn.no_bar(): learn.fit(1)
+    half = torch.bfloat16 if precision == 'bf16' else torch.float32
+    assert {o for _, o in seen['Conv2d']} == {half}                 # every convolution's output
+    assert seen['FloatGroupNorm'] == {(half, half)}                  # computed in float32 inside, see test_model
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
+
+
 @pytest.fixture(scope='module')
 def quick_run(tmp_path_factory):
     "Batch norm, one epoch on 10,000 real training images, scored on 2,000 test images."
@@ -82,8 +112,8 @@ def test_run_writes_its_files(quick_run):
     assert list(hist.columns) == ['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'seconds']
     assert len(hist) == 1 and hist.test_acc.iloc[0] == pytest.approx(m['test_acc'])
     saved = json.loads((out / 'metrics.json').read_text())
-    for key in ['train_acc', 'test_acc', 'params', 'epochs', 'seed', 'seconds', 'torch', 'fastai', 'device',
-                'data', 'data_source', 'data_md5']:
+    for key in ['train_acc', 'test_acc', 'params', 'epochs', 'seed', 'seconds', 'wall_seconds', 'precision', 'torch',
+                'fastai', 'device', 'data', 'data_source', 'data_md5']:
         assert saved[key] is not None, key
     assert saved['data_md5'] == load_cifar().fingerprint
     assert not [p for p in out.parent.iterdir() if p.name.startswith('.')]    # no temporary folder left
@@ -111,6 +141,7 @@ def test_exported_learner_works_in_a_fresh_session(quick_run, tmp_path):
     fresh = json.loads(r.stdout.strip().splitlines()[-1])
     # The same predictions as the model in this session on the decoded test images.
     learn = load_learner(out / 'model.pkl')
+    assert not any(isinstance(cb, MixedPrecision) for cb in learn.cbs)   # exported for float32 inference anywhere
     dls = get_dls(cifar=c, device='cpu')
     x, _ = next(iter(dls.valid))
     learn.model.eval()
