@@ -1,4 +1,4 @@
-"""normnets: one tiny CIFAR-10 network, three normalizations.
+"""normnets: one tiny CIFAR-10 network, and the normalizations it is built with.
 
 The network is  C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10
 (C: 3x3 conv, c: 1x1 conv, P: 2x2 max-pool, GAP: global average pool,
@@ -8,20 +8,26 @@ output to a later one's, as in ResNet-9:
     C3 -> C4 -> C5 (+ C3)       at 16x16
     C7 -> C8 -> C9 (+ C7)       at 8x8
 
-`normnet(norm)` builds it with batch, group or layer normalization after every
-convolution but the last. Everything here is a plain `nn.Module`; the fastai
-side (data, Learner, one-cycle) lives in `normnets_data.py` and `scripts/`.
+`NORMS` is the registry of normalizations: a new one is one `register_norm` call, and every list of norms in
+the project (the study, its CLI, plots, report and tests) comes from it. `normnet(norm)` builds the network
+with that norm after every convolution but the last. Everything here is plain PyTorch; the fastai side
+(recipe, Learner) lives in `normnets_learner.py`, the data in `normnets_data.py`.
 """
-import hashlib
-from functools import partial
+import copy, hashlib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-__all__ = ['NORMS', 'PARAM_LIMIT', 'WIDTHS', 'GN_GROUPS', 'FloatGroupNorm', 'LayerNorm2d', 'ConvNormAct',
-           'NormNet', 'make_norm', 'normnet', 'norm_name', 'architecture_id', 'count_params', 'count_macs']
+__all__ = ['PARAM_LIMIT', 'MAX_EPOCHS', 'PASS_ACCURACY', 'WIDTHS', 'GN_GROUPS', 'Norm', 'NORMS',
+           'register_norm', 'norm_name', 'FloatGroupNorm', 'LayerNorm2d', 'ConvNormAct', 'NormNet', 'normnet',
+           'architecture_id', 'count_params', 'count_macs', 'fold_batchnorm']
 
-PARAM_LIMIT = 50_000  # the exercise's rule: every variant stays under it
+# The exercise's rules.
+PARAM_LIMIT = 50_000   # every variant has fewer parameters
+MAX_EPOCHS = 20        # of one-cycle training at most
+PASS_ACCURACY = 0.70   # every variant's test accuracy must pass it; the epoch it first does is reported
 
 # Channel widths of C1 C2 c3 | C3 C4 C5 c6 | C7 C8 C9. A 3x3 conv costs
 # 1024 multiply-accumulates per weight at 32x32 but only 64 at 8x8, so the
@@ -38,9 +44,9 @@ GN_GROUPS = 4
 
 
 class FloatGroupNorm(nn.GroupNorm):
-    """GroupNorm computed in float32 and returned in the input's type. Under bfloat16 mixed precision this is what
-    CUDA's autocast does for group norm anyway, and on a CPU it is faster than PyTorch's bfloat16 group norm
-    (benchmarks/speed.py measures both). In float32 it is plain GroupNorm."""
+    """GroupNorm computed in float32 and returned in the input's type. Under bfloat16 mixed precision this is
+    what CUDA's autocast does for group norm anyway, and on a CPU it is faster than PyTorch's bfloat16 group
+    norm (benchmarks/speed.py measures both). In float32 it is plain GroupNorm."""
     def forward(self, x): return super().forward(x.float()).to(x.dtype)
 
 
@@ -50,26 +56,50 @@ class LayerNorm2d(FloatGroupNorm):
         super().__init__(1, num_channels, eps=eps)
 
 
-NORMS = ('batch', 'group', 'layer')
-_ALIASES = {'bn': 'batch', 'gn': 'group', 'ln': 'layer'}
+# ---------------------------------------------------------------- the registry of normalizations
+
+@dataclass(frozen=True)
+class Norm:
+    "A normalization of the study: its canonical name, a short alias, its layer, and what it normalizes over."
+    name: str
+    alias: str
+    # layer(channels, groups) -> module; `groups` is group norm's group count
+    layer: Callable[..., nn.Module]
+    over: str
 
 
-def make_norm(norm: str, channels: int, gn_groups: int = GN_GROUPS) -> nn.Module:
-    "The normalization layer of a variant for `channels` channels."
-    if norm == 'batch': return nn.BatchNorm2d(channels)
-    if norm == 'group': return FloatGroupNorm(gn_groups, channels)
-    return LayerNorm2d(channels)
+NORMS: dict[str, Norm] = {}
+
+
+def register_norm(name: str, alias: str, layer: Callable[..., nn.Module], over: str) -> Norm:
+    "Add a normalization to the registry; from then on the study, the CLI, plots and report know it."
+    taken = {n for norm in NORMS.values() for n in (norm.name, norm.alias)}
+    if {name, alias} & taken: raise ValueError(f"norm name {name!r} or alias {alias!r} is already registered")
+    NORMS[name] = Norm(name, alias, layer, over)
+    return NORMS[name]
+
+
+register_norm(
+    'batch', 'bn', lambda c, groups: nn.BatchNorm2d(c), 'each channel over the batch and the image (N, H, W)'
+)
+register_norm('group', 'gn', lambda c, groups: FloatGroupNorm(groups, c),
+              'each sample over groups of channels and the image (C/G, H, W)')
+register_norm(
+    'layer', 'ln', lambda c, groups: LayerNorm2d(c), 'each sample over all channels and the image (C, H, W)'
+)
 
 
 def norm_name(norm: str) -> str:
-    "The canonical name ('batch', 'group', 'layer') of `norm`, which may be a short name (bn, gn, ln)."
+    """The canonical name of `norm`, which may be its alias (bn, gn, ln); a clear error for a name no entry
+    holds."""
     key = str(norm).strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in NORMS:
-        valid = ', '.join(f"'{n}'" for n in [*NORMS, *_ALIASES])
-        raise ValueError(f"unknown norm {norm!r}: expected one of {valid}")
-    return key
+    for entry in NORMS.values():
+        if key in (entry.name, entry.alias): return entry.name
+    valid = ', '.join(f"'{n}'" for e in NORMS.values() for n in (e.name, e.alias))
+    raise ValueError(f"unknown norm {norm!r}: expected one of {valid}")
 
+
+# ---------------------------------------------------------------- the network
 
 class ConvNormAct(nn.Sequential):
     "Conv (no bias: the norm's shift replaces it), then an optional max-pool, then norm and ReLU."
@@ -79,17 +109,28 @@ class ConvNormAct(nn.Sequential):
         # Pooling before the norm, as in ResNet-9: max-pool commutes with ReLU,
         # and the norm then runs on a quarter of the values.
         if pool: layers.append(nn.MaxPool2d(2))
-        layers += [make_norm(norm, c_out, gn_groups), nn.ReLU(inplace=True)]
+        layers += [NORMS[norm].layer(c_out, gn_groups), nn.ReLU(inplace=True)]
         super().__init__(*layers)
 
 
 class NormNet(nn.Module):
     "C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10 with skips C3->C5 and C7->C9."
-    def __init__(self, norm: str = 'batch', c1=12, c2=24, c3=16, c4=24, c6=32, c7=32, gn_groups: int = GN_GROUPS,
-                 n_classes: int = 10):
+
+    def __init__(
+        self,
+        norm: str = 'batch',
+        c1=12,
+        c2=24,
+        c3=16,
+        c4=24,
+        c6=32,
+        c7=32,
+        gn_groups: int = GN_GROUPS,
+        n_classes: int = 10,
+    ):
         super().__init__()
         self.norm = norm = norm_name(norm)
-        unit = partial(ConvNormAct, norm=norm, gn_groups=gn_groups)
+        def unit(c_in, c_out, **kw): return ConvNormAct(c_in, c_out, norm, gn_groups=gn_groups, **kw)
         self.C1 = unit(3, c1)
         self.C2 = unit(c1, c2)
         self.c3 = unit(c2, c3, kernel_size=1, pool=True)   # c3 + P1
@@ -113,12 +154,13 @@ class NormNet(nn.Module):
 
 
 def normnet(norm: str = 'batch', **kwargs) -> NormNet:
-    "The network with `norm` ('batch'/'bn', 'group'/'gn' or 'layer'/'ln'); `kwargs` override `WIDTHS` or `gn_groups`."
+    "The network with `norm` (a name or alias in `NORMS`); `kwargs` override `WIDTHS` or `gn_groups`."
     return NormNet(norm, **{**WIDTHS, **kwargs})
 
 
 def architecture_id(model: nn.Module) -> str:
-    "A short fingerprint of the layers (types, shapes, group counts): runs with the same id trained the same network."
+    """A short fingerprint of the layers (types, shapes, group counts): runs with the same id trained the same
+    network."""
     return hashlib.md5(repr(model).encode()).hexdigest()[:12]
 
 
@@ -129,7 +171,8 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, size: int = 32) -> int:
-    "Multiply-accumulates of one forward pass on one image, counted from the convolutions' real output shapes."
+    """Multiply-accumulates of one forward pass on one image, counted from the convolutions' real output
+    shapes."""
     macs = []
     def hook(m, inp, out):
         k = m.weight[0].numel()  # (c_in / groups) * kh * kw weights feed each output value
@@ -143,3 +186,32 @@ def count_macs(model: nn.Module, size: int = 32) -> int:
     finally:
         for h in hooks: h.remove()
     return sum(macs)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` for inference with each batch norm folded into the convolution before it: the running
+    statistics and the affine become the convolution's weight scale and bias, so inference skips the norm.
+    Where a max-pool sits between them (c3, c6) the fold is exact only for channels with a positive scale (max
+    commutes with an increasing map): those norms are folded when every scale is positive, kept otherwise.
+    Eval mode only."""
+    model = copy.deepcopy(model).eval()
+    for unit in model.modules():
+        if not isinstance(unit, ConvNormAct): continue
+        conv, *middle, norm, act = unit
+        if not isinstance(norm, nn.BatchNorm2d): continue
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        if middle and (scale <= 0).any(): continue
+        folded = nn.Conv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=True
+        )
+        folded = folded.to(
+            conv.weight.device,
+            memory_format=torch.channels_last
+            if conv.weight.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format,
+        )
+        folded.weight.copy_(conv.weight * scale[:, None, None, None])
+        folded.bias.copy_(norm.bias - norm.running_mean * scale)
+        unit[0], unit[len(unit) - 2] = folded, nn.Identity()
+    return model

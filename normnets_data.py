@@ -20,21 +20,25 @@ from PIL import Image
 from fastai.data.core import Datasets, DataLoaders, TfmdDL
 from fastai.data.transforms import AttrGetter, Categorize, IntToFloatTensor, Normalize
 from fastai.torch_core import TensorImage, TensorCategory, default_device
-from fastai.vision.core import PILImage
 from fasttransform import Transform, DisplayedTransform
 from fastprogress.fastprogress import progress_bar
 
-__all__ = ['REPO_DIR', 'DATA_DIR', 'CIFAR10_CLASSES', 'CIFAR10_COUNTS', 'CifarDataError', 'Cifar', 'Sample', 'find_data',
-           'load_cifar', 'ToTensorImage', 'RandomCropFlip', 'ArrayDL', 'plain_train_dl', 'get_dls']
+__all__ = ['REPO_DIR', 'DATA_DIR', 'BS', 'CIFAR10_CLASSES', 'CIFAR10_COUNTS', 'CifarDataError', 'Cifar',
+           'Sample', 'find_data', 'load_cifar', 'ToTensorImage', 'to_rgb8', 'crop_flip', 'RandomCropFlip',
+           'ArrayDL', 'plain_train_dl', 'get_dls']
 
 REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / 'data'
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 CIFAR10_COUNTS = {'train': 5000, 'test': 1000}   # images per class folder in the real dataset
 # Sources we can name by their md5; the offline copy differs from the official PNGs (see README).
-KNOWN_DATA = {'b4275aaa92a8d48022b289e647203665': 'CIFAR-10, offline JPEG copy (quality 75) of the official release'}
+KNOWN_DATA = {
+    'b4275aaa92a8d48022b289e647203665': 'CIFAR-10, offline JPEG copy (quality 75) of the official release'
+}
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
-LAYOUT = "fastai's URLs.CIFAR layout: train/<class>/*.png|jpg and test/<class>/*.png|jpg for the 10 CIFAR-10 classes"
+BS = 256   # training batch size of the study's recipe (normnets_learner.Recipe)
+LAYOUT = ("fastai's URLs.CIFAR layout: train/<class>/*.png|jpg and test/<class>/*.png|jpg for the 10 "
+          "CIFAR-10 classes")
 
 
 class CifarDataError(ValueError):
@@ -49,14 +53,19 @@ def find_data(data=None) -> Path:
     data = data or os.environ.get('NORMNETS_DATA')
     if data:
         path = Path(data).expanduser()
-        if not path.exists(): raise CifarDataError(f"CIFAR-10 data not found at {path}: expected a folder in {LAYOUT}, or a .tgz of one")
+        if not path.exists():
+            raise CifarDataError(
+                f"CIFAR-10 data not found at {path}: expected a folder in {LAYOUT}, or a .tgz of one"
+            )
         return path
     if (DATA_DIR / 'cifar10').exists(): return DATA_DIR / 'cifar10'
     from fastai.data.external import untar_data, URLs
     try: return untar_data(URLs.CIFAR, archive=DATA_DIR, data=DATA_DIR)
     except Exception as e:
-        raise CifarDataError(f"no CIFAR-10 given and the download of {URLs.CIFAR} failed ({e}): pass a folder or "
-                             f".tgz in {LAYOUT} as --data / data=, or set NORMNETS_DATA") from e
+        raise CifarDataError(
+            f"no CIFAR-10 given and the download of {URLs.CIFAR} failed ({e}): pass a folder or "
+            f".tgz in {LAYOUT} as --data / data=, or set NORMNETS_DATA"
+        ) from e
 
 
 def _is_archive(path: Path) -> bool: return path.is_file() and path.name.endswith(('.tgz', '.tar.gz', '.tar'))
@@ -86,10 +95,16 @@ def _image_files(path: Path):
                     if m.isfile() and len(parts) >= 3 and parts[-1].lower().endswith(IMAGE_SUFFIXES):
                         yield parts[-3], parts[-2], parts[-1], tar.extractfile(m).read()
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise CifarDataError(f"{path} is not a readable tar archive ({e}): expected a .tgz in {LAYOUT}") from e
+            raise CifarDataError(
+                f"{path} is not a readable tar archive ({e}): expected a .tgz in {LAYOUT}"
+            ) from e
     elif path.is_dir():
         # Accept the folder itself or its parent (e.g. data/ holding cifar10/).
-        root = path if (path / 'train').is_dir() else next((d for d in path.iterdir() if (d / 'train').is_dir()), path)
+        root = (
+            path
+            if (path / 'train').is_dir()
+            else next((d for d in path.iterdir() if (d / 'train').is_dir()), path)
+        )
         for split in CIFAR10_COUNTS:
             for p in sorted((root / split).glob('*/*')):
                 if p.suffix.lower() in IMAGE_SUFFIXES: yield split, p.parent.name, p.name, p.read_bytes()
@@ -100,7 +115,8 @@ def _image_files(path: Path):
 def _decode(data: bytes, where: str) -> np.ndarray:
     try: img = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
     except Exception as e: raise CifarDataError(f"{where}: cannot decode the image ({e})") from e
-    if img.shape != (32, 32, 3): raise CifarDataError(f"{where}: image is {img.shape[1]}x{img.shape[0]}, expected 32x32")
+    if img.shape != (32, 32, 3):
+        raise CifarDataError(f"{where}: image is {img.shape[1]}x{img.shape[0]}, expected 32x32")
     return img
 
 
@@ -109,16 +125,25 @@ def _read(path: Path, counts: dict) -> dict:
     found = {split: {} for split in counts}
     print(f"Decoding {path} (once: the arrays are cached for later runs)")
     for split, cls, name, data in progress_bar(list(_image_files(path))):
-        if split in found: found[split].setdefault(cls, []).append((name, _decode(data, f"{path}: {split}/{cls}/{name}")))
+        if split in found:
+            found[split].setdefault(cls, []).append((name, _decode(data, f"{path}: {split}/{cls}/{name}")))
     arrays = {}
     for split, per_class in found.items():
         if sorted(per_class) != CIFAR10_CLASSES:
-            raise CifarDataError(f"{path}: {split}/ holds class folders {sorted(per_class) or 'none'}, expected the "
-                                 f"10 CIFAR-10 classes {CIFAR10_CLASSES} ({LAYOUT})")
+            raise CifarDataError(
+                f"{path}: {split}/ holds class folders {sorted(per_class) or 'none'}, expected the "
+                f"10 CIFAR-10 classes {CIFAR10_CLASSES} ({LAYOUT})"
+            )
         for cls, imgs in per_class.items():
             if len(imgs) != counts[split]:
-                raise CifarDataError(f"{path}: {split}/{cls} has {len(imgs)} images, expected {counts[split]}")
-        ordered = [(CIFAR10_CLASSES.index(c), img) for c in CIFAR10_CLASSES for _, img in sorted(per_class[c], key=lambda o: o[0])]
+                raise CifarDataError(
+                    f"{path}: {split}/{cls} has {len(imgs)} images, expected {counts[split]}"
+                )
+        ordered = [
+            (CIFAR10_CLASSES.index(c), img)
+            for c in CIFAR10_CLASSES
+            for _, img in sorted(per_class[c], key=lambda o: o[0])
+        ]
         arrays[f'x_{split}'] = np.stack([img for _, img in ordered])
         arrays[f'y_{split}'] = np.array([lbl for lbl, _ in ordered], dtype=np.int64)
     return arrays
@@ -127,12 +152,18 @@ def _read(path: Path, counts: dict) -> dict:
 class Cifar:
     "Decoded CIFAR-10: uint8 images (N,32,32,3) and labels for train and test, and where they came from."
     def __init__(self, arrays: dict, source: Path, fingerprint: str):
-        self.x_train, self.y_train, self.x_test, self.y_test = (arrays[k] for k in ('x_train', 'y_train', 'x_test', 'y_test'))
+        self.x_train, self.y_train, self.x_test, self.y_test = (
+            arrays[k] for k in ('x_train', 'y_train', 'x_test', 'y_test')
+        )
         self.source, self.fingerprint, self.classes = str(source), fingerprint, CIFAR10_CLASSES
 
     def describe(self) -> dict:
         "What a result must say about its data."
-        return dict(data=KNOWN_DATA.get(self.fingerprint, 'CIFAR-10'), data_source=self.source, data_md5=self.fingerprint)
+        return dict(
+            data=KNOWN_DATA.get(self.fingerprint, 'CIFAR-10'),
+            data_source=self.source,
+            data_md5=self.fingerprint,
+        )
 
 
 def load_cifar(data=None, counts: dict = CIFAR10_COUNTS, cache_dir: Path = DATA_DIR / 'cache') -> Cifar:
@@ -166,40 +197,65 @@ class Sample:
 
 
 class ToTensorImage(Transform):
-    "An item -> uint8 (3,32,32) `TensorImage`: a decoded `Sample`, or an image file, PIL image or array from a user."
+    """An item -> uint8 (3,32,32) `TensorImage`: a decoded `Sample`, or an image file, PIL image or array from
+    a user."""
     input_types = (Sample, str, Path, Image.Image, np.ndarray)   # what `test_dl`/`predict` may be given
+    # One `encodes` per input type: fastcore dispatches on the annotation (hence the noqa).
     def encodes(self, o: Sample): return self._from_array(o.image)
-    def encodes(self, o: np.ndarray): return self._from_array(o)
-    def encodes(self, o: str | Path | Image.Image):
-        img = PILImage.create(o).convert('RGB')
+    def encodes(self, o: np.ndarray): return self._from_array(o)   # noqa: F811
+    def encodes(self, o: str | Path | Image.Image):   # noqa: F811
+        # PIL directly: fastai's PILImage.create converts to RGB on opening, which clips 16-bit images.
+        img = to_rgb8(o if isinstance(o, Image.Image) else Image.open(o))
         if img.size != (32, 32): img = img.resize((32, 32), Image.BILINEAR)
         return self._from_array(np.asarray(img))
     @staticmethod
     def _from_array(a): return TensorImage(torch.from_numpy(np.array(a)).permute(2, 0, 1))   # a writable copy
 
 
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB, the network's input. PIL's own `convert('RGB')` clips 16-bit images (grayscale
+    PNGs of mode I;16 or I) at 255, which turns them white: they are scaled from 0-65535 to 0-255 instead.
+    Float and 32-bit images have no range PIL can tell, so they are refused."""
+    if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N') or (
+        img.mode == 'I' and np.asarray(img).max() <= 65535
+    ):
+        wide = np.asarray(img).astype(np.float64)
+        return Image.fromarray(np.round(wide * (255 / 65535)).astype(np.uint8)).convert('RGB')
+    if img.mode in ('I', 'F'):
+        raise ValueError(
+            f"cannot read a {img.mode}-mode image (32-bit integer or float): give 8- or 16-bit images"
+        )
+    return img.convert('RGB')
+
+
+def crop_flip(
+    x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int
+) -> torch.Tensor:
+    """Crop each image of the batch `x` (N, C, H, W) at offsets (`dy`, `dx`) of its `pad`-padded copy, and
+    mirror those where `flip` is true. One gather with computed indices: no data-dependent shapes, so on a GPU
+    it never waits for the device (boolean-mask indexing does, once per mask)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = dy[:, None] + torch.arange(h, device=x.device)                       # (N, H)
+    cols = torch.arange(w, device=x.device).expand(n, w)
+    # (N, W), mirrored where flipped
+    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
 class RandomCropFlip(DisplayedTransform):
-    "Random crop with `pad` pixels of zero padding and a random horizontal flip, on a whole uint8 batch at once."
+    """Random crop with `pad` pixels of zero padding and a random horizontal flip, on a whole uint8 batch at
+    once."""
     split_idx, order = 0, 5   # training only; before IntToFloatTensor, so it moves bytes, not floats
     def __init__(self, pad: int = 4): self.pad = pad
 
     def encodes(self, x: TensorImage):
-        n, c, h, w = x.shape
-        r = self.pad
-        padded = F.pad(x, (r, r, r, r))
-        # Crop rows then columns with one masked copy per shift (airbench's batch_crop):
-        # 2*(2r+1) vectorized copies instead of n Python-level crops.
-        dy, dx = (torch.randint(0, 2 * r + 1, (2, n), device=x.device))
-        rows = torch.empty(n, c, h, w + 2 * r, dtype=x.dtype, device=x.device)
-        for s in range(2 * r + 1):
-            m = dy == s
-            rows[m] = padded[m, :, s:s + h]
-        out = torch.empty_like(x)
-        for s in range(2 * r + 1):
-            m = dx == s
-            out[m] = rows[m, :, :, s:s + w]
-        flip = torch.rand(n, device=x.device) < 0.5
-        return TensorImage(torch.where(flip[:, None, None, None], out.flip(-1), out))
+        n, dev = len(x), x.device
+        dy, dx = torch.randint(0, 2 * self.pad + 1, (2, n), device=dev)
+        flip = torch.rand(n, device=dev) < 0.5
+        # Plain tensors inside: each op on a TensorImage passes through fastai's Python __torch_function__.
+        return TensorImage(crop_flip(x.as_subclass(torch.Tensor), dy, dx, flip, self.pad))
 
 
 # ---------------------------------------------------------------- DataLoaders
@@ -219,14 +275,22 @@ class ArrayDL(TfmdDL):
             if self.drop_last and len(b) < self.bs: break
             yield TensorImage(self.images[b]), TensorCategory(self.labels[b])
 
+    def to(self, device):
+        "Move the loader, its transforms and its in-memory images and labels to `device`."
+        super().to(device)
+        if self.images is not None: self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
     def new(self, dataset=None, cls=None, **kwargs):
         # Same data (e.g. `get_preds` re-batching the validation set): keep the fast path.
-        if dataset is None or dataset is self.dataset: kwargs = {"images": self.images, "labels": self.labels, **kwargs}
+        if dataset is None or dataset is self.dataset:
+            kwargs = {"images": self.images, "labels": self.labels, **kwargs}
         return super().new(dataset, cls, **kwargs)
 
 
 def plain_train_dl(dls: DataLoaders) -> ArrayDL:
-    "The training images in order and without augmentation (the test set's pipeline): to measure training accuracy."
+    """The training images in order and without augmentation (the test set's pipeline): to measure training
+    accuracy."""
     return dls.valid.new(images=dls.train.images, labels=dls.train.labels, n=len(dls.train.images))
 
 
@@ -237,30 +301,54 @@ def _subset(x, y, n, seed):
     return x[idx], y[idx]
 
 
-def get_dls(data=None, bs: int = 512, n_train: int = None, n_test: int = None, seed: int = 0, device=None,
-            counts: dict = CIFAR10_COUNTS, cifar: Cifar = None) -> DataLoaders:
-    """fastai `DataLoaders` of CIFAR-10: the training images (augmented) for training and the test images
-    for validation. `n_train`/`n_test` take a random subset (for quick checks); `cifar` reuses decoded data."""
+def _holdout(x, y, n):
+    """The training images split at random into (kept, held out `n`): the same split every time, whatever the
+    seed."""
+    idx = np.random.default_rng(0).permutation(len(x))
+    kept, held = np.sort(idx[n:]), np.sort(idx[:n])
+    return x[kept], y[kept], x[held], y[held]
+
+
+def get_dls(data=None, bs: int = BS, n_train: int = None, n_test: int = None, seed: int = 0, device=None,
+            counts: dict = CIFAR10_COUNTS, cifar: Cifar = None, holdout: int = 0) -> DataLoaders:
+    """fastai `DataLoaders` of CIFAR-10: the training images (augmented) for training and the test images for
+    validation. `n_train`/`n_test` take a random subset (for quick checks); `cifar` reuses decoded data.
+    `holdout` > 0 validates on that many training images set aside instead (a recipe search: the test set
+    stays unseen), and trains on the others."""
     cifar = cifar or load_cifar(data, counts)
-    x_train, y_train = _subset(cifar.x_train, cifar.y_train, n_train, seed)
-    x_test, y_test = _subset(cifar.x_test, cifar.y_test, n_test, seed)
+    x_train, y_train, x_test, y_test = cifar.x_train, cifar.y_train, cifar.x_test, cifar.y_test
+    if holdout: x_train, y_train, x_test, y_test = _holdout(x_train, y_train, holdout)
+    x_train, y_train = _subset(x_train, y_train, n_train, seed)
+    x_test, y_test = _subset(x_test, y_test, n_test, seed)
     device = default_device() if device is None else torch.device(device)
 
     # Normalize with the training images' channel statistics.
     std, mean = torch.std_mean(torch.from_numpy(x_train).reshape(-1, 3).float() / 255, dim=0)
-    batch_tfms = [RandomCropFlip(4), IntToFloatTensor(), Normalize.from_stats(mean.tolist(), std.tolist(), cuda=False)]
+    batch_tfms = [
+        RandomCropFlip(4),
+        IntToFloatTensor(),
+        Normalize.from_stats(mean.tolist(), std.tolist(), cuda=False),
+    ]
     item_tfms = [[ToTensorImage()], [AttrGetter('label'), Categorize(vocab=cifar.classes, sort=False)]]
 
     def dl(x, y, split_idx, **kwargs):
-        # fastai's item pipeline (`show`, `test_dl`, `Interpretation`) sees (image, class name) `Sample`s; batches
-        # come from the tensors. One Datasets per split, not one split Datasets: an exported learner then
-        # carries no list of 60,000 split indices.
-        dset = Datasets([Sample(img, cifar.classes[l]) for img, l in zip(x, y)], item_tfms, split_idx=split_idx)
+        # fastai's item pipeline (`show`, `test_dl`, `Interpretation`) sees (image, class name) `Sample`s;
+        # batches come from the tensors. One Datasets per split, not one split Datasets: an exported learner
+        # then carries no list of 60,000 split indices.
+        dset = Datasets(
+            [Sample(img, cifar.classes[l]) for img, l in zip(x, y)], item_tfms, split_idx=split_idx
+        )
         images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
         return ArrayDL(dset, images=images, labels=torch.from_numpy(y).to(device), after_batch=batch_tfms,
                        num_workers=0, device=device, **kwargs)
-    # Evaluation keeps no activations for a backward pass, so it takes bigger batches.
-    dls = DataLoaders(dl(x_train, y_train, 0, bs=bs, shuffle=True, drop_last=True), dl(x_test, y_test, 1, bs=2 * bs),
-                      device=device)
+    # Evaluation keeps no activations for a backward pass, so it takes big batches whatever the training batch
+    # size (the batch-size study trains with 4 images a batch; batch norm evaluates with its running
+    # statistics).
+    valid_bs = max(2 * bs, 512)
+    dls = DataLoaders(
+        dl(x_train, y_train, 0, bs=bs, shuffle=True, drop_last=True),
+        dl(x_test, y_test, 1, bs=valid_bs),
+        device=device,
+    )
     dls.cifar = cifar
     return dls

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from normnets_data import (CIFAR10_CLASSES, CifarDataError, RandomCropFlip, get_dls, load_cifar)
+from normnets_data import (CIFAR10_CLASSES, CifarDataError, RandomCropFlip, ToTensorImage, crop_flip, get_dls,
+                           load_cifar)
 from fastai.torch_core import TensorImage
 
 COUNTS = {'train': 4, 'test': 2}
@@ -50,7 +51,8 @@ def test_archive_loads_in_class_order_and_caches(tiny_tgz, tmp_path):
 def test_folder_source_gives_the_same_arrays(tiny_tgz, tmp_path):
     with tarfile.open(tiny_tgz) as tar: tar.extractall(tmp_path / 'folder')
     a = load_cifar(tiny_tgz, COUNTS, cache_dir=tmp_path / 'c1')
-    b = load_cifar(tmp_path / 'folder', COUNTS, cache_dir=tmp_path / 'c2')     # the parent of cifar10/ works too
+    # the parent of cifar10/ works too
+    b = load_cifar(tmp_path / 'folder', COUNTS, cache_dir=tmp_path / 'c2')
     np.testing.assert_array_equal(a.x_train, b.x_train); np.testing.assert_array_equal(a.y_test, b.y_test)
 
 
@@ -72,7 +74,9 @@ def test_file_that_is_not_an_archive(tmp_path):
 
 def test_archive_without_the_cifar_layout(tmp_path):
     imgs = [(n.replace('/train/', '/training/'), d, p) for n, d, p in tiny_images()]
-    with pytest.raises(CifarDataError, match=r'train/ holds class folders none, expected the 10 CIFAR-10 classes'):
+    with pytest.raises(
+        CifarDataError, match=r'train/ holds class folders none, expected the 10 CIFAR-10 classes'
+    ):
         load_cifar(make_archive(tmp_path / 'x.tgz', imgs), COUNTS, cache_dir=tmp_path / 'c')
     imgs = [(n.replace('/cat/', '/kitten/'), d, p) for n, d, p in tiny_images()]
     with pytest.raises(CifarDataError, match="kitten"):
@@ -114,7 +118,12 @@ def test_dataloaders_batches_and_files(tiny_tgz, tmp_path):
     xv, yv = next(iter(dls.valid))
     mean = c.x_train.reshape(-1, 3).mean(0) / 255; std = c.x_train.reshape(-1, 3).std(0) / 255
     raw = torch.from_numpy(c.x_test[:8]).permute(0, 3, 1, 2).float() / 255
-    torch.testing.assert_close(xv[:8], (raw - torch.tensor(mean)[:, None, None].float()) / torch.tensor(std)[:, None, None].float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        xv[:8],
+        (raw - torch.tensor(mean)[:, None, None].float()) / torch.tensor(std)[:, None, None].float(),
+        atol=1e-4,
+        rtol=1e-4,
+    )
     assert yv.tolist() == c.y_test[:len(yv)].tolist()
     # Image files go through the same pipeline (fastai's test_dl), item by item.
     files = []
@@ -138,3 +147,52 @@ def test_random_crop_flip_is_a_padded_crop_maybe_flipped():
         flips += flipped and not plain
     assert 10 < flips < 54                         # about half are flipped
     assert torch.equal(RandomCropFlip(4)(x, split_idx=1), x)   # not applied to validation
+
+
+def masked_crop_flip(x, dy, dx, flip, pad):
+    """The crop and flip as normnets did them before: one boolean-mask copy per offset (a host sync each on a
+    GPU)."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = torch.empty(n, c, h, w + 2 * pad, dtype=x.dtype)
+    for s in range(2 * pad + 1):
+        m = dy == s
+        rows[m] = padded[m, :, s:s + h]
+    out = torch.empty_like(x)
+    for s in range(2 * pad + 1):
+        m = dx == s
+        out[m] = rows[m, :, :, s:s + w]
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def test_gathered_crop_flip_equals_the_masked_one_for_the_same_offsets():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, generator=g)
+    dy, dx = torch.randint(0, 9, (2, 128), generator=g)
+    flip = torch.rand(128, generator=g) < 0.5
+    assert torch.equal(crop_flip(x, dy, dx, flip, 4), masked_crop_flip(x, dy, dx, flip, 4))
+
+
+def test_moving_the_dataloaders_moves_their_images(tiny_tgz, tmp_path):
+    """dls.to(device) moves the in-memory images and labels too, not only fastai's transforms (meta: a second
+    device)."""
+    c = load_cifar(tiny_tgz, COUNTS, cache_dir=tmp_path / 'c')
+    dls = get_dls(bs=8, cifar=c, device='cpu')
+    dls.to('meta')
+    for dl in dls.loaders:
+        assert dl.images.device.type == 'meta' and dl.labels.device.type == 'meta'
+        assert torch.device(dl.device).type == 'meta'
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG becomes the same picture in 8 bits, not a white square (PIL's convert clips at
+    255)."""
+    wide = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / 'g16.png')
+    assert Image.open(tmp_path / 'g16.png').mode.startswith('I')
+    x = ToTensorImage()(tmp_path / 'g16.png')
+    expected = torch.from_numpy(np.round(wide / 257).astype(np.uint8))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(x[0], expected) and torch.equal(x[1], expected) and x.float().mean() < 200
+    Image.fromarray(np.full((32, 32), 1.5, dtype=np.float32)).save(tmp_path / 'f.tiff')
+    with pytest.raises(ValueError, match='F-mode image'): ToTensorImage()(tmp_path / 'f.tiff')

@@ -4,17 +4,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normnets import PARAM_LIMIT, FloatGroupNorm, LayerNorm2d, normnet, norm_name, count_params, count_macs
+from normnets import (NORMS, PARAM_LIMIT, FloatGroupNorm, LayerNorm2d, fold_batchnorm, normnet, norm_name,
+                      register_norm, count_params, count_macs)
+
+NAMES = [n for e in NORMS.values() for n in (e.name, e.alias)]
 
 
-@pytest.mark.parametrize('norm', ['batch', 'group', 'layer', 'bn', 'gn', 'ln'])
+@pytest.mark.parametrize('norm', NAMES)
 def test_under_param_limit_and_shape(norm):
     model = normnet(norm)
     assert count_params(model) < PARAM_LIMIT
     assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
 
 
-def norm_layers(model): return [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm))]
+def norm_layers(model):
+    return [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm))]
 
 
 def test_each_variant_has_its_norm_and_no_other():
@@ -47,7 +51,8 @@ def test_group_norm_computes_in_float32_and_returns_the_input_type():
     xb = x.bfloat16()
     with torch.autocast('cpu', dtype=torch.bfloat16): y = gn(xb)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, plain(xb.float()).bfloat16())   # statistics of the float32 values, rounded once
+    # statistics of the float32 values, rounded once
+    torch.testing.assert_close(y, plain(xb.float()).bfloat16())
 
 
 def test_skip_connections_add_one_layer_to_another():
@@ -67,14 +72,65 @@ def test_layer_order_matches_the_spec():
     assert names == ['C1', 'C2', 'c3', 'C3', 'C4', 'C5', 'c6', 'C7', 'C8', 'C9', 'gap', 'C10']
     model = normnet('ln')
     assert [model.c3[0].kernel_size, model.c6[0].kernel_size, model.C10.kernel_size] == [(1, 1)] * 3
-    assert all(getattr(model, n)[0].kernel_size == (3, 3) for n in ['C1', 'C2', 'C3', 'C4', 'C5', 'C7', 'C8', 'C9'])
+    assert all(
+        getattr(model, n)[0].kernel_size == (3, 3) for n in ['C1', 'C2', 'C3', 'C4', 'C5', 'C7', 'C8', 'C9']
+    )
     assert isinstance(model.c3[1], nn.MaxPool2d) and isinstance(model.c6[1], nn.MaxPool2d)
 
 
 def test_unknown_norm_lists_the_valid_names():
-    with pytest.raises(ValueError) as e: normnet('instance')
-    for name in ['batch', 'group', 'layer', 'bn', 'gn', 'ln']: assert f"'{name}'" in str(e.value)
+    with pytest.raises(ValueError) as e: normnet('no-such-norm')
+    for name in NAMES: assert f"'{name}'" in str(e.value)
     assert norm_name(' GN ') == 'group'
+
+
+def test_registering_a_taken_name_or_alias_is_refused():
+    with pytest.raises(ValueError, match='already registered'):
+        register_norm('batch', 'xx', nn.BatchNorm2d, '')
+    with pytest.raises(ValueError, match='already registered'):
+        register_norm('other', 'gn', nn.BatchNorm2d, '')
+    assert list(NORMS)[:3] == ['batch', 'group', 'layer']
+
+
+def trained_looking(model):
+    "Batch norm statistics and affines away from their initial values, as after training; scales positive."
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                m.weight.uniform_(0.5, 2); m.bias.uniform_(-1, 1)
+            if isinstance(m, nn.BatchNorm2d): m.running_mean.uniform_(-1, 1); m.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def test_folding_batch_norm_keeps_the_predictions():
+    model = trained_looking(normnet('batch'))
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())   # the original is left as it was
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad(): torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_negative_scale_after_a_pool_is_not_folded():
+    "max-pool commutes with an increasing map only: a negative scale after c3's pool keeps that batch norm."
+    model = trained_looking(normnet('batch'))
+    with torch.no_grad(): model.c3[2].weight[0] = -1.0
+    folded = fold_batchnorm(model)
+    assert isinstance(folded.c3[2], nn.BatchNorm2d) and not isinstance(folded.C3[1], nn.BatchNorm2d)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(): torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('norm', list(NORMS))
+def test_an_image_alone_is_predicted_as_in_a_batch(norm):
+    "In eval mode no norm looks at the other images of a batch: batch norm uses its running statistics."
+    torch.manual_seed(0)
+    model = trained_looking(normnet(norm))
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(alone, together, atol=1e-4, rtol=1e-4)
 
 
 def test_count_macs_counts_every_conv():

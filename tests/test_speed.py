@@ -1,34 +1,41 @@
-"""The speed benchmark's parts, without timing anything: the usual pipeline is the network the issue describes, the
-alternatives it measures compute what normnets computes, and its timer counts the images it trained on."""
-import platform, sys
+"""The speed benchmark's parts, without timing anything: the usual pipeline is the network the issue
+describes, the alternatives it measures compute what normnets computes, its timer counts the images it trained
+on, and its measurements render as a page."""
+import platform
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from normnets import count_macs, count_params
-from normnets_data import REPO_DIR, get_dls
-
-sys.path.insert(0, str(REPO_DIR / 'benchmarks'))
 import speed
-from train import keep_freed_memory, make_learner
+from normnets import count_macs, count_params
+from normnets_data import get_dls
+from normnets_learner import keep_freed_memory
+from normnets_report import speed_page
 
 
 def test_usual_net_is_the_published_49672_parameter_solution():
     net = speed.usual_net()
     assert count_params(net) == 49_672
-    convs = [(m.in_channels, m.out_channels, m.kernel_size[0]) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    convs = [
+        (m.in_channels, m.out_channels, m.kernel_size[0]) for m in net.modules() if isinstance(m, nn.Conv2d)
+    ]
     assert convs == [(3, 32, 3), (32, 54, 3), (54, 10, 1), (10, 16, 3), (16, 16, 3), (16, 32, 3), (32, 16, 1),
                      (16, 32, 3), (32, 32, 3), (32, 32, 3), (32, 10, 1)]
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert count_macs(net) > 20e6   # over twice normnets' 8.9 M: its 32x32 layers are wide
 
 
+@pytest.fixture(scope='module')
+def small_dls(): return get_dls(n_train=512, n_test=128, bs=64, device='cpu')
+
+
 @pytest.mark.parametrize('norm, tweak', [('batch', speed.nchw_batch_norm), ('group', speed.bf16_group_norm)])
-def test_alternatives_compute_the_same_function(norm, tweak):
+def test_alternatives_compute_the_same_function(small_dls, norm, tweak):
     "The layout and dtype alternatives change how a layer computes, never what: same outputs in float32."
-    dls = get_dls(n_train=256, n_test=128, bs=64, device='cpu')
-    learn, other = make_learner(dls, norm, precision='fp32'), make_learner(dls, norm, precision='fp32')
+    learn = speed.recipe_learner(small_dls, norm, precision='fp32')
+    other = speed.recipe_learner(small_dls, norm, precision='fp32')
     other.model.load_state_dict(learn.model.state_dict())
     tweak(other)
     assert type(other.model.C1[-2]) is not type(learn.model.C1[-2])   # the tweak did replace the norm layer
@@ -37,11 +44,63 @@ def test_alternatives_compute_the_same_function(norm, tweak):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_step_timer_times_the_steps_after_warm_up_then_stops_the_fit():
-    learn = make_learner(get_dls(n_train=512, n_test=128, bs=64, device='cpu'), 'layer', precision='fp32')
+def test_step_timer_times_the_steps_after_warm_up_then_stops_the_fit(small_dls):
+    learn = speed.recipe_learner(small_dls, 'layer', precision='fp32')
     timer = speed.StepTimer(warmup=2, steps=3)
     with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(1, cbs=timer)   # an epoch has 8 batches
     assert timer.count == 5 and timer.images == 3 * 64 and timer.seconds > 0
+
+
+def test_projected_study_time_adds_training_and_evaluation():
+    v = pd.DataFrame({'train_ips': [1000.0, 500.0], 'infer_ips': [10_000.0, 10_000.0]})
+    # per run: 2 epochs x (50 s or 100 s of training + 1 s of testing), then 9 s of final evaluation
+    # (4 test passes and one over the training images)
+    assert speed.projected_study_seconds(v, seeds=3, epochs=2) == pytest.approx(
+        3 * ((2 * 51 + 9) + (2 * 101 + 9))
+    )
+
+
+def test_speed_page_renders_every_measurement(tmp_path):
+    import json
+
+    s = dict(
+        device_name='a CPU',
+        device='cpu',
+        torch='2',
+        python='3',
+        threads=2,
+        precision='fp32',
+        bs=256,
+        steps=5,
+        warmup=1,
+        matmul_gflops={'fp32': 100.0},
+        variants=[
+            dict(
+                norm='batch', params=46374, macs=8.88e6, precision='fp32', train_ips=2000.0, infer_ips=9000.0
+            )
+        ],
+        usual=dict(params=49672, macs=21.1e6, precision='fp32', bs=128, train_ips=500.0),
+        changes=[
+            dict(norm='batch', change='without channels-last', train_ips=1000.0, error=None),
+            dict(norm='batch', change='torch.compile', train_ips=None, error='no compiler'),
+        ],
+        profile=dict(
+            norm='batch',
+            steps=5,
+            shares={'convolutions': 0.5},
+            conv_gflops=50.0,
+            top_ops=[dict(op='aten::conv', calls=10, ms_per_step=3.0, share=0.5)],
+        ),
+        study=dict(seeds=3, epochs=20, seconds=600.0),
+    )
+    (tmp_path / 'speed.json').write_text(json.dumps(s))
+    page = speed_page(tmp_path / 'speed.json')
+    assert '| normnets, batch norm | 46,374 | 8.88 M | fp32 | 2000 | 9000 | 4.00 | 106.6 | 107% |' in page
+    assert (
+        '| batch norm | without channels-last | 1000 | 2000 | 0.50 |' in page
+        and 'failed: no compiler' in page
+    )
+    assert '**10.0 minutes**' in page and '`aten::conv`' in page
 
 
 def test_keep_freed_memory_applies_on_glibc():

@@ -1,53 +1,89 @@
-"""The study end to end: run_all on a small subset of the real data for 1 epoch, every file written and
-well-formed, and a README generated from it."""
-import json, subprocess, sys
+"""The study end to end on a small subset of the real data for 1 epoch: every file written and well-formed, a
+README generated from it, and no run lost or mixed (interruptions, other recipes, a second writer, bad --out).
+"""
+import json, shutil, subprocess, sys
 
 import pandas as pd
 import pytest
 from PIL import Image
+from torch import nn
 
-from normnets_data import REPO_DIR, load_cifar
+import normnets_report as report
+import normnets_study
+from normnets import NORMS, Norm
+from normnets_data import REPO_DIR
+from normnets_learner import RECIPES
+from normnets_study import SUMMARY_COLUMNS, StudyError, locked, parse_norms, run_study
 
-sys.path.insert(0, str(REPO_DIR / 'scripts'))
-import report, run_all
+RUN_ALL = [sys.executable, str(REPO_DIR / 'scripts' / 'run_all.py')]
+TINY = dict(epochs=1, n_train=1000, n_test=300, bs=100)   # the overrides of every study here
+TINY_ARGS = ['--seeds', '1', '--epochs', '1', '--n-train', '1000', '--n-test', '300', '--bs', '100']
 
-NORMS = ['batch', 'group', 'layer']
+
+def run(args, **kw): return subprocess.run(args, capture_output=True, text=True, timeout=600, **kw)
 
 
 @pytest.fixture(scope='module')
 def study(tmp_path_factory):
-    out = tmp_path_factory.mktemp('study')
-    r = subprocess.run([sys.executable, str(REPO_DIR / 'scripts' / 'run_all.py'), '--epochs', '1', '--n-train', '2000',
-                        '--n-test', '500', '--bs', '128', '--out', str(out)], capture_output=True, text=True, timeout=600)
+    "run_all.py as a user runs it: every registered norm, 1 seed, 1 epoch, on a subset."
+    out = tmp_path_factory.mktemp('study') / 'results'
+    r = run(RUN_ALL + TINY_ARGS + ['--out', str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r.stdout
+
+
+@pytest.fixture
+def study_copy(study, tmp_path):
+    "A copy of the finished study to change."
+    shutil.copytree(study[0], tmp_path / 'results')
+    return tmp_path / 'results'
 
 
 def test_progress_names_each_run(study):
     _, stdout = study
     for i, norm in enumerate(NORMS, 1):
-        assert f'=== run {i}/3: {norm} norm, seed 0, 1 epochs' in stdout
+        assert f'=== run {i}/{len(NORMS)}: {norm} norm, seed 0, 1 epochs' in stdout
     assert 'min left' in stdout
 
 
 def test_summary_tables(study):
     out, _ = study
     summary = pd.read_csv(out / 'summary.csv')
-    assert list(summary.columns) == run_all.SUMMARY_COLUMNS
-    assert summary.norm.tolist() == NORMS and (summary.epochs == 1).all() and (summary.seeds == 1).all()
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert summary.norm.tolist() == list(NORMS) and (summary.epochs == 1).all() and (summary.seeds == 1).all()
     assert summary.test_acc.between(0, 1).all() and summary.train_acc.between(0, 1).all()
     assert summary.data_md5.nunique() == 1 and summary.params.lt(50_000).all()
     md = (out / 'summary.md').read_text()
     for _, row in summary.iterrows(): assert f"{100 * row.test_acc:.2f}" in md
     per_class = pd.read_csv(out / 'per_class.csv')
-    assert list(per_class.columns) == ['class'] + NORMS and len(per_class) == 10
+    assert list(per_class.columns) == ['class'] + list(NORMS) and len(per_class) == 10
     runs = pd.read_csv(out / 'runs.csv')
-    assert len(runs) == 3 and runs.n_test.eq(500).all()
+    assert len(runs) == len(NORMS) and runs.n_test.eq(300).all() and runs.n_test_images.eq(300).all()
+
+
+def test_every_run_records_its_whole_recipe(study):
+    out, _ = study
+    for n in NORMS:
+        m = json.loads((out / n / 'metrics.json').read_text())
+        assert (
+            m['bs'] == 100 and m['epochs'] == 1 and m['n_train'] == 1000 and m['seed'] == 0 and m['norm'] == n
+        )
+        assert {
+            'lr',
+            'wd',
+            'opt',
+            'label_smoothing',
+            'precision',
+            'device',
+            'device_name',
+            'data_md5',
+        } <= set(m)
 
 
 def test_every_figure_is_a_png(study):
     out, _ = study
-    pngs = [out / 'comparison.png'] + [out / n / f for n in NORMS for f in ('curves.png', 'misclassified.png', 'confusion.png')]
+    pngs = [out / 'comparison.png'] + [out / n / f for n in NORMS for f in ('curves.png', 'misclassified.png',
+                                                                              'confusion.png')]
     for p in pngs:
         with Image.open(p) as im: assert im.format == 'PNG' and im.size[0] > 300, p
 
@@ -61,53 +97,106 @@ def test_misclassified_grids_hold_ten_wrong_predictions(study):
         assert cells.probability.between(0, 1).all()
 
 
-def test_variant_files(study):
-    out, _ = study
-    for n in NORMS:
-        hist = pd.read_csv(out / n / 'history.csv')
-        assert len(hist) == 1 and {'train_acc', 'test_acc', 'train_loss', 'test_loss'} <= set(hist.columns)
-        assert (out / n / 'model.pkl').stat().st_size < 1_000_000
-        assert len(pd.read_csv(out / n / 'per_class.csv')) == 10
-
-
 def test_readme_is_generated_from_the_results(study, tmp_path):
     out, _ = study
-    readme = report.write_readme(out, tmp_path / 'README.md').read_text()
-    summary = pd.read_csv(out / 'summary.csv')
+    shutil.copytree(out, tmp_path / 'results')
+    readme = tmp_path / 'README.md'
+    readme.write_text((REPO_DIR / 'README.md').read_text())
+    report.write_report(tmp_path / 'results', readme)
+    text, summary = readme.read_text(), pd.read_csv(out / 'summary.csv')
     for _, row in summary.iterrows():
-        assert f"{100 * row.test_acc:.2f}" in readme and f"{100 * row.train_acc:.2f}" in readme
+        assert f"{100 * row.test_acc:.2f}" in text and f"{100 * row.train_acc:.2f}" in text
     for n in NORMS:
-        for f in ('curves.png', 'misclassified.png', 'confusion.png'): assert f'{n}/{f}' in readme
-    assert 'comparison.png' in readme and summary.data_md5[0] in readme and '### Findings' in readme
+        for f in ('curves.png', 'misclassified.png'): assert f'results/{n}/{f}' in text
+    assert 'results/comparison.png' in text and summary.data_md5[0] in text
+    assert report.stale(tmp_path / 'results', readme) == []
+    (tmp_path / 'results' / 'summary.csv').write_text(
+        (out / 'summary.csv').read_text().replace(f"{summary.test_acc[0]}", f"{summary.test_acc[0] / 2}"))
+    assert "README region 'summary'" in report.stale(tmp_path / 'results', readme)
 
 
-def test_interrupted_study_names_what_is_missing(study, tmp_path):
-    out, _ = study
-    runs = pd.read_csv(out / 'runs.csv').to_dict('records')[:1]
-    for r in runs: r['per_class_test_acc'] = {'cat': 0.5}
-    (tmp_path / 'batch').mkdir(); (tmp_path / 'batch' / 'history.csv').write_text((out / 'batch' / 'history.csv').read_text())
-    summary, missing = run_all.summarize(runs, NORMS, 1, tmp_path)
-    assert summary.norm.tolist() == ['batch'] and missing == ['group (1 of 1 seeds)', 'layer (1 of 1 seeds)']
-    assert 'Missing (not finished): group (1 of 1 seeds), layer (1 of 1 seeds)' in (tmp_path / 'summary.md').read_text()
+def test_interrupted_rerun_keeps_the_summary_of_every_finished_run(study_copy, monkeypatch):
+    before = {f: (study_copy / f).read_bytes() for f in ('summary.csv', 'runs.csv', 'per_class.csv')}
+    def interrupted(*args, **kw): raise KeyboardInterrupt
+    monkeypatch.setattr(normnets_study, 'train_run', interrupted)   # Ctrl-C in the first run
+    summary, missing = run_study(None, 1, 0, study_copy, **TINY)
+    assert summary.norm.tolist() == list(NORMS) and missing == []
+    assert {f: (study_copy / f).read_bytes() for f in before} == before
 
 
-def test_resume_keeps_only_runs_of_the_same_recipe_and_precision(study):
-    out, _ = study
-    m = json.loads((out / 'batch' / 'metrics.json').read_text())
-    cifar = load_cifar()
-    same = run_all.recipe('batch', 1, 128, m['lr'], m['wd'], 0, cifar, 2000, 500, precision=m['precision'])
-    assert run_all.finished(out / 'batch', **same) == m
-    other = 'bf16' if m['precision'] == 'fp32' else 'fp32'
-    assert run_all.finished(out / 'batch', **{**same, 'precision': other}) is None
-    assert run_all.finished(out / 'batch', **{**same, 'epochs': 2}) is None
+def test_runs_of_another_recipe_are_named_not_mixed(study_copy, monkeypatch):
+    before = {f: (study_copy / f).read_bytes() for f in ('summary.csv', 'summary.md', 'runs.csv')}
+    def interrupted(*args, **kw): raise KeyboardInterrupt
+    monkeypatch.setattr(normnets_study, 'train_run', interrupted)
+    # another study, stopped at once
+    summary, missing = run_study(None, 1, 0, study_copy, **{**TINY, 'wd': 0.001})
+    assert summary is None and len(missing) == len(NORMS)
+    # its folder's files left as they were
+    assert {f: (study_copy / f).read_bytes() for f in before} == before
+    # A run of another recipe beside the study's: the summary names it and keeps it out of the numbers.
+    m = json.loads((study_copy / 'batch' / 'metrics.json').read_text())
+    (study_copy / 'seeds' / 'batch-seed7').mkdir(parents=True)
+    (study_copy / 'seeds' / 'batch-seed7' / 'metrics.json').write_text(
+        json.dumps({**m, 'seed': 7, 'lr': 0.5})
+    )
+    summary, _ = normnets_study.summarize(study_copy, TINY)
+    assert summary.seeds.eq(1).all() and 'seeds/batch-seed7' in (study_copy / 'summary.md').read_text()
 
 
-def test_run_all_refuses_more_than_20_epochs(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO_DIR / 'scripts' / 'run_all.py'), '--epochs', '25', '--out', str(tmp_path / 's')],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and 'the rules allow 1 to 20 epochs' in r.stderr and not (tmp_path / 's').exists()
+def test_a_second_writer_is_refused(tmp_path):
+    with locked(tmp_path):
+        r = run(RUN_ALL + TINY_ARGS + ['--out', str(tmp_path)])
+        assert (
+            r.returncode != 0
+            and 'in use by another normnets study' in r.stderr
+            and 'Traceback' not in r.stderr
+        )
+        with pytest.raises(StudyError, match='in use'):
+            with locked(tmp_path): pass
+    with locked(tmp_path): pass   # free again once the first writer is done
 
 
-def test_markdown_table_leaves_missing_values_empty():
-    df = pd.DataFrame({'a': [1.5, None], 'b': ['x', None]})
-    assert report.markdown_table(df) == '| a | b |\n|---|---|\n| 1.5 | x |\n|  |  |\n'
+@pytest.mark.parametrize('args, message', [
+    (['--norms', 'bn,batch'], 'names batch more than once'),
+    (['--epochs', '25'], 'the rules allow 1 to 20 epochs'),
+    (['--bs', '0'], 'batch size 0: must be at least 1'),
+])
+def test_run_all_refuses_bad_input_before_any_work(tmp_path, args, message):
+    r = run(RUN_ALL + ['--out', str(tmp_path / 's')] + args)
+    assert r.returncode != 0 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / 's').exists()
+
+
+def test_run_all_refuses_an_output_folder_it_cannot_write(tmp_path):
+    (tmp_path / 'file').write_text('not a folder')
+    r = run(RUN_ALL + TINY_ARGS + ['--out', str(tmp_path / 'file')])
+    assert r.returncode != 0 and 'cannot be written to' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_repeated_norms_are_an_error():
+    with pytest.raises(StudyError, match='more than once'): parse_norms('gn,group')
+    assert parse_norms(None) == list(NORMS) and parse_norms('ln, bn') == ['layer', 'batch']
+
+
+def test_a_registered_norm_joins_the_study_with_nothing_else_changed(tmp_path, monkeypatch):
+    """Instance norm, registered for this test only, is trained, summarized, plotted and reported like the
+    others."""
+    monkeypatch.setitem(
+        NORMS,
+        'instance',
+        Norm(
+            'instance',
+            'in',
+            lambda c, groups: nn.InstanceNorm2d(c, affine=True),
+            'each sample and channel over the image (H, W)',
+        ),
+    )
+    monkeypatch.setitem(RECIPES, 'instance', {})
+    out = tmp_path / 'results'
+    summary, missing = run_study(None, 1, 0, out, **{**TINY, 'n_train': 500, 'n_test': 200})
+    assert summary.norm.tolist() == ['batch', 'group', 'layer', 'instance'] and missing == []
+    assert (out / 'instance' / 'misclassified.png').exists()
+    readme = tmp_path / 'README.md'
+    readme.write_text((REPO_DIR / 'README.md').read_text())
+    report.write_report(out, readme)
+    assert 'instance norm (in)' in readme.read_text() and 'results/instance/curves.png' in readme.read_text()

@@ -1,0 +1,450 @@
+"""The fastai side of normnets: each norm's training recipe, and a fastai `Learner` that carries it.
+
+    from normnets_data import get_dls
+    from normnets_learner import normnet_learner
+    learn = normnet_learner(get_dls(), 'gn')   # the group-norm variant with its recipe
+    learn.fit_one_cycle(20)                    # at the recipe's peak learning rate
+
+Sections follow a run: the recipe (one dataclass, validated on creation, one per norm), the hardware it runs
+on (device, precision), the `Learner`, and one run trained and written to a folder (`train_run`), which the
+scripts, benchmarks and tests all use. Importing this module changes no process-wide state.
+"""
+import contextlib, ctypes, dataclasses, json, math, platform, shutil, tempfile, time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.amp import GradScaler
+import fastai
+from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.progress import ProgressCallback
+from fastai.interpret import ClassificationInterpretation
+from fastai.learner import Learner, AvgMetric, AvgLoss, AvgSmoothLoss
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy
+from fastai.optimizer import Adam, Optimizer, average_grad, l2_reg
+from fastai.torch_core import default_device, find_bs, set_seed
+import fastai.callback.schedule   # noqa: F401  adds Learner.fit_one_cycle
+import fastai.vision.learner      # noqa: F401  adds plot_top_losses for images
+from fastcore.foundation import L
+
+from normnets import MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY, normnet, norm_name, architecture_id
+from normnets import count_params, count_macs
+from normnets_data import BS, get_dls, plain_train_dl
+import normnets_plots as plots
+
+__all__ = ['PRECISIONS', 'OPTIMIZERS', 'RECIPES', 'Recipe', 'recipe', 'RuleError',
+           'resolve_device', 'resolve_precision', 'native_bf16', 'normnet_learner', 'recipe_dls', 'train_run',
+           'saved_recipe', 'device_name', 'keep_freed_memory', 'autocast_of', 'flip_tta_accuracy']
+
+PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
+def nesterov_step(p, lr, mom, grad_avg, **kwargs):
+    "Nesterov momentum, as PyTorch's `SGD(nesterov=True)`: a step along the gradient and the momentum ahead."
+    p.data.add_(p.grad.data.add(grad_avg, alpha=mom), alpha=-lr)
+
+
+def NesterovSGD(params, lr, mom: float = 0.9, wd: float = 0.) -> Optimizer:
+    """SGD with Nesterov momentum and L2 weight decay added to the gradient, as PyTorch's `SGD(nesterov=True,
+    weight_decay=wd)` and the published solutions of this exercise train; fastai's `SGD` has no Nesterov
+    option."""
+    return Optimizer(params, [l2_reg, average_grad, nesterov_step], lr=lr, mom=mom, wd=wd)
+
+
+# fastai optimizers by the name a recipe gives. Adam is fastai's default (decoupled weight decay).
+OPTIMIZERS = {'adam': Adam, 'sgd': NesterovSGD}
+
+
+class RuleError(ValueError):
+    "A run that would break the exercise's rules or cannot train as asked."
+
+
+# ---------------------------------------------------------------- the recipe
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a run depends on. The defaults are the study's, stated once here; `RECIPES` changes them per
+    norm. Saved whole in each run's metrics.json and compared whole by `--resume`; change it with
+    `dataclasses.replace`. `device` 'auto' and precision 'auto' are resolved on creation, so a saved recipe
+    says what really ran."""
+    norm: str = 'batch'
+    epochs: int = MAX_EPOCHS
+    # twice the steps of 512 at the same speed on 2 CPU cores; group and layer norm need them
+    bs: int = BS
+    lr: float = 1e-2          # one-cycle peak
+    wd: float = 0.05          # fastai exempts BatchNorm parameters and all biases; see exempt_gn_scale
+    opt: str = 'adam'         # a key of OPTIMIZERS
+    label_smoothing: float = 0.1   # soft targets regularize this small network a little
+    precision: str = 'auto'   # bfloat16 mixed precision where the hardware computes it natively, else float32
+    device: str = 'auto'      # fastai's default device: the GPU if there is one
+    seed: int = 0
+    n_train: int | None = None   # a random subset of the training images (quick checks); None: all of them
+    n_test: int | None = None
+    # > 0: validate on this many training images set aside, never the test set (recipe search)
+    holdout: int = 0
+    net: dict = field(default_factory=dict)   # overrides of normnet's widths or gn_groups, for ablations
+    exempt_gn_scale: bool = False   # no weight decay on GroupNorm scales either (see exempt_gn_from_wd)
+    # deterministic cuDNN kernels, autotuning off (benchmarks/speed.py: its cost)
+    reproducible: bool = True
+
+    def __post_init__(self):
+        put = partial(object.__setattr__, self)   # frozen: resolved values are set once, here
+        put('norm', norm_name(self.norm))
+        put('device', resolve_device(self.device))
+        put('precision', resolve_precision(self.precision, self.device))
+        for name in ('lr', 'wd', 'label_smoothing'):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+                or (name == 'lr' and value == 0)
+            ):
+                raise RuleError(
+                    f"{name} {value!r}: must be a finite number, {'> 0' if name == 'lr' else '>= 0'}"
+                )
+        if self.label_smoothing >= 1:
+            raise RuleError(f"label_smoothing {self.label_smoothing}: must be below 1")
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            raise RuleError(f"epochs {self.epochs}: the rules allow 1 to {MAX_EPOCHS} epochs")
+        if self.bs < 1: raise RuleError(f"batch size {self.bs}: must be at least 1")
+        if self.n_train is not None and self.n_train < self.bs:
+            raise RuleError(
+                f"n_train {self.n_train}: a training subset must hold at least one batch ({self.bs} images)"
+            )
+        if self.holdout < 0: raise RuleError(f"holdout {self.holdout}: must be 0 (the test set) or more")
+        if self.n_test is not None and self.n_test < 1:
+            raise RuleError(f"n_test {self.n_test}: must be at least 1")
+        if self.opt not in OPTIMIZERS:
+            raise RuleError(f"unknown optimizer {self.opt!r}: expected one of {', '.join(OPTIMIZERS)}")
+        n = count_params(self.model())
+        if n >= PARAM_LIMIT:
+            raise RuleError(f"the model has {n:,} parameters: the rules require fewer than {PARAM_LIMIT:,}")
+
+    def model(self) -> nn.Module: return normnet(self.norm, **self.net)
+
+    def to_dict(self) -> dict: return dataclasses.asdict(self)
+
+
+# Each norm's own settings, where they differ from Recipe's defaults. A norm with no entry trains with the
+# defaults.
+RECIPES: dict[str, dict] = {'batch': {}, 'group': {}, 'layer': {}}
+
+
+def recipe(norm: str, **overrides) -> Recipe:
+    "The recipe of `norm` (RECIPES over Recipe's defaults), with `overrides` on top."
+    norm = norm_name(norm)
+    return Recipe(norm=norm, **{**RECIPES.get(norm, {}), **overrides})
+
+
+# ---------------------------------------------------------------- the hardware
+
+def resolve_device(device) -> str:
+    """'auto' -> fastai's default device ('cuda' where there is a GPU, else 'cpu'); else the device asked for,
+    checked."""
+    if device in (None, 'auto'): return default_device().type
+    device = torch.device(device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise RuleError("device 'cuda': no GPU is available")
+    return str(device)
+
+
+def cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo ('model name', 'flags'), or '' where there is none (not
+    Linux)."""
+    try:
+        return next(line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith(field))
+    except (OSError, StopIteration):
+        return ''
+
+
+def native_bf16(device) -> bool:
+    """Whether `device` has bfloat16 arithmetic. A GPU from compute capability 8.0 on (A100, H100, RTX 30xx
+    and later): `torch.cuda.is_bf16_supported()` also says yes for a T4 or V100, which emulate bfloat16 and
+    have no bfloat16 convolutions. An x86 CPU with AVX512-BF16 or AMX (read from /proc/cpuinfo): oneDNN also
+    emulates it on AVX-512 CPUs without them (many Intel laptops), untested here, so those count as without.
+    """
+    device = torch.device(device)
+    if device.type == 'cuda': return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type != 'cpu': return False
+    return torch.backends.mkldnn.is_available() and bool(
+        {'avx512_bf16', 'amx_bf16'} & set(cpuinfo('flags').split())
+    )
+
+
+def resolve_precision(precision: str, device) -> str:
+    """'auto' -> 'bf16' where the hardware has bfloat16 arithmetic (`native_bf16`), 'fp16' (with loss scaling)
+    on older GPUs, 'fp32' on other CPUs. Other values are checked and returned: fp16 trains only on a GPU."""
+    if precision not in PRECISIONS:
+        raise RuleError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    on_gpu = torch.device(device).type == 'cuda'
+    if precision == 'fp16' and not on_gpu:
+        raise RuleError("precision 'fp16' needs a GPU: use bf16 or fp32 on a CPU")
+    if precision != 'auto': return precision
+    if native_bf16(device): return 'bf16'
+    return 'fp16' if on_gpu else 'fp32'
+
+
+def device_name(device) -> str:
+    "What computed the numbers: the GPU's name, or the CPU's model and the threads torch used."
+    device = torch.device(device)
+    if device.type == 'cuda': return torch.cuda.get_device_name(device)
+    cpu = cpuinfo('model name') or platform.processor() or platform.machine()
+    return f"{cpu} (CPU, {torch.get_num_threads()} threads)"
+
+
+def keep_freed_memory() -> bool:
+    """Keep memory that PyTorch frees in the process, for the next step to reuse (Linux with glibc; elsewhere
+    a no-op). By default glibc hands the few-MB activation buffers of each training step back to the OS and
+    faults them in again, zeroed, on the next one: about 20,000 page faults a step (benchmarks/speed.py
+    measures what they cost). Process-wide, and it stays set: scripts call it in their main, never on import.
+    """
+    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc': return False
+    libc = ctypes.CDLL('libc.so.6')
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt's parameter numbers (malloc.h)
+    # Blocks up to 32 MB (glibc's maximum) come from the heap instead of their own mmap, and the heap is
+    # trimmed only when over 1 GB of it is free.
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+# ---------------------------------------------------------------- the Learner
+
+class DeviceMixedPrecision(MixedPrecision):
+    """fastai's `MixedPrecision` (autocast, and loss scaling for float16) on the data's device: fastai's
+    autocasts on CUDA only, and a CPU with bfloat16 arithmetic trains normnets faster in it
+    (benchmarks/speed.py measures how much)."""
+    def before_fit(self):
+        device = self.dls.device.type
+        self.autocast, self.scales = torch.autocast(device, dtype=self.dtype), L()
+        # bfloat16 has float32's range: only float16 needs its loss scaled.
+        self.learn.scaler = GradScaler(device, **{**self.kwargs, 'enabled': self.dtype == torch.float16})
+
+    @property
+    def dtype(self): return torch.bfloat16 if self.amp_mode.value == 'bf16' else torch.float16
+
+
+def autocast_of(learn: Learner):
+    "The autocast context `learn` trains in, for code that calls the model directly."
+    amp = getattr(learn, 'device_mixed_precision', None)
+    return torch.autocast(learn.dls.device.type, dtype=amp.dtype) if amp else contextlib.nullcontext()
+
+
+# fastai's metrics move each batch's value to the CPU (`to_detach(cpu=True)`), which on a GPU waits for the
+# batch to finish: one host sync a batch. These keep the running sums on the device; the epoch's value is read
+# once.
+class DeviceAvgMetric(AvgMetric):
+    "`AvgMetric` summed on the device."
+    def accumulate(self, learn):
+        bs = find_bs(learn.yb)
+        self.total += self.func(learn.pred, *learn.yb).detach() * bs
+        self.count += bs
+
+
+class DeviceAvgLoss(AvgLoss):
+    "`AvgLoss` summed on the device."
+    def accumulate(self, learn):
+        bs = find_bs(learn.yb)
+        self.total += learn.loss.mean().detach() * bs
+        self.count += bs
+
+
+class DeviceAvgSmoothLoss(AvgSmoothLoss):
+    "`AvgSmoothLoss` on the device."
+    def accumulate(self, learn):
+        self.count += 1
+        loss = learn.loss.mean().detach().float()
+        self.val = torch.lerp(loss, self.val.to(loss.device), self.beta)
+
+
+class SparseProgress(ProgressCallback):
+    """fastai's progress bars, with the smoothed loss read every 50 batches instead of every batch (a host
+    sync each). Named `progress` like fastai's, so that `learn.no_bar()` finds it (and puts fastai's back)."""
+    name = 'progress'
+    def after_batch(self):
+        self.pbar.update(self.iter + 1)
+        if self.iter % 50 == 0 and hasattr(self, 'smooth_loss'):
+            self.pbar.comment = f'{self.smooth_loss.item():.4f}'
+
+
+def exempt_gn_from_wd(learn: Learner):
+    """Take GroupNorm's scale out of weight decay too. fastai (`wd_bn_bias=False`) exempts BatchNorm
+    parameters and all biases but decays GroupNorm's scale. Exempting it made no clear difference
+    (results/ablation.md), so the recipe keeps fastai's default and this stays an option."""
+    if learn.opt is None: learn.create_opt()   # fit keeps an existing optimizer and its per-parameter state
+    for m in learn.model.modules():
+        if isinstance(m, nn.GroupNorm):
+            for p in m.parameters(): learn.opt.state[p]['do_wd'] = False
+
+
+def normnet_learner(dls, norm: str | Recipe, **overrides) -> Learner:
+    """A fastai `Learner` of the `norm` variant with its recipe (`recipe(norm, **overrides)`, or a `Recipe`):
+    label-smoothed cross-entropy, the recipe's optimizer, peak learning rate (`fit_one_cycle(n)` uses it) and
+    weight decay, accuracy on train and test, channels-last, and mixed precision where the hardware has it.
+    The batch size and device are the `DataLoaders`'."""
+    r = (
+        norm
+        if isinstance(norm, Recipe)
+        else recipe(norm, **{'bs': dls.train.bs, 'device': dls.device.type, **overrides})
+    )
+    if r.device != dls.device.type:
+        raise RuleError(f"the recipe trains on {r.device} but the DataLoaders are on {dls.device.type}: "
+                        "pass device= to get_dls, or move them with dls.to(device)")
+    if len(dls.train) == 0:
+        raise RuleError(
+            f"the training set ({len(dls.train_ds)} images) holds no full batch of {dls.train.bs}"
+        )
+    learn = Learner(dls, r.model(), loss_func=CrossEntropyLossFlat(label_smoothing=r.label_smoothing),
+                    opt_func=OPTIMIZERS[r.opt], lr=r.lr, wd=r.wd, metrics=DeviceAvgMetric(accuracy))
+    learn.remove_cb(learn.progress).add_cb(SparseProgress())   # fastai's default bar, replaced
+    learn.recipe = r
+    learn.recorder.train_metrics = True   # accuracy of the augmented training batches, each epoch
+    learn.recorder.loss, learn.recorder.smooth_loss = DeviceAvgLoss(), DeviceAvgSmoothLoss()
+    if r.exempt_gn_scale: exempt_gn_from_wd(learn)
+    # Channels-last lets oneDNN's (CPU) and cuDNN's (GPU) fastest convolutions run without layout copies.
+    learn.add_cb(ChannelsLast())
+    if r.precision != 'fp32': learn.add_cb(DeviceMixedPrecision(r.precision))
+    return learn
+
+
+# ---------------------------------------------------------------- one run, trained and written to a folder
+
+def recipe_dls(r: Recipe, data=None, cifar=None):
+    "The `DataLoaders` a recipe trains on (its batch size, subsets, seed and device)."
+    return get_dls(
+        data,
+        bs=r.bs,
+        n_train=r.n_train,
+        n_test=r.n_test,
+        seed=r.seed,
+        device=r.device,
+        cifar=cifar,
+        holdout=r.holdout,
+    )
+
+
+class EpochSeconds(Callback):
+    """Wall-clock seconds of each epoch (training and validation); fastai's Recorder keeps only a formatted
+    string."""
+    def before_fit(self): self.seconds = []
+    def before_epoch(self): self.start = time.perf_counter()
+    def after_epoch(self): self.seconds.append(time.perf_counter() - self.start)
+
+
+def history_frame(learn: Learner, seconds) -> pd.DataFrame:
+    """The Recorder's per-epoch values as a table. train_loss is fastai's smoothed training loss at the
+    epoch's end."""
+    df = pd.DataFrame(learn.recorder.values, columns=learn.recorder.metric_names[1:-1])
+    df = df.rename(
+        columns={'train_accuracy': 'train_acc', 'valid_accuracy': 'test_acc', 'valid_loss': 'test_loss'}
+    )
+    df.insert(0, 'epoch', range(1, len(df) + 1))
+    df['seconds'] = seconds
+    return df[['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'seconds']]
+
+
+def evaluate(learn: Learner, out: Path, title: str) -> dict:
+    """Figures and per-class accuracy of the trained model on the test set, from fastai's
+    ClassificationInterpretation."""
+    interp = ClassificationInterpretation.from_learner(learn)
+    plots.misclassified_grid(interp, title, out / 'misclassified.png')
+    plots.confusion(interp, title, out / 'confusion.png')
+    cm = interp.confusion_matrix()
+    per_class = pd.DataFrame({'class': list(interp.vocab), 'test_acc': cm.diagonal() / cm.sum(1)})
+    per_class.to_csv(out / 'per_class.csv', index=False)
+    return dict(zip(per_class['class'], per_class['test_acc']))
+
+
+@torch.no_grad()
+def flip_tta_accuracy(learn: Learner) -> float:
+    "Test accuracy with test-time augmentation: each image's probabilities averaged with its mirror image's."
+    learn.model.eval()
+    correct = 0
+    for x, y in learn.dls.valid:
+        with autocast_of(learn): probs = learn.model(x).softmax(1) + learn.model(x.flip(-1)).softmax(1)
+        correct = correct + (probs.argmax(1) == y).sum()   # summed on the device, read once
+    return int(correct) / len(learn.dls.valid_ds)
+
+
+def finite(o):
+    "`o` with every NaN or infinity replaced by None, so that metrics.json stays valid JSON (a diverged run)."
+    if isinstance(o, dict): return {k: finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [finite(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o): return None
+    return o
+
+
+def train_run(r: Recipe, out, data=None, cifar=None, figures: bool = True) -> dict:
+    """Train the recipe's variant and write its folder `out`: history.csv, metrics.json (results, the recipe,
+    the versions, device and data), model.pkl (`learn.export`, float32, for `load_learner`) and, with
+    `figures`, curves.png, misclassified.png/.csv, confusion.png and per_class.csv. Everything is written to a
+    temporary folder beside `out` and moved into place at the end, so an interrupted run leaves nothing
+    behind. Returns the metrics."""
+    start, out = time.perf_counter(), Path(out)
+    set_seed(r.seed, reproducible=r.reproducible)
+    dls = recipe_dls(r, data, cifar)
+    learn = normnet_learner(dls, r)
+    timer = EpochSeconds()
+    learn.fit_one_cycle(r.epochs, cbs=timer)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}-', dir=out.parent))
+    try:
+        hist = history_frame(learn, timer.seconds)
+        hist.to_csv(tmp / 'history.csv', index=False)
+        title = f"{r.norm} norm"
+        per_class = None
+        if figures:
+            plots.curves(hist, title, tmp / 'curves.png')
+            per_class = evaluate(learn, tmp, title)
+        # Final train accuracy: one pass over the training images as they are (no augmentation), in eval mode.
+        train_loss, train_acc = learn.validate(dl=plain_train_dl(dls))
+        passed = hist.index[hist.test_acc >= PASS_ACCURACY]
+        metrics = dict(
+            **r.to_dict(),
+            arch=architecture_id(learn.model),
+            params=count_params(learn.model),
+            macs=count_macs(learn.model),
+            train_acc=train_acc,
+            train_loss=train_loss,
+            test_acc=hist.test_acc.iloc[-1],
+            test_loss=hist.test_loss.iloc[-1],  # the last epoch's test pass
+            tta_test_acc=flip_tta_accuracy(learn),  # reported beside the plain score, never instead of it
+            best_test_acc=float(hist.test_acc.max()),
+            epochs_to_70=int(passed[0]) + 1 if len(passed) else None,
+            seconds=float(sum(timer.seconds)),
+            per_class_test_acc=per_class,
+            device_name=device_name(dls.device),
+            torch=torch.__version__,
+            fastai=fastai.__version__,
+            python=platform.python_version(),
+            n_train_images=len(dls.train_ds),
+            n_test_images=len(dls.valid_ds),
+            evaluated_on=f'{len(dls.valid_ds)} held-out training images' if r.holdout else 'the test set',
+            **dls.cifar.describe(),
+        )
+        # The exported learner runs in float32, on any machine; `learn.to_bf16()` on a GPU brings mixed
+        # precision back.
+        if r.precision != 'fp32': learn.remove_cb(learn.device_mixed_precision)
+        learn.export(tmp / 'model.pkl')
+        # Everything this run cost: data, training, evaluation, figures and export (what the study's wall time
+        # adds up).
+        metrics['wall_seconds'] = time.perf_counter() - start
+        (tmp / 'metrics.json').write_text(json.dumps(finite(metrics), indent=2, allow_nan=False) + '\n')
+        if out.exists(): shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp)
+    return metrics
+
+
+def saved_recipe(metrics: dict) -> dict:
+    """The recipe fields of a run's metrics.json, to compare with `Recipe.to_dict()`. A field the run did not
+    record is older than the run: the run had the field's default, which keeps what it did before the field
+    existed."""
+    default = lambda f: f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return {f.name: metrics.get(f.name, default(f)) for f in dataclasses.fields(Recipe)}
+

@@ -1,0 +1,536 @@
+"""The study's report: tables, figures lists and findings generated from the files under results/.
+
+README.md is written by people. Its numbers live in generated regions between markers,
+
+    <!--g:name-->...<!--/g-->
+
+which `fill` rewrites from `regions(results)`; a region can be a whole block or a few words inside a sentence.
+The long tables (speed, ablation, precision, search) are pages of their own, `PAGES`, under results/.
+`stale` lists what no longer matches the files, for `scripts/report.py --check` and the tests.
+"""
+import json, re
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from normnets import GN_GROUPS, NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY
+from normnets import normnet, count_params, count_macs
+
+__all__ = ['markdown_table', 'pct', 'summary_markdown', 'regions', 'pages', 'fill', 'stale', 'write_report']
+
+REGION = re.compile(r'<!--g:(?P<name>[\w-]+)-->(?P<body>.*?)<!--/g-->', re.S)
+
+
+# ---------------------------------------------------------------- formatting
+
+def markdown_table(df: pd.DataFrame) -> str:
+    "A pandas table as GitHub markdown (pandas' own to_markdown needs an extra package)."
+    cells = df.astype(object).fillna('').astype(str)   # missing values (NaN, None) as empty cells
+    lines = ['| ' + ' | '.join(map(str, df.columns)) + ' |', '|' + '---|' * len(df.columns)]
+    lines += ['| ' + ' | '.join(row) + ' |' for row in cells.values.tolist()]
+    return '\n'.join(lines) + '\n'
+
+
+def pct(x, digits=2) -> str: return '' if pd.isna(x) else f'{100 * x:.{digits}f}'
+
+
+def mean_std(mean, std) -> str: return pct(mean) + (f' ± {pct(std)}' if pd.notna(std) else '')
+
+
+def norm_order(names) -> list:
+    return sorted(names, key=lambda n: list(NORMS).index(n) if n in NORMS else len(NORMS))
+
+
+# ---------------------------------------------------------------- the study
+
+def summary_markdown(summary: pd.DataFrame, missing=(), others=()) -> str:
+    "The results table (accuracies in %, mean ± standard deviation over seeds where there are several)."
+    t = pd.DataFrame(
+        {
+            'norm': summary.norm,
+            'params': summary.params.map('{:,}'.format),
+            'epochs': summary.epochs,
+            'seeds': summary.seeds,
+        }
+    )
+    for col, name in (('train_acc', 'train acc %'), ('test_acc', 'test acc %')):
+        t[name] = [mean_std(m, s) for m, s in zip(summary[col], summary[f'{col}_std'])]
+    t['best test acc %'] = summary.best_test_acc.map(pct)
+    t['test acc % with flip TTA'] = summary.tta_test_acc.map(pct)
+    t['train loss'] = summary.train_loss.map('{:.3f}'.format)
+    t['test loss'] = summary.test_loss.map('{:.3f}'.format)
+    t[f'epochs to {PASS_ACCURACY:.0%}'] = summary.epochs_to_70.map(
+        lambda e: '' if pd.isna(e) else f'{round(e, 1):g}'
+    )
+    t['train s'] = summary.seconds.map('{:.0f}'.format)
+    text = markdown_table(t)
+    if len(summary):
+        text += (f"\nDevice: {summary.device_name.iloc[0]}. Data: {summary.data.iloc[0]} "
+                 f"(md5 `{summary.data_md5.iloc[0]}`).\n")
+    if missing: text += f"\n**Missing (not finished): {', '.join(missing)}.**\n"
+    if others:
+        text += f"\nRuns in this folder from other recipes, not part of this study: {', '.join(others)}.\n"
+    return text
+
+
+def runs_markdown(runs: pd.DataFrame) -> str:
+    "One row per run: the spread behind the means."
+    return markdown_table(pd.DataFrame({
+        'norm': runs.norm, 'seed': runs.seed, 'train acc %': runs.train_acc.map(pct),
+        'test acc %': runs.test_acc.map(pct), 'test acc % with flip TTA': runs.tta_test_acc.map(pct),
+        f'epochs to {PASS_ACCURACY:.0%}': runs.epochs_to_70.map(lambda e: '' if pd.isna(e) else f'{e:g}'),
+        'train s': runs.seconds.map('{:.0f}'.format), 'folder': runs.run.map(lambda r: f'`{r}`')}))
+
+
+def recipes_markdown(runs: pd.DataFrame) -> str:
+    "Each norm's recipe as its runs recorded it."
+    first = runs.groupby('norm', sort=False).first()
+    return markdown_table(pd.DataFrame({
+        'norm': first.index, 'optimizer': first.opt, 'peak lr': first.lr, 'weight decay': first.wd,
+        'batch size': first.bs, 'label smoothing': first.label_smoothing, 'epochs': first.epochs,
+        'precision': first.precision}))
+
+
+def describe_layer(name, m) -> str:
+    if name == 'gap': return 'global average pool'
+    if name == 'C10': return f'1x1 conv {m.in_channels} -> {m.out_channels} (logits)'
+    conv, k = m[0], m[0].kernel_size[0]
+    pool = ', 2x2 max-pool' if any(isinstance(layer, torch.nn.MaxPool2d) for layer in m) else ''
+    skip = f" (+ output of C{int(name[1]) - 2})" if name in ('C5', 'C9') else ''
+    return f'{k}x{k} conv {conv.in_channels} -> {conv.out_channels}{pool}, norm, ReLU{skip}'
+
+
+def architecture_markdown() -> str:
+    """The layer table (output shape and parameters of each layer) and, per norm, what it normalizes,
+    parameters, MACs."""
+    model, rows = normnet(next(iter(NORMS))), []
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: rows.append((name, m, tuple(o.shape[1:]))))
+             for name, m in model.named_children()]
+    model.eval()(torch.zeros(1, 3, 32, 32))
+    for h in hooks: h.remove()
+    layers = pd.DataFrame({
+        'layer': [n for n, _, _ in rows], 'what': [describe_layer(n, m) for n, m, _ in rows],
+        'output (C, H, W)': [' x '.join(map(str, s)) for _, _, s in rows],
+        'parameters': [f'{count_params(m):,}' for _, m, _ in rows]})
+    variants = pd.DataFrame(
+        [
+            {
+                'variant': f'{n.name} norm ({n.alias})',
+                'normalizes': n.over,
+                'parameters': f'{count_params(normnet(n.name)):,}',
+                'MACs / image': f'{count_macs(normnet(n.name)) / 1e6:.2f} M',
+            }
+            for n in NORMS.values()
+        ]
+    )
+    return markdown_table(layers) + '\n' + markdown_table(variants)
+
+
+def findings_markdown(summary: pd.DataFrame, histories: dict) -> str:
+    "The study's findings, each sentence built from the measured numbers."
+    s = summary.set_index('norm')
+    order = s.test_acc.sort_values(ascending=False)
+    acc = lambda n: f"{mean_std(s.test_acc[n], s.test_acc_std[n])}%"
+    seeds = int(s.seeds.iloc[0])
+    over = f' (mean ± standard deviation over {seeds} seeds)' if seeds > 1 else ''
+    bar = f'{PASS_ACCURACY:.0%}'
+    lines = [
+        f"- **Accuracy.** Ranked by final test accuracy: "
+        f"{', then '.join(f'{n} norm ({acc(n)})' for n in order.index)}{over}. The gap between best and "
+        "worst "
+        f"is {100 * (order.iloc[0] - order.iloc[-1]):.2f} points; every variant is "
+        f"{'above' if (s.test_acc > PASS_ACCURACY).all() else 'NOT above'} the {bar} bar."
+    ]
+    conv = '; '.join(f"{n} norm after {round(s.epochs_to_70[n], 1):g}" if pd.notna(s.epochs_to_70[n])
+                     else f"{n} norm never" for n in s.index)
+    k = min(5, min(len(h) for h in histories.values()))
+    early = '; '.join(f"{n} norm {pct(h.test_acc.iloc[k - 1], 1)}%" for n, h in histories.items())
+    lines.append(
+        f"- **Convergence.** Epochs to first pass {bar} test "
+        f"accuracy{' (mean over seeds)' if seeds > 1 else ''}"
+        f": {conv}. Test accuracy after epoch {k} (first seed): {early}."
+    )
+    drops = {n: h.test_acc.diff() for n, h in histories.items()}
+    stab = '; '.join(f"{n} norm {100 * -d.min():.2f} points (epoch {int(histories[n].epoch[d.idxmin()])})"
+                     if d.min() < 0 else f"{n} norm never dropped" for n, d in drops.items())
+    lines.append(
+        f"- **Stability.** Largest fall of test accuracy from one epoch to the next (first seed): {stab}."
+    )
+    gaps = '; '.join(f"{n} norm {100 * (s.train_acc[n] - s.test_acc[n]):.2f} points" for n in s.index)
+    lines.append(
+        f"- **Generalization.** Train minus test accuracy (train accuracy measured on the un-augmented "
+        f"training images after training): {gaps}."
+    )
+    secs = '; '.join(f"{n} norm {s.seconds[n] / s.epochs[n]:.1f} s" for n in s.index)
+    lines.append(
+        f"- **Cost.** Seconds per epoch (training and evaluation) on {s.device_name.iloc[0]}: {secs}."
+    )
+    return '\n'.join(lines) + '\n'
+
+
+def per_class_markdown(results: Path) -> str:
+    per_class = pd.read_csv(results / 'per_class.csv').set_index('class')
+    text = "Test accuracy per class (%):\n\n" + markdown_table(
+        per_class.map(lambda x: pct(x, 1)).reset_index()
+    )
+    worst = '; '.join(f"{n} norm: {per_class[n].idxmin()} ({pct(per_class[n].min(), 1)}%)" for n in per_class)
+    text += f"\nHardest class: {worst}."
+    if 'batch' in per_class and len(per_class.columns) > 1:
+        gaps = per_class.drop(columns='batch').sub(per_class['batch'], axis=0)
+        text += ' Largest loss against batch norm: ' + '; '.join(
+            f"{n} norm on {gaps[n].idxmin()} ({100 * gaps[n].min():+.1f} points)" for n in gaps.columns) + '.'
+    return text + '\n'
+
+
+def figures_markdown(summary: pd.DataFrame, rel: str) -> str:
+    return '\n'.join(f"### {n} norm\n![{n} norm curves]({rel}/{n}/curves.png) "
+                     f"![{n} norm misclassified]({rel}/{n}/misclassified.png)\n" for n in summary.norm)
+
+
+def provenance(runs: pd.DataFrame) -> str:
+    first = runs.iloc[0]
+    seeds = sorted(runs.seed.unique())
+    wall = runs[runs.seed == seeds[0]].wall_seconds.sum() / 60
+    return (
+        f"{len(runs)} runs ({runs.norm.nunique()} variants x {len(seeds)} seeds) of `scripts/run_all.py` on "
+        f"{first.device_name}, torch {first.torch}, fastai {first.fastai}, {first.precision}, on "
+        f"{first.data} "
+        f"(md5 `{first.data_md5}`). The first seed's {runs.norm.nunique()} runs took {wall:.1f} minutes of "
+        f"wall time, from loading the data to the last file."
+    )
+
+
+# ---------------------------------------------------------------- batch size and inference
+
+def batch_size_markdown(results: Path, rel: str) -> str:
+    "The batch-size grid's figure, table and findings, from results/batch_size.csv."
+    f = results / 'batch_size.csv'
+    if not f.exists(): return "_Not measured yet: run `python scripts/batch_sizes.py`._\n"
+    df = pd.read_csv(f)
+    grid = df.groupby(['norm', 'bs']).agg(test_acc=('test_acc', 'mean'), seconds=('seconds', 'mean'),
+                                          lr=('lr', 'first')).reset_index()
+    lines = []
+    for norm in norm_order(grid.norm.unique()):
+        g = grid[grid.norm == norm].sort_values('bs').set_index('bs')
+        best, small, large = g.test_acc.idxmax(), g.index.min(), g.index.max()
+        at = [f"at {b} {pct(g.test_acc[b])}% ({100 * (g.test_acc[b] - g.test_acc[best]):+.2f} points)"
+              for b in (small, large) if b != best]
+        lines.append(f"- **{norm} norm**: best at batch size {best} ({pct(g.test_acc[best])}%); "
+                     f"{', '.join(at)}. A cell cost {g.seconds[small] / 60:.1f} min at batch size {small}, "
+                     f"{g.seconds[large] / 60:.1f} min at {large}.")
+    cells = grid.assign(cell=[f"{pct(a)} ({s / 60:.1f} min)" for a, s in zip(grid.test_acc, grid.seconds)])
+    table = cells.pivot(index='bs', columns='norm', values='cell')[norm_order(grid.norm.unique())]
+    table = table.rename(columns=lambda n: f'{n} norm: test acc % (cost)')
+    table.insert(0, 'peak lr', grid.groupby('bs').lr.first().map('{:.2g}'.format))
+    epochs, seeds = sorted(df.epochs.unique()), sorted(df.seed.unique())
+    return (
+        f"![test accuracy against batch size]({rel}/batch_size.png)\n\n"
+        f"Every variant with its recipe at each batch size for {'/'.join(map(str, epochs))} epochs a cell "
+        f"(the study trains {MAX_EPOCHS}), seed {', '.join(map(str, seeds))}, peak learning rate scaled with "
+        "the "
+        f"square root of the batch size, on {df.device_name.iloc[0]}:\n\n"
+        + markdown_table(table.reset_index().rename(columns={'bs': 'batch size'}))
+        + '\n'
+        + '\n'.join(lines)
+        + '\n'
+    )
+
+
+def inference_markdown(results: Path, rel: str) -> str:
+    "Batch statistics at test time, folding and the cost of statistics, from results/inference.csv."
+    f = results / 'inference.csv'
+    if not f.exists(): return "_Not measured yet: run `python benchmarks/inference.py`._\n"
+    df = pd.read_csv(f)
+    acc, speed = df[df.kind == 'accuracy'], df[df.kind == 'speed']
+    table = acc.pivot(index='test_bs', columns='mode', values='test_acc').map(pct)
+    lines = []
+    bn = acc[acc['mode'] == 'batch: batch statistics']
+    running = acc[acc['mode'] == 'batch: running statistics']
+    if len(bn) and len(running):
+        bn, ref = bn.sort_values('test_bs'), running.test_acc.iloc[0]
+        lost = lambda r: (
+            f"{pct(r.test_acc)}% at test batch size {int(r.test_bs)} ({100 * (r.test_acc - ref):+.2f} points)"
+        )
+        lines.append(
+            f"- **batch norm** with batch statistics at test time (a model left in training mode) scores "
+            f"{lost(bn.iloc[0])} up to {lost(bn.iloc[-1])}, against {pct(ref)}% with its running "
+            f"statistics at every test batch size."
+        )
+    others = [n for n in norm_order(acc.norm.unique()) if n != 'batch']
+    spread = lambda a: f"{pct(a.min())}%" if a.min() == a.max() else f"{pct(a.min())}% to {pct(a.max())}%"
+    if others:
+        scores = ', '.join(f"**{n} norm** scores {spread(acc[acc.norm == n].test_acc)}" for n in others)
+        lines.append(f"- {scores} at every test batch size: each normalizes an image by its own statistics.")
+    for _, row in speed.iterrows():
+        ips, changed = row.images_per_s, row.changed_per_s
+        if row.norm == 'batch':
+            lines.append(
+                f"- **batch norm folded** into the convolutions runs at {changed:.0f} images/s against "
+                f"{ips:.0f} as trained ({changed / ips:.2f}x), with the same predictions (a test checks it)."
+            )
+        else:
+            share = 1 - ips / changed   # of the time as trained, what the statistics take
+            cost = f"{100 * share:.0f}% of its inference time" if share > 0 else "nothing measurable"
+            lines.append(
+                f"- **{row.norm} norm** runs at {ips:.0f} images/s as trained and {changed:.0f} with its "
+                f"statistics taken out (scale and shift only): computing them costs {cost}."
+            )
+    return (f"![accuracy against test batch size]({rel}/inference.png)\n\n"
+            f"Test accuracy (%) of each study variant's first-seed model by test batch size; speed on "
+            f"{df.device_name.dropna().iloc[0]}.\n\n"
+            + markdown_table(table.reset_index().rename(columns={'test_bs': 'test batch size'}))
+            + '\n' + '\n'.join(lines) + '\n')
+
+
+# ---------------------------------------------------------------- pages under results/
+
+def ablation_page(results: Path) -> str | None:
+    "results/ablation.md from ablation.csv: each change against the current recipe of its variant and length."
+    f = results / 'ablation.csv'
+    if not f.exists(): return None
+    df = pd.read_csv(f)
+    df['precision'] = df['precision'].fillna('fp32')   # rows from before mixed precision
+    key = ['norm', 'epochs', 'precision']   # a change is compared with the current recipe run the same way
+    base = df[df.change == 'current recipe'].set_index(key).test_acc
+    base_acc = pd.Series([base.get(k) for k in df[key].itertuples(index=False, name=None)], dtype=float)
+    diff = 100 * (df.test_acc - base_acc)
+    table = pd.DataFrame({
+        'change': df.change, 'norm': df.norm, 'epochs': df.epochs, 'precision': df.precision,
+        'params': df.params.map('{:,}'.format), 'test acc % (current recipe)': base_acc.map(pct),
+        'test acc % (with the change)': df.test_acc.map(pct),
+        'difference (points)': diff.map(lambda d: '' if pd.isna(d) else f'{d:+.2f}'),
+        'train s': df.seconds.map('{:.0f}'.format)})
+    changed = (df.change != 'current recipe') & diff.notna()
+    kinds = [('Helped (more than +0.5 points)', changed & (diff > 0.5)),
+             ('Within 0.5 points, no clear effect for one seed', changed & (diff.abs() <= 0.5)),
+             ('Hurt (more than 0.5 points lost)', changed & (diff < -0.5))]
+    verdict = '\n'.join(f"- {label}: " + '; '.join(f"{c} ({n}, {e} epochs, {d:+.2f})" for c, n, e, d in
+                                                   zip(df.change[m], df.norm[m], df.epochs[m], diff[m]))
+                        for label, m in kinds if m.any())
+    return (f"# Ablation\n\nWritten by `scripts/report.py` from `ablation.csv` (rows trained by "
+            "`benchmarks/ablation.py`). Each row changes one thing in the recipe and trains the variant for "
+            "the "
+            f"given epochs with seed {df.seed.iloc[0]}, on {df.device.iloc[0]}, data md5 "
+            f"`{df.data_md5.iloc[0]}`. 'current recipe' is the recipe when the row ran; the change says what "
+            "it was "
+            "changed from. Seconds are wall time: rows that ran while other jobs shared the cores took "
+            "longer.\n\n"
+            + markdown_table(table) + f"\n{verdict}\n")
+
+
+PRECISION_WORDS = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
+
+
+def precision_page(results: Path) -> str | None:
+    """results/precision.md: the full study in float32 (precision/fp32-runs.csv, kept from the last float32
+    study) against the committed one, per variant: what mixed precision changed in accuracy and time."""
+    kept, now = results / 'precision' / 'fp32-runs.csv', results / 'runs.csv'
+    if not kept.exists() or not now.exists(): return None
+    old, runs = pd.read_csv(kept), pd.read_csv(now)
+    if (runs.precision == 'fp32').all(): return None
+    spread = lambda r: mean_std(r.test_acc.mean(), r.test_acc.std(ddof=1) if len(r) > 1 else None)
+    epoch_s = lambda r: (r.seconds / r.epochs).mean()
+    word = PRECISION_WORDS[runs.precision.iloc[0]]
+    rows = [
+        {
+            'norm': n,
+            'runs': f"{len(a)} / {len(b)}",
+            'test acc % float32': spread(a),
+            f'test acc % {word}': spread(b),
+            'difference (points)': f"{100 * (b.test_acc.mean() - a.test_acc.mean()):+.2f}",
+            's / epoch float32': f"{epoch_s(a):.1f}",
+            f's / epoch {word}': f"{epoch_s(b):.1f}",
+            'speed-up': f"{epoch_s(a) / epoch_s(b):.2f}x",
+        }
+        for n in norm_order(runs.norm.unique())
+        for a, b in [(old[old.norm == n], runs[runs.norm == n])]
+    ]
+    return (
+        f"# The study in float32 and in {word}\n\nWritten by `scripts/report.py`. Test accuracy: mean ± "
+        "standard "
+        f"deviation over the runs (seeds {', '.join(map(str, sorted(set(old.seed) | set(runs.seed))))}). The "
+        "seconds come from the two studies' own runs, which did not share a machine state; "
+        "[speed.md](speed.md) measures speed side by side.\n\n" + markdown_table(pd.DataFrame(rows))
+    )
+
+
+def speed_page(f: Path) -> str | None:
+    "A speed page from benchmarks/speed.py's measurements (`f`: its speed.json)."
+    if not f.exists(): return None
+    s = json.loads(f.read_text())
+    v, usual, peaks = pd.DataFrame(s['variants']), s['usual'], s['matmul_gflops']
+    gflops = 6 * v.macs * v.train_ips / 1e9
+    usual_gflops = 6 * usual['macs'] * usual['train_ips'] / 1e9
+    table = pd.DataFrame(
+        {
+            'network': [f'normnets, {n} norm' for n in v.norm]
+            + [f"usual pipeline ({usual['params']:,}-parameter solution)"],
+            'parameters': [f'{p:,}' for p in v.params] + [f"{usual['params']:,}"],
+            'MACs / image': [f'{m / 1e6:.2f} M' for m in v.macs] + [f"{usual['macs'] / 1e6:.2f} M"],
+            'precision': list(v.precision) + [usual['precision']],
+            'train images/s': [f'{x:.0f}' for x in v.train_ips] + [f"{usual['train_ips']:.0f}"],
+            'inference images/s': [f'{x:.0f}' for x in v.infer_ips] + [''],
+            'x usual': [f"{x / usual['train_ips']:.2f}" for x in v.train_ips] + ['1.00'],
+            'train GFLOP/s': [f'{x:.1f}' for x in gflops] + [f'{usual_gflops:.1f}'],
+            'of the matmul peak in its precision': [
+                f"{100 * g / peaks[p]:.0f}%" for g, p in zip(gflops, v.precision)
+            ]
+            + [f"{100 * usual_gflops / peaks['fp32']:.0f}%"],
+        }
+    )
+    as_run = dict(zip(v.norm, v.train_ips))
+    c = pd.DataFrame(s['changes'])
+    changes = pd.DataFrame(
+        {
+            'variant': c.norm.map(lambda n: f'{n} norm'),
+            'change': c.change,
+            'train images/s': [
+                f'{x:.0f}' if pd.notna(x) else f'failed: {e}' for x, e in zip(c.train_ips, c.error)
+            ],
+            'as run': [f'{as_run[n]:.0f}' for n in c.norm],
+            'relative to as run': [
+                f'{x / as_run[n]:.2f}' if pd.notna(x) else '' for x, n in zip(c.train_ips, c.norm)
+            ],
+        }
+    )
+    prof = s['profile']
+    ops = pd.DataFrame(prof['top_ops'])
+    ops = pd.DataFrame(
+        {
+            'operator': ops.op.map(lambda o: f'`{o}`'),
+            'calls': ops.calls,
+            'ms / step': ops.ms_per_step.map('{:.2f}'.format),
+            'share': ops.share.map(lambda x: pct(x, 1)),
+        }
+    )
+    shares = ', '.join(f'{kind} {100 * x:.0f}%' for kind, x in prof['shares'].items())
+    top = max(peaks, key=lambda p: p != 'fp32')   # the training precision's peak
+    study = s['study']
+    return (
+        f"# Speed on {s['device_name']}\n\nWritten by `scripts/report.py` from `{f.name}` (measured by "
+        f"`benchmarks/speed.py`): torch {s['torch']}, {s['threads']} torch threads, batch size {s['bs']}, "
+        f"{s['steps']} timed training steps after {s['warmup']} of warm-up, all in one run. normnets trains "
+        "in "
+        f"{s['precision']} here.\n\nMatrix-multiply peak (4096 x 4096): "
+        + ' and '.join(f"{p} **{g:.0f} GFLOP/s**" for p, g in peaks.items())
+        + f". Projected study ({len(v)} variants x {study['epochs']} epochs x {study['seeds']} seeds, "
+          "evaluation "
+        f"included): **{study['seconds'] / 60:.1f} minutes**.\n\n"
+        + markdown_table(table)
+        + "\nEach row below changes one thing against a variant as run, measured the same way; the last row "
+        "measures a variant as run once more, and its distance from 1.00 is the run's own noise.\n\n"
+        + markdown_table(changes)
+        + f"\n## Where the time goes\n\ntorch.profiler over {prof['steps']} training steps of the "
+          f"{prof['norm']} "
+        f"norm variant (self time, forward and backward together): {shares}; the rest is the optimizer, "
+        "loss, "
+        f"casts and data. The convolutions alone run at {prof['conv_gflops']:.0f} GFLOP/s, "
+        f"{100 * prof['conv_gflops'] / peaks[top]:.0f}% of the {top} matmul peak.\n\n" + markdown_table(ops)
+    )
+
+
+def search_page(results: Path) -> str | None:
+    "results/search.md from search.csv: each norm's best cells and every cell, by held-out accuracy."
+    f = results / 'search.csv'
+    if not f.exists(): return None
+    df = pd.read_csv(f).sort_values(['stage', 'holdout_acc'], ascending=[True, False])
+    cells = lambda d: markdown_table(pd.DataFrame({
+        'norm': d.norm, 'stage': d.stage, 'optimizer': d.opt, 'peak lr': d.lr.map('{:g}'.format),
+        'weight decay': d.wd.map('{:g}'.format), 'epochs': d.epochs, 'held-out acc %': d.holdout_acc.map(pct),
+        'train acc %': d.train_acc.map(pct), 'train s': d.seconds.map('{:.0f}'.format)}))
+    counts = ', '.join(
+        f"{n} norm {c}" for n, c in df[df.stage == 'screen'].norm.value_counts(sort=False).items()
+    )
+    best = df.groupby(['norm', 'stage'], sort=False).head(1)
+    return (
+        f"# Recipe search\n\nWritten by `scripts/report.py` from `search.csv` (cells trained by "
+        f"`benchmarks/search.py` on {df.device_name.iloc[0]}, seed {df.seed.iloc[0]}). Each cell trains on "
+        "the "
+        "training images but a held-out set and is scored on that set: the test set plays no part. Screen "
+        "cells "
+        f"finished: {counts}.\n\n"
+        f"![held-out accuracy against peak learning rate](search.png)\n\n## Best cell of each norm and stage"
+        f"\n\n{cells(best)}\n## Every cell\n\n{cells(df)}"
+    )
+
+
+def study_page(results: Path) -> str | None:
+    "results/study.md: every run of the study, and its accuracy per class."
+    if not (results / 'runs.csv').exists(): return None
+    return (
+        "# The study, run by run\n\nWritten by `scripts/report.py` from `runs.csv` and `per_class.csv`. "
+        "Every run:"
+        "\n\n"
+        + runs_markdown(pd.read_csv(results / 'runs.csv'))
+        + "\n## Which classes each normalization gets "
+        "wrong\n\n" + per_class_markdown(results)
+    )
+
+
+PAGES = {'study.md': study_page, 'ablation.md': ablation_page, 'precision.md': precision_page,
+         'search.md': search_page,
+         'speed.md': lambda results: speed_page(results / 'speed.json'),
+         'gpu/speed.md': lambda results: speed_page(results / 'gpu' / 'speed.json')}
+
+
+def pages(results: Path) -> dict:
+    "Every page under results/ that its data allows: {file name: text}."
+    return {name: text for name, make in PAGES.items() if (text := make(results)) is not None}
+
+
+# ---------------------------------------------------------------- the README's regions
+
+def regions(results: Path, readme_dir: Path) -> dict:
+    "Every generated region of the README, from the files in `results` (linked relative to `readme_dir`)."
+    results = Path(results)
+    rel = Path(results).resolve().relative_to(Path(readme_dir).resolve()).as_posix()
+    summary, runs = pd.read_csv(results / 'summary.csv'), pd.read_csv(results / 'runs.csv')
+    histories = {n: pd.read_csv(results / n / 'history.csv') for n in summary.norm}
+    links = ', '.join(f"[{name}]({rel}/{name})" for name in pages(results))
+    return {
+        'max_epochs': str(MAX_EPOCHS),
+        'param_limit': f'{PARAM_LIMIT:,}',
+        'pass_accuracy': f'{PASS_ACCURACY:.0%}',
+        'n_norms': str(len(NORMS)),
+        'norm_names': ', '.join(f'{n.name} ({n.alias})' for n in NORMS.values()),
+        'provenance': provenance(runs),
+        'architecture': '\n' + architecture_markdown(),
+        'recipes': '\n' + recipes_markdown(runs),
+        'summary': '\n' + summary_markdown(summary),
+        'findings': '\n' + findings_markdown(summary, histories),
+        'gn_groups': str(GN_GROUPS),
+        'figures': '\n' + figures_markdown(summary, rel),
+        'comparison': f'![comparison]({rel}/comparison.png)',
+        'batch_size': '\n' + batch_size_markdown(results, rel),
+        'inference': '\n' + inference_markdown(results, rel),
+        'pages': links,
+    }
+
+
+def fill(text: str, values: dict) -> str:
+    "`text` with every region's body replaced by its value; a region with no value is an error."
+    unknown = sorted({m['name'] for m in REGION.finditer(text)} - set(values))
+    if unknown: raise KeyError(f"README regions with no generator: {', '.join(unknown)}")
+    return REGION.sub(lambda m: f"<!--g:{m['name']}-->{values[m['name']]}<!--/g-->", text)
+
+
+def stale(results: Path, readme: Path) -> list[str]:
+    "What the files no longer match: README regions and pages under results/ (empty when all is current)."
+    results, readme = Path(results), Path(readme)
+    text, values = readme.read_text(), regions(results, readme.parent)
+    out = [f"README region {m['name']!r}" for m in REGION.finditer(text) if m['body'] != values[m['name']]]
+    out += [f"{results / name}" for name, page in pages(results).items()
+            if not (results / name).exists() or (results / name).read_text() != page]
+    return out
+
+
+def write_report(results: Path, readme: Path) -> list[Path]:
+    "Fill the README's regions and write the pages under results/; returns what was written."
+    results, readme = Path(results), Path(readme)
+    readme.write_text(fill(readme.read_text(), regions(results, readme.parent)))
+    written = [readme]
+    for name, page in pages(results).items():
+        (results / name).write_text(page)
+        written.append(results / name)
+    return written

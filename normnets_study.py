@@ -1,0 +1,211 @@
+"""The study: every registered normalization trained with its recipe on the same data and seeds, and its
+summary.
+
+The summary is written from the finished runs in the study's folder, never from memory: a study interrupted at
+any point (Ctrl-C, a kill) leaves a summary of every finished run that belongs to it, and runs of other
+recipes in the same folder are named, not mixed in. One writer at a time: the folder is locked while a study
+writes to it.
+"""
+import contextlib, dataclasses, json, os, platform, signal, tempfile, time
+from pathlib import Path
+
+import pandas as pd
+
+from normnets import NORMS, architecture_id, norm_name
+from normnets_data import load_cifar
+from normnets_learner import Recipe, recipe, saved_recipe, train_run
+import normnets_plots as plots
+import normnets_report as report
+
+try: import fcntl
+except ImportError: fcntl = None   # Windows: no folder lock
+
+__all__ = ['STUDY_SEEDS', 'StudyError', 'parse_norms', 'run_dir', 'check_out', 'locked', 'kept_run',
+           'plan_frame', 'find_runs', 'summarize', 'run_plan', 'run_study']
+
+STUDY_SEEDS = 3   # runs per variant in the committed study: the spread is part of the result
+SUMMARY_COLUMNS = ['norm', 'params', 'epochs', 'seeds', 'train_acc', 'train_acc_std', 'best_test_acc',
+                   'test_acc', 'test_acc_std', 'tta_test_acc', 'train_loss', 'test_loss', 'epochs_to_70',
+                   'seconds', 'device_name', 'data', 'data_md5']
+
+
+class StudyError(ValueError):
+    "A study that cannot start: a bad output folder, one in use, repeated norms."
+
+
+def parse_norms(text: str | None) -> list[str]:
+    "Canonical names of a comma-separated list of norms (names or aliases); None: every registered norm."
+    if text is None: return list(NORMS)
+    names = [norm_name(n) for n in str(text).split(',') if n.strip()]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated: raise StudyError(f"--norms {text!r} names {', '.join(repeated)} more than once")
+    if not names: raise StudyError("--norms is empty")
+    return names
+
+
+def run_dir(out: Path, norm: str, seed: int, first_seed: int = 0) -> Path:
+    """Where a run of the study lives: <out>/<norm>/ for the first seed, <out>/seeds/<norm>-seed<k>/ for the
+    others."""
+    return out / norm if seed == first_seed else out / 'seeds' / f'{norm}-seed{seed}'
+
+
+def check_out(out: Path) -> Path:
+    """Make sure `out` can hold results before any work: a folder that exists or can be made, and can be
+    written to."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"output folder {out} cannot be written to: it is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out): pass
+    except OSError as e:
+        raise StudyError(f"output folder {out} cannot be written to ({e.strerror or e})") from e
+    return out
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    "Hold `out` for one writer; a second study on the same folder is refused with a clear message."
+    if fcntl is None: yield; return
+    f = open(Path(out) / '.normnets.lock', 'a+')
+    try:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise StudyError(
+                f"{out} is in use by another normnets study ({f.read().strip() or 'unknown'}): wait for "
+                "it to finish, or choose another --out"
+            ) from None
+        f.seek(0); f.truncate(); f.write(f"pid {os.getpid()} on {platform.node()}\n"); f.flush()
+        yield
+    finally: f.close()   # closing releases the lock
+
+
+def _matches(metrics: dict, r: Recipe) -> bool:
+    return saved_recipe(metrics) == r.to_dict() and metrics.get('arch') == architecture_id(r.model())
+
+
+def kept_run(d: Path, r: Recipe) -> dict | None:
+    "The metrics of a finished run in `d` of exactly this recipe and network, if there is one (for --resume)."
+    f = Path(d) / 'metrics.json'
+    if not f.exists(): return None
+    m = json.loads(f.read_text())
+    return m if _matches(m, r) else None
+
+
+def plan_frame(plan: list, fields: list) -> pd.DataFrame:
+    """One row per finished run of `plan` ((title, recipe, folder) triples): the recipe's `fields`, its
+    accuracies, seconds, device and data, and its folder as <parent>/<name>."""
+    rows = []
+    for _, r, d in plan:
+        m = kept_run(d, r)
+        if m:
+            rows.append(
+                {
+                    **{k: getattr(r, k) for k in fields},
+                    'train_acc': m['train_acc'],
+                    'test_acc': m['test_acc'],
+                    'seconds': m['seconds'],
+                    'device_name': m['device_name'],
+                    'data_md5': m['data_md5'],
+                    'run': f'{d.parent.name}/{d.name}',
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def find_runs(out: Path, overrides: dict) -> tuple[list, list]:
+    """Every finished run in `out` (its <norm>/ and seeds/*/ folders): those of this study, whose recipe is
+    their norm's recipe with these `overrides` at their seed, and the others."""
+    ours, others = [], []
+    for f in sorted([*Path(out).glob('*/metrics.json'), *Path(out).glob('seeds/*/metrics.json')]):
+        m = json.loads(f.read_text())
+        m['run'] = f.parent.relative_to(out).as_posix()
+        try: expected = recipe(m.get('norm'), **{**overrides, 'seed': m.get('seed')})
+        except (ValueError, TypeError): expected = None   # a norm not registered here, or a foreign file
+        (ours if expected is not None and _matches(m, expected) else others).append(m)
+    order = list(NORMS)
+    ours.sort(key=lambda m: (order.index(m['norm']), m['seed']))
+    return ours, others
+
+
+def summarize(out: Path, overrides: dict, plan: list = ()) -> tuple[pd.DataFrame | None, list]:
+    """Write runs.csv, summary.csv, summary.md, per_class.csv and comparison.png from the study's finished
+    runs in `out`; name the runs of `plan` ((seed, norm) pairs) that are missing. With no finished run of the
+    study, the folder's files are left as they are."""
+    runs, others = find_runs(out, overrides)
+    done = {(m['seed'], m['norm']) for m in runs}
+    missing = [f"{n} (seed {s})" for s, n in plan if (s, n) not in done]
+    if not runs: return None, missing
+    df = pd.DataFrame([{k: v for k, v in m.items() if k != 'per_class_test_acc'} for m in runs])
+    df['net'] = df['net'].map(json.dumps)   # a dict per run: one readable cell
+    df.to_csv(out / 'runs.csv', index=False)
+    rows, per_class, histories = [], {}, {}
+    for norm, group in df.groupby('norm', sort=False):
+        first = group.iloc[0]
+        std = lambda col: group[col].std(ddof=1) if len(group) > 1 else None
+        rows.append(dict(norm=norm, params=first.params, epochs=first.epochs, seeds=len(group),
+                         train_acc=group.train_acc.mean(), train_acc_std=std('train_acc'),
+                         best_test_acc=group.best_test_acc.mean(), test_acc=group.test_acc.mean(),
+                         test_acc_std=std('test_acc'), tta_test_acc=group.tta_test_acc.mean(),
+                         train_loss=group.train_loss.mean(), test_loss=group.test_loss.mean(),
+                         epochs_to_70=group.epochs_to_70.mean(), seconds=group.seconds.mean(),
+                         device_name=first.device_name, data=first.data, data_md5=first.data_md5))
+        classes = [m['per_class_test_acc'] for m in runs if m['norm'] == norm and m['per_class_test_acc']]
+        if classes: per_class[norm] = pd.DataFrame(classes).mean()
+        histories[norm] = pd.read_csv(out / first.run / 'history.csv')
+    summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    summary.to_csv(out / 'summary.csv', index=False)
+    if per_class: pd.DataFrame(per_class).rename_axis('class').to_csv(out / 'per_class.csv')
+    plots.comparison(histories, out / 'comparison.png')
+    other = [f"`{m['run']}`" for m in others]
+    (out / 'summary.md').write_text(report.summary_markdown(summary, missing, other))
+    return summary, missing
+
+
+def run_plan(plan: list, cifar, resume: bool = False, figures: bool = True) -> int:
+    """Train each (title, recipe, folder) of `plan` in order, or keep its finished run with `resume`, printing
+    progress with the time left. Ctrl-C or a kill stops after the finished runs, which stay on disk. Returns
+    how many runs of the plan are finished."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C
+    kept = [kept_run(d, r) if resume else None for _, r, d in plan]
+    left = sum(m is None for m in kept)   # runs to train; the time estimate counts only those
+    trained, train_seconds, finished = 0, 0.0, 0
+    try:
+        for i, ((title, r, d), m) in enumerate(zip(plan, kept)):
+            eta = f", about {train_seconds / trained * left / 60:.0f} min left" if trained else ''
+            print(f"\n=== run {i + 1}/{len(plan)}: {title}, {r.epochs} epochs{eta} ===", flush=True)
+            if m: print(f"kept the finished run in {d}")
+            else:
+                start = time.perf_counter()
+                m = train_run(r, d, cifar=cifar, figures=figures)
+                trained, left = trained + 1, left - 1
+                train_seconds += time.perf_counter() - start
+            finished += 1
+            print(f"{title}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
+    except KeyboardInterrupt:
+        print("\nInterrupted: the finished runs are kept.", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return finished
+
+
+def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='results', data=None,
+              resume: bool = False, **overrides) -> tuple[pd.DataFrame | None, list]:
+    """Train every norm of `norms` (default: all registered) with its recipe and `overrides`, for `seeds`
+    seeds from `first_seed`, into `out`; then summarize the folder. Every input is checked before any work.
+    `resume` keeps runs already in `out` whose whole recipe matches. Ctrl-C or a kill stops after the finished
+    runs, which are kept and summarized. Returns the summary and the missing runs."""
+    norms = parse_norms(norms if norms is None or isinstance(norms, str) else ','.join(norms))
+    if seeds < 1: raise StudyError(f"--seeds {seeds}: need at least one")
+    # bad values fail here, before any work
+    recipes = {n: recipe(n, **overrides, seed=first_seed) for n in norms}
+    cifar = load_cifar(data)   # bad data fails here too, and it is decoded only once
+    out = check_out(out)
+    # every norm's first seed first
+    seed_norms = [(s, n) for s in range(first_seed, first_seed + seeds) for n in norms]
+    plan = [(f"{n} norm, seed {s}", dataclasses.replace(recipes[n], seed=s), run_dir(out, n, s, first_seed))
+            for s, n in seed_norms]
+    with locked(out):
+        run_plan(plan, cifar, resume)
+        return summarize(out, overrides, seed_norms)

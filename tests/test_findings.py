@@ -1,0 +1,88 @@
+"""The measured findings' tools: the batch-size grid end to end on a few hundred images, and the inference
+benchmark's modes (batch statistics at test time, statistics taken out) on a small model."""
+import subprocess, sys
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import inference
+import search
+from normnets import NORMS, normnet
+from normnets_data import REPO_DIR
+from normnets_report import batch_size_markdown, inference_markdown
+
+
+def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO_DIR / 'scripts' / 'batch_sizes.py'), '--sizes', '50,100',
+                        '--epochs', '1', '--n-train', '400', '--n-test', '200', '--out', str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_csv(tmp_path / 'batch_size.csv')
+    assert len(df) == 2 * len(NORMS) and set(df.bs) == {50, 100} and set(df.norm) == set(NORMS)
+    assert df.test_acc.between(0, 1).all() and df.seconds.gt(0).all() and (df.epochs == 1).all()
+    lr = df.groupby('bs').lr.first()
+    assert lr[50] == pytest.approx(lr[100] / 2 ** 0.5)   # the square-root rule, the same for every norm
+    with Image.open(tmp_path / 'batch_size.png') as im: assert im.format == 'PNG'
+    text = batch_size_markdown(tmp_path, 'results')
+    for norm in NORMS: assert f'**{norm} norm**' in text
+
+
+def trained_like(norm: str) -> nn.Module:
+    "A model whose batch norms hold running statistics of some batches, as after training."
+    torch.manual_seed(0)
+    model = normnet(norm).train()
+    with torch.no_grad():
+        for _ in range(3): model(torch.randn(32, 3, 32, 32))
+    return model.eval()
+
+
+def test_batch_statistics_mode_normalizes_each_batch_and_keeps_the_running_averages():
+    model = trained_like('batch')
+    running = [b.running_mean.clone() for b in model.modules() if isinstance(b, nn.BatchNorm2d)]
+    left_in_train = inference.with_batch_statistics(model)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        alone, batched = left_in_train(x[:1]), left_in_train(x)[:1]
+        assert not torch.allclose(alone, batched, atol=1e-3)   # the prediction depends on the batch
+        assert torch.allclose(model(x[:1]), model(x)[:1], atol=1e-5)   # the model itself is untouched
+    after = [b.running_mean for b in left_in_train.modules() if isinstance(b, nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(running, after))
+
+
+def test_statistics_taken_out_leave_the_scale_and_shift():
+    model = trained_like('group')
+    bare = inference.without_statistics(model)
+    assert not any(isinstance(m, nn.GroupNorm) for m in bare.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(): assert bare(x).shape == (2, 10)
+
+
+def test_measure_gives_every_mode_at_every_test_batch_size(tmp_path):
+    models = {n: trained_like(n) for n in NORMS}
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    df = pd.DataFrame(inference.measure(models, x, y))
+    acc = df[df.kind == 'accuracy']
+    assert len(acc) == (len(NORMS) + 1) * len(inference.TEST_BATCH_SIZES)
+    for mode, rows in acc.groupby('mode'):   # without batch statistics, the test batch size changes nothing
+        if mode != 'batch: batch statistics': assert rows.test_acc.nunique() == 1, mode
+    assert set(df[df.kind == 'speed'].norm) == set(NORMS) and df.images_per_s.dropna().gt(0).all()
+    df['device_name'] = 'a CPU'
+    df.to_csv(tmp_path / 'inference.csv', index=False)
+    assert 'batch norm** with batch statistics' in inference_markdown(tmp_path, 'results')
+
+
+def test_a_tiny_search_gives_every_norm_the_same_cells_scored_on_held_out_images(tmp_path, monkeypatch):
+    grid = {'adam': dict(lr=(1e-2,), wd=(0.05,)), 'sgd': dict(lr=(0.1,), wd=(5e-4,))}
+    monkeypatch.setattr(search, 'GRID', grid)
+    monkeypatch.setattr(search, 'HOLDOUT', 500)
+    search.main(epochs=1, confirm=1, n_train=400, n_test=200, bs=100, out=str(tmp_path))
+    df = pd.read_csv(tmp_path / 'search.csv')
+    screen, confirm = df[df.stage == 'screen'], df[df.stage == 'confirm']
+    assert len(screen) == 2 * len(NORMS) and screen.groupby('norm').size().eq(2).all()
+    assert len(confirm) == len(NORMS) and confirm.epochs.eq(20).all() and df.holdout_acc.between(0, 1).all()
+    m = pd.read_json(tmp_path / 'search' / confirm.run.iloc[0].split('/')[1] / 'metrics.json', typ='series')
+    assert m['holdout'] == 500 and m['evaluated_on'] == '200 held-out training images'
+    with Image.open(tmp_path / 'search.png') as im: assert im.format == 'PNG'
