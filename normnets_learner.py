@@ -40,7 +40,7 @@ import normnets_plots as plots
 
 __all__ = ['PRECISIONS', 'OPTIMIZERS', 'RECIPES', 'Recipe', 'recipe', 'RuleError',
            'resolve_device', 'resolve_precision', 'native_bf16', 'normnet_learner', 'recipe_dls', 'train_run',
-           'saved_recipe', 'device_name', 'keep_freed_memory', 'autocast_of', 'flip_tta_accuracy']
+           'saved_recipe', 'seed_run', 'device_name', 'keep_freed_memory', 'autocast_of', 'flip_tta_accuracy']
 
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 def nesterov_step(p, lr, mom, grad_avg, **kwargs):
@@ -312,6 +312,13 @@ def normnet_learner(dls, norm: str | Recipe, **overrides) -> Learner:
 
 # ---------------------------------------------------------------- one run, trained and written to a folder
 
+def seed_run(r: Recipe):
+    """Seed Python, NumPy and torch for the run, and set cuDNN as the recipe asks: deterministic kernels
+    (reproducible), or autotuned to the fastest (fastai's `set_seed` leaves autotuning as it found it)."""
+    set_seed(r.seed, reproducible=r.reproducible)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not r.reproducible, r.reproducible
+
+
 def recipe_dls(r: Recipe, data=None, cifar=None):
     "The `DataLoaders` a recipe trains on (its batch size, subsets, seed and device)."
     return get_dls(
@@ -384,7 +391,7 @@ def train_run(r: Recipe, out, data=None, cifar=None, figures: bool = True) -> di
     temporary folder beside `out` and moved into place at the end, so an interrupted run leaves nothing
     behind. Returns the metrics."""
     start, out = time.perf_counter(), Path(out)
-    set_seed(r.seed, reproducible=r.reproducible)
+    seed_run(r)
     dls = recipe_dls(r, data, cifar)
     learn = normnet_learner(dls, r)
     timer = EpochSeconds()

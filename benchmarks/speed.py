@@ -22,14 +22,13 @@ import pandas as pd
 import torch
 from torch import nn
 from fastai.callback.core import Callback, CancelFitException
-from fastai.torch_core import set_seed
 from fastcore.script import call_parse
 from PIL import Image
 from torchvision import transforms
 
 from normnets import NORMS, FloatGroupNorm, normnet, count_macs, count_params
 from normnets_data import REPO_DIR, get_dls, load_cifar
-from normnets_learner import device_name, keep_freed_memory, normnet_learner, recipe
+from normnets_learner import device_name, keep_freed_memory, normnet_learner, recipe, seed_run
 from normnets_study import STUDY_SEEDS
 
 # ---------------------------------------------------------------- the usual pipeline
@@ -129,7 +128,7 @@ def recipe_learner(dls, norm, **overrides):
     "The learner of `norm`'s recipe on `dls` (its batch size and device), set up as `train_run` sets it up."
     r = recipe(norm, bs=dls.train.bs, device=str(dls.device), **overrides)
     # also cuDNN autotuning: off where the recipe is reproducible
-    set_seed(r.seed, reproducible=r.reproducible)
+    seed_run(r)   # cuDNN autotuning too: off where the recipe is reproducible
     return normnet_learner(dls, r)
 
 

@@ -41,6 +41,7 @@ def main(
     resume: bool = False,  # keep the runs in --out whose whole recipe and data match instead of retraining
     precision: str = None,  # auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16 (GPU)
     device: str = None,  # auto (the GPU if there is one), cpu, cuda or cuda:N
+    autotune: bool = False,  # cuDNN picks its fastest kernels (GPU): faster, runs no longer repeat exactly
 ):
     "Train every variant with its recipe, the same data and seeds, and write the study's tables and figures."
     matplotlib.use('Agg')
@@ -49,7 +50,7 @@ def main(
     try:
         summary, missing = run_study(norms, seeds, seed, out_dir, data, resume, **given(
             epochs=epochs, bs=bs, lr=lr, wd=wd, opt=opt, n_train=n_train, n_test=n_test, precision=precision,
-            device=device))
+            device=device, reproducible=False if autotune else None))
     except ValueError as e: raise CliError(f"error: {e}")  # bad values or data, a busy or unwritable folder
     if summary is None:
         raise CliError(f"no finished run of this study in {out_dir}: its files are left as they were")

@@ -37,13 +37,15 @@ def main(
     device: str = None,  # auto (the GPU if there is one), cpu, cuda or cuda:N
     n_train: int = None,  # train on a random subset of this many images (quick checks only)
     n_test: int = None,  # evaluate on a random subset of this many images (quick checks only)
+    autotune: bool = False,  # cuDNN picks its fastest kernels (GPU): faster, runs no longer repeat exactly
 ):
     "Train one normnets variant on CIFAR-10 and write its history, metrics, exported learner and figures."
     matplotlib.use('Agg')
     keep_freed_memory()
     try:
         r = recipe(norm, seed=seed, **given(epochs=epochs, bs=bs, lr=lr, wd=wd, opt=opt, precision=precision,
-                                           device=device, n_train=n_train, n_test=n_test))
+                                           device=device, n_train=n_train, n_test=n_test,
+                                           reproducible=False if autotune else None))
         cifar = load_cifar(data)
         out = Path(out) if out else REPO_DIR / 'results' / r.norm
         with locked(check_out(out.parent)):

@@ -67,6 +67,13 @@ def test_a_saved_recipe_compares_whole():
     assert saved_recipe(older) == r.to_dict() and saved_recipe({**metrics, 'holdout': 5000}) != r.to_dict()
 
 
+def test_autotuning_is_the_recipes_choice():
+    normnets_learner.seed_run(recipe('bn', device='cpu', reproducible=False))
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+    normnets_learner.seed_run(recipe('bn', device='cpu'))
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+
+
 def test_sgd_is_nesterov_with_l2_weight_decay_as_pytorchs():
     torch.manual_seed(0)
     w, x = torch.randn(5, 3), torch.randn(8, 3)
@@ -305,10 +312,12 @@ def test_exported_learner_predicts_alone_as_in_a_batch_in_a_fresh_session(quick_
 
 
 def test_device_flag_trains_where_asked(tmp_path):
-    "--device cpu works end to end and is recorded (on a GPU machine it keeps the run off the GPU)."
+    """--device cpu works end to end and is recorded (on a GPU machine it keeps the run off the GPU), and so
+    is --autotune (the choice of cuDNN's fastest kernels over deterministic ones)."""
     r = run(TRAIN + ['--norm', 'ln', '--epochs', '1', '--bs', '64', '--n-train', '256', '--n-test', '128',
-                     '--device', 'cpu', '--out', str(tmp_path / 'ln')])
+                     '--device', 'cpu', '--autotune', '--out', str(tmp_path / 'ln')])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((tmp_path / 'ln' / 'metrics.json').read_text())['device'] == 'cpu'
+    m = json.loads((tmp_path / 'ln' / 'metrics.json').read_text())
+    assert m['device'] == 'cpu' and m['reproducible'] is False
 
 
