@@ -115,19 +115,8 @@ class ConvNormAct(nn.Sequential):
 
 class NormNet(nn.Module):
     "C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10 with skips C3->C5 and C7->C9."
-
-    def __init__(
-        self,
-        norm: str = 'batch',
-        c1=12,
-        c2=24,
-        c3=16,
-        c4=24,
-        c6=32,
-        c7=32,
-        gn_groups: int = GN_GROUPS,
-        n_classes: int = 10,
-    ):
+    def __init__(self, norm: str = 'batch', c1=12, c2=24, c3=16, c4=24, c6=32, c7=32,
+                 gn_groups: int = GN_GROUPS, n_classes: int = 10):
         super().__init__()
         self.norm = norm = norm_name(norm)
         def unit(c_in, c_out, **kw): return ConvNormAct(c_in, c_out, norm, gn_groups=gn_groups, **kw)

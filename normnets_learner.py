@@ -38,11 +38,13 @@ from normnets import count_params, count_macs
 from normnets_data import BS, get_dls, plain_train_dl
 import normnets_plots as plots
 
-__all__ = ['PRECISIONS', 'OPTIMIZERS', 'RECIPES', 'Recipe', 'recipe', 'RuleError',
+__all__ = ['PRECISIONS', 'NesterovSGD', 'OPTIMIZERS', 'RECIPES', 'Recipe', 'recipe', 'RuleError',
            'resolve_device', 'resolve_precision', 'native_bf16', 'normnet_learner', 'recipe_dls', 'train_run',
            'saved_recipe', 'seed_run', 'device_name', 'keep_freed_memory', 'autocast_of', 'flip_tta_accuracy']
 
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
+
+
 def nesterov_step(p, lr, mom, grad_avg, **kwargs):
     "Nesterov momentum, as PyTorch's `SGD(nesterov=True)`: a step along the gradient and the momentum ahead."
     p.data.add_(p.grad.data.add(grad_avg, alpha=mom), alpha=-lr)
@@ -73,8 +75,7 @@ class Recipe:
     says what really ran."""
     norm: str = 'batch'
     epochs: int = MAX_EPOCHS
-    # twice the steps of 512 at the same speed on 2 CPU cores; group and layer norm need them
-    bs: int = BS
+    bs: int = BS   # twice the steps of 512 at the same speed on 2 CPU cores; group and layer norm need them
     lr: float = 1e-2          # one-cycle peak
     wd: float = 0.05          # fastai exempts BatchNorm parameters and all biases; see exempt_gn_scale
     opt: str = 'adam'         # a key of OPTIMIZERS
@@ -84,12 +85,10 @@ class Recipe:
     seed: int = 0
     n_train: int | None = None   # a random subset of the training images (quick checks); None: all of them
     n_test: int | None = None
-    # > 0: validate on this many training images set aside, never the test set (recipe search)
-    holdout: int = 0
+    holdout: int = 0   # > 0: score on this many training images set aside, not the test set (recipe search)
     net: dict = field(default_factory=dict)   # overrides of normnet's widths or gn_groups, for ablations
     exempt_gn_scale: bool = False   # no weight decay on GroupNorm scales either (see exempt_gn_from_wd)
-    # deterministic cuDNN kernels, autotuning off (benchmarks/speed.py: its cost)
-    reproducible: bool = True
+    reproducible: bool = True   # deterministic cuDNN kernels, autotuning off (benchmarks/speed.py: its cost)
 
     def __post_init__(self):
         put = partial(object.__setattr__, self)   # frozen: resolved values are set once, here
@@ -98,15 +97,10 @@ class Recipe:
         put('precision', resolve_precision(self.precision, self.device))
         for name in ('lr', 'wd', 'label_smoothing'):
             value = getattr(self, name)
-            if (
-                not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-                or (name == 'lr' and value == 0)
-            ):
-                raise RuleError(
-                    f"{name} {value!r}: must be a finite number, {'> 0' if name == 'lr' else '>= 0'}"
-                )
+            bound = '> 0' if name == 'lr' else '>= 0'
+            bad = not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            if bad or (name == 'lr' and value == 0):
+                raise RuleError(f"{name} {value!r}: must be a finite number, {bound}")
         if self.label_smoothing >= 1:
             raise RuleError(f"label_smoothing {self.label_smoothing}: must be below 1")
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -285,18 +279,13 @@ def normnet_learner(dls, norm: str | Recipe, **overrides) -> Learner:
     label-smoothed cross-entropy, the recipe's optimizer, peak learning rate (`fit_one_cycle(n)` uses it) and
     weight decay, accuracy on train and test, channels-last, and mixed precision where the hardware has it.
     The batch size and device are the `DataLoaders`'."""
-    r = (
-        norm
-        if isinstance(norm, Recipe)
-        else recipe(norm, **{'bs': dls.train.bs, 'device': dls.device.type, **overrides})
-    )
+    from_dls = {'bs': dls.train.bs, 'device': dls.device.type}
+    r = norm if isinstance(norm, Recipe) else recipe(norm, **{**from_dls, **overrides})
     if r.device != dls.device.type:
         raise RuleError(f"the recipe trains on {r.device} but the DataLoaders are on {dls.device.type}: "
                         "pass device= to get_dls, or move them with dls.to(device)")
     if len(dls.train) == 0:
-        raise RuleError(
-            f"the training set ({len(dls.train_ds)} images) holds no full batch of {dls.train.bs}"
-        )
+        raise RuleError(f"the training set ({len(dls.train_ds)} images) holds no batch of {dls.train.bs}")
     learn = Learner(dls, r.model(), loss_func=CrossEntropyLossFlat(label_smoothing=r.label_smoothing),
                     opt_func=OPTIMIZERS[r.opt], lr=r.lr, wd=r.wd, metrics=DeviceAvgMetric(accuracy))
     learn.remove_cb(learn.progress).add_cb(SparseProgress())   # fastai's default bar, replaced
@@ -321,16 +310,8 @@ def seed_run(r: Recipe):
 
 def recipe_dls(r: Recipe, data=None, cifar=None):
     "The `DataLoaders` a recipe trains on (its batch size, subsets, seed and device)."
-    return get_dls(
-        data,
-        bs=r.bs,
-        n_train=r.n_train,
-        n_test=r.n_test,
-        seed=r.seed,
-        device=r.device,
-        cifar=cifar,
-        holdout=r.holdout,
-    )
+    return get_dls(data, bs=r.bs, n_train=r.n_train, n_test=r.n_test, seed=r.seed, device=r.device,
+                   cifar=cifar, holdout=r.holdout)
 
 
 class EpochSeconds(Callback):

@@ -154,7 +154,7 @@ def test_learner_carries_the_norms_recipe(tiny_dls, norm):
 
 
 def test_learner_refuses_data_it_cannot_train_on(tiny_dls):
-    with pytest.raises(RuleError, match='holds no full batch of 512'):
+    with pytest.raises(RuleError, match='holds no batch of 512'):
         normnet_learner(get_dls(n_train=256, n_test=128, bs=512, device='cpu'), 'bn')
     with pytest.raises(RuleError, match='DataLoaders are on cpu'):
         normnet_learner(tiny_dls, recipe('bn', device='meta'))
