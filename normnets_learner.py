@@ -281,7 +281,7 @@ def normnet_learner(dls, norm: str | Recipe, **overrides) -> Learner:
     The batch size and device are the `DataLoaders`'."""
     from_dls = {'bs': dls.train.bs, 'device': dls.device.type}
     r = norm if isinstance(norm, Recipe) else recipe(norm, **{**from_dls, **overrides})
-    if r.device != dls.device.type:
+    if torch.device(r.device).type != dls.device.type:   # 'cuda' and 'cuda:0' are one device
         raise RuleError(f"the recipe trains on {r.device} but the DataLoaders are on {dls.device.type}: "
                         "pass device= to get_dls, or move them with dls.to(device)")
     if len(dls.train) == 0:
