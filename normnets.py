@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 __all__ = ['PARAM_LIMIT', 'MAX_EPOCHS', 'PASS_ACCURACY', 'WIDTHS', 'GN_GROUPS', 'Norm', 'NORMS',
-           'register_norm', 'norm_name', 'FloatGroupNorm', 'LayerNorm2d', 'ConvNormAct', 'NormNet', 'normnet',
-           'architecture_id', 'count_params', 'count_macs', 'fold_batchnorm']
+           'register_norm', 'norm_name', 'FloatGroupNorm', 'LayerNorm2d', 'WSConv2d', 'ConvNormAct',
+           'NormNet', 'normnet', 'architecture_id', 'count_params', 'count_macs', 'fold_batchnorm']
 
 # The exercise's rules.
 PARAM_LIMIT = 50_000   # every variant has fewer parameters
@@ -56,26 +56,41 @@ class LayerNorm2d(FloatGroupNorm):
         super().__init__(1, num_channels, eps=eps)
 
 
+class WSConv2d(nn.Conv2d):
+    """A convolution with weight standardization (Qiao et al. 2019): each output filter is standardized to
+    zero mean and unit variance before it is applied, with no extra parameters. Batch norm's normalization
+    over the batch smooths the loss landscape; standardizing the weights brings some of that to per-sample
+    norms."""
+    def forward(self, x):
+        w = self.weight
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, correction=0)
+        return self._conv_forward(x, (w - mean) * torch.rsqrt(var + 1e-5), self.bias)
+
+
 # ---------------------------------------------------------------- the registry of normalizations
 
 @dataclass(frozen=True)
 class Norm:
-    "A normalization of the study: its canonical name, a short alias, its layer, and what it normalizes over."
+    """A normalization of the study: its canonical name, a short alias, its layer, what it normalizes over,
+    the convolution it follows, and whether it is one of the exercise's three or an extra beyond it."""
     name: str
     alias: str
     # layer(channels, groups) -> module; `groups` is group norm's group count
     layer: Callable[..., nn.Module]
     over: str
+    conv: type[nn.Conv2d] = nn.Conv2d
+    exercise: bool = True
 
 
 NORMS: dict[str, Norm] = {}
 
 
-def register_norm(name: str, alias: str, layer: Callable[..., nn.Module], over: str) -> Norm:
+def register_norm(name: str, alias: str, layer: Callable[..., nn.Module], over: str,
+                  conv: type[nn.Conv2d] = nn.Conv2d, exercise: bool = True) -> Norm:
     "Add a normalization to the registry; from then on the study, the CLI, plots and report know it."
     taken = {n for norm in NORMS.values() for n in (norm.name, norm.alias)}
     if {name, alias} & taken: raise ValueError(f"norm name {name!r} or alias {alias!r} is already registered")
-    NORMS[name] = Norm(name, alias, layer, over)
+    NORMS[name] = Norm(name, alias, layer, over, conv, exercise)
     return NORMS[name]
 
 
@@ -87,6 +102,10 @@ register_norm('group', 'gn', lambda c, groups: FloatGroupNorm(groups, c),
 register_norm(
     'layer', 'ln', lambda c, groups: LayerNorm2d(c), 'each sample over all channels and the image (C, H, W)'
 )
+# Beyond the exercise: the per-sample norms after weight-standardized convolutions.
+for plain in ('group', 'layer'):
+    register_norm(f'ws-{plain}', f'ws{NORMS[plain].alias}', NORMS[plain].layer,
+                  f'as {plain} norm, after weight-standardized convolutions', conv=WSConv2d, exercise=False)
 
 
 def norm_name(norm: str) -> str:
@@ -102,24 +121,32 @@ def norm_name(norm: str) -> str:
 # ---------------------------------------------------------------- the network
 
 class ConvNormAct(nn.Sequential):
-    "Conv (no bias: the norm's shift replaces it), then an optional max-pool, then norm and ReLU."
+    """Conv (no bias: the norm's shift replaces it), then an optional max-pool, then norm and ReLU, or with
+    `norm_after_relu` ReLU and norm, the order of the exercise's published solutions."""
     def __init__(self, c_in: int, c_out: int, norm: str, kernel_size: int = 3, pool: bool = False,
-                 gn_groups: int = GN_GROUPS):
-        layers = [nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)]
+                 gn_groups: int = GN_GROUPS, norm_after_relu: bool = False):
+        entry = NORMS[norm]
+        layers = [entry.conv(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)]
         # Pooling before the norm, as in ResNet-9: max-pool commutes with ReLU,
         # and the norm then runs on a quarter of the values.
         if pool: layers.append(nn.MaxPool2d(2))
-        layers += [NORMS[norm].layer(c_out, gn_groups), nn.ReLU(inplace=True)]
-        super().__init__(*layers)
+        norm_act = [entry.layer(c_out, gn_groups), nn.ReLU(inplace=True)]
+        super().__init__(*layers, *(norm_act[::-1] if norm_after_relu else norm_act))
+        self.norm_after_relu = norm_after_relu
+
+    @property
+    def norm(self) -> nn.Module: return self[-1] if self.norm_after_relu else self[-2]
 
 
 class NormNet(nn.Module):
     "C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10 with skips C3->C5 and C7->C9."
     def __init__(self, norm: str = 'batch', c1=12, c2=24, c3=16, c4=24, c6=32, c7=32,
-                 gn_groups: int = GN_GROUPS, n_classes: int = 10):
+                 gn_groups: int = GN_GROUPS, norm_after_relu: bool = False, zero_init_residual: bool = False,
+                 n_classes: int = 10):
         super().__init__()
         self.norm = norm = norm_name(norm)
-        def unit(c_in, c_out, **kw): return ConvNormAct(c_in, c_out, norm, gn_groups=gn_groups, **kw)
+        def unit(c_in, c_out, **kw):
+            return ConvNormAct(c_in, c_out, norm, gn_groups=gn_groups, norm_after_relu=norm_after_relu, **kw)
         self.C1 = unit(3, c1)
         self.C2 = unit(c1, c2)
         self.c3 = unit(c2, c3, kernel_size=1, pool=True)   # c3 + P1
@@ -132,6 +159,10 @@ class NormNet(nn.Module):
         self.C9 = unit(c7, c7)
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.C10 = nn.Conv2d(c7, n_classes, 1)
+        # Each residual branch (C4 C5, C8 C9) starts as nothing: its last norm scale at 0, so that at first
+        # the network is the shallow path through the skips, and the branches grow in as they learn.
+        if zero_init_residual:
+            for branch_end in (self.C5, self.C9): nn.init.zeros_(branch_end.norm.weight)
 
     def forward(self, x):
         x = self.c3(self.C2(self.C1(x)))
@@ -143,7 +174,8 @@ class NormNet(nn.Module):
 
 
 def normnet(norm: str = 'batch', **kwargs) -> NormNet:
-    "The network with `norm` (a name or alias in `NORMS`); `kwargs` override `WIDTHS` or `gn_groups`."
+    """The network with `norm` (a name or alias in `NORMS`); `kwargs` override `WIDTHS`, `gn_groups`,
+    `norm_after_relu` or `zero_init_residual`."""
     return NormNet(norm, **{**WIDTHS, **kwargs})
 
 
@@ -183,14 +215,15 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     statistics and the affine become the convolution's weight scale and bias, so inference skips the norm.
     Where a max-pool sits between them (c3, c6) the fold is exact only for channels with a positive scale (max
     commutes with an increasing map): those norms are folded when every scale is positive, kept otherwise.
-    Eval mode only."""
+    A norm after the ReLU (`norm_after_relu`) is kept. Eval mode only."""
     model = copy.deepcopy(model).eval()
     for unit in model.modules():
         if not isinstance(unit, ConvNormAct): continue
-        conv, *middle, norm, act = unit
-        if not isinstance(norm, nn.BatchNorm2d): continue
+        conv, norm, pooled = unit[0], unit.norm, len(unit) == 4
+        if unit.norm_after_relu or type(conv) is not nn.Conv2d or not isinstance(norm, nn.BatchNorm2d):
+            continue
         scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        if middle and (scale <= 0).any(): continue
+        if pooled and (scale <= 0).any(): continue
         folded = nn.Conv2d(
             conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=True
         )

@@ -37,6 +37,9 @@ KNOWN_DATA = {
 }
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 BS = 256   # training batch size of the study's recipe (normnets_learner.Recipe)
+# Training images set aside to score choices of recipe and architecture (search, ablation), a tenth of them:
+# the test set plays no part in any choice.
+HOLDOUT = 5_000
 LAYOUT = ("fastai's URLs.CIFAR layout: train/<class>/*.png|jpg and test/<class>/*.png|jpg for the 10 "
           "CIFAR-10 classes")
 

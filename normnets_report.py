@@ -291,14 +291,16 @@ def ablation_page(results: Path) -> str | None:
     if not f.exists(): return None
     df = pd.read_csv(f)
     df['precision'] = df['precision'].fillna('fp32')   # rows from before mixed precision
-    key = ['norm', 'epochs', 'precision']   # a change is compared with the current recipe run the same way
+    df['scored_on'] = df.get('scored_on', pd.Series(index=df.index)).fillna('the test set')   # rows before
+    # A change is compared with the current recipe run and scored the same way.
+    key = ['norm', 'epochs', 'precision', 'scored_on']
     base = df[df.change == 'current recipe'].set_index(key).test_acc
     base_acc = pd.Series([base.get(k) for k in df[key].itertuples(index=False, name=None)], dtype=float)
     diff = 100 * (df.test_acc - base_acc)
     table = pd.DataFrame({
         'change': df.change, 'norm': df.norm, 'epochs': df.epochs, 'precision': df.precision,
-        'params': df.params.map('{:,}'.format), 'test acc % (current recipe)': base_acc.map(pct),
-        'test acc % (with the change)': df.test_acc.map(pct),
+        'scored on': df.scored_on, 'params': df.params.map('{:,}'.format),
+        'acc % (current recipe)': base_acc.map(pct), 'acc % (with the change)': df.test_acc.map(pct),
         'difference (points)': diff.map(lambda d: '' if pd.isna(d) else f'{d:+.2f}'),
         'train s': df.seconds.map('{:.0f}'.format)})
     changed = (df.change != 'current recipe') & diff.notna()
@@ -313,9 +315,9 @@ def ablation_page(results: Path) -> str | None:
             "the "
             f"given epochs with seed {df.seed.iloc[0]}, on {df.device.iloc[0]}, data md5 "
             f"`{df.data_md5.iloc[0]}`. 'current recipe' is the recipe when the row ran; the change says what "
-            "it was "
-            "changed from. Seconds are wall time: rows that ran while other jobs shared the cores took "
-            "longer.\n\n"
+            "it was changed from. The first rows were scored on the test set; later ones on training images "
+            "held out from training, so that no choice is made on the test set. Seconds are wall time: rows "
+            "that ran while other jobs shared the cores took longer.\n\n"
             + markdown_table(table) + f"\n{verdict}\n")
 
 
@@ -492,12 +494,13 @@ def regions(results: Path, readme_dir: Path) -> dict:
         'max_epochs': str(MAX_EPOCHS),
         'param_limit': f'{PARAM_LIMIT:,}',
         'pass_accuracy': f'{PASS_ACCURACY:.0%}',
-        'n_norms': str(len(NORMS)),
-        'norm_names': ', '.join(f'{n.name} ({n.alias})' for n in NORMS.values()),
+        'n_norms': str(sum(n.exercise for n in NORMS.values())),
+        'norm_names': ', '.join(f'{n.name} ({n.alias})' for n in NORMS.values() if n.exercise),
+        'extra_norms': '; '.join(f'{n.name} ({n.alias}), {n.over}' for n in NORMS.values() if not n.exercise),
         'provenance': provenance(runs),
         'architecture': '\n' + architecture_markdown(),
         'recipes': '\n' + recipes_markdown(runs),
-        'summary': '\n' + summary_markdown(summary),
+        'summary': '\n' + summary_markdown(summary, missing=[n for n in NORMS if n not in set(summary.norm)]),
         'findings': '\n' + findings_markdown(summary, histories),
         'gn_groups': str(GN_GROUPS),
         'figures': '\n' + figures_markdown(summary, rel),

@@ -19,7 +19,7 @@ import pandas as pd
 from fastcore.script import call_parse, CliError
 
 from normnets import MAX_EPOCHS
-from normnets_data import REPO_DIR, load_cifar
+from normnets_data import HOLDOUT, REPO_DIR, load_cifar
 from normnets_learner import keep_freed_memory, recipe
 from normnets_study import StudyError, check_out, locked, parse_norms, plan_frame, run_plan
 import normnets_plots as plots
@@ -28,7 +28,6 @@ import normnets_plots as plots
 # weight decay is decoupled (fastai's default); SGD's is L2, added to the gradient, as PyTorch's SGD does.
 GRID = {'adam': dict(lr=(2.5e-3, 5e-3, 1e-2, 2e-2), wd=(0.05, 0.01)),
         'sgd': dict(lr=(0.05, 0.1, 0.2, 0.4), wd=(5e-4, 1e-4))}
-HOLDOUT = 5_000   # training images set aside to score the cells, a tenth of them
 FIELDS = ['norm', 'opt', 'lr', 'wd', 'epochs', 'seed']
 
 

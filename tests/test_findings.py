@@ -8,11 +8,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+import ablation
 import inference
 import search
 from normnets import NORMS, normnet
 from normnets_data import REPO_DIR
-from normnets_report import batch_size_markdown, inference_markdown
+from normnets_learner import recipe
+from normnets_report import ablation_page, batch_size_markdown, inference_markdown
 
 
 def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
@@ -86,3 +88,19 @@ def test_a_tiny_search_gives_every_norm_the_same_cells_scored_on_held_out_images
     m = pd.read_json(tmp_path / 'search' / confirm.run.iloc[0].split('/')[1] / 'metrics.json', typ='series')
     assert m['holdout'] == 500 and m['evaluated_on'] == '200 held-out training images'
     with Image.open(tmp_path / 'search.png') as im: assert im.format == 'PNG'
+
+
+def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(tmp_path):
+    out = tmp_path / 'ablation.csv'
+    norm_after_relu = next(i for i, (c, _) in enumerate(ablation.CHANGES) if 'norm after the ReLU' in c)
+    ablation.main(norm='gn', epochs=1, only=f'0,{norm_after_relu}', holdout=500, n_train=400, n_test=200,
+                  out=str(out))
+    df = pd.read_csv(out)
+    assert df.change.tolist() == ['current recipe', ablation.CHANGES[norm_after_relu][0]]
+    assert df.scored_on.eq('500 held-out training images').all() and df.test_acc.between(0, 1).all()
+    page = ablation_page(tmp_path)
+    assert '500 held-out training images' in page and page.count('| group |') == 2
+    # a change of the network is merged into the recipe's own network settings
+    wide = recipe('gn', net=dict(c4=32, c7=24), device='cpu')
+    assert ablation.changed(wide, dict(net=dict(norm_after_relu=True))).net == dict(
+        c4=32, c7=24, norm_after_relu=True)

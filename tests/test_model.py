@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normnets import (NORMS, PARAM_LIMIT, FloatGroupNorm, LayerNorm2d, fold_batchnorm, normnet, norm_name,
-                      register_norm, count_params, count_macs)
+from normnets import (NORMS, PARAM_LIMIT, FloatGroupNorm, LayerNorm2d, WSConv2d, fold_batchnorm, normnet,
+                      norm_name, register_norm, count_params, count_macs)
 
 NAMES = [n for e in NORMS.values() for n in (e.name, e.alias)]
 
@@ -32,6 +32,43 @@ def test_each_variant_has_its_norm_and_no_other():
         assert 1 < l.num_groups < l.num_channels
     for l in norm_layers(normnet('layer')):
         assert l.num_groups == 1
+    for plain, ws in [('group', 'ws-group'), ('layer', 'ws-layer')]:   # the same norms after WS convolutions
+        assert [type(l) for l in norm_layers(normnet(ws))] == [type(l) for l in norm_layers(normnet(plain))]
+        *standardized, classifier = convs(normnet(ws))
+        assert all(type(c) is WSConv2d for c in standardized) and type(classifier) is nn.Conv2d
+    assert [n for n, e in NORMS.items() if e.exercise] == ['batch', 'group', 'layer']
+
+
+def test_weight_standardization_convolves_with_each_filter_at_zero_mean_and_unit_variance():
+    conv = WSConv2d(5, 7, 3, padding=1, bias=False)
+    # filters of different scales and offsets, large enough that the 1e-5 added to the variance is negligible
+    with torch.no_grad(): conv.weight.mul_(10 * torch.rand(7, 1, 1, 1) + 5).add_(torch.randn(7, 1, 1, 1))
+    w = conv.weight.flatten(1)
+    standardized = (w - w.mean(1, keepdim=True)) / w.std(1, unbiased=False, keepdim=True)
+    standardized = standardized.view_as(conv.weight)
+    x = torch.randn(2, 5, 6, 6)
+    torch.testing.assert_close(conv(x), F.conv2d(x, standardized, padding=1), atol=1e-4, rtol=1e-4)
+    with torch.no_grad(): conv.weight.mul_(10).add_(3)   # a filter's scale and offset no longer matter
+    torch.testing.assert_close(conv(x), F.conv2d(x, standardized, padding=1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('norm_after_relu', [False, True])
+def test_zero_initialized_residual_branches_start_as_nothing(norm_after_relu):
+    model = normnet('gn', zero_init_residual=True, norm_after_relu=norm_after_relu)
+    for branch_end in (model.C5, model.C9):
+        assert branch_end.norm.weight.eq(0).all()
+        assert branch_end(torch.randn(2, branch_end[0].in_channels, 8, 8)).eq(0).all()
+    assert normnet('gn').C5.norm.weight.eq(1).all()   # the default initialization is left alone
+
+
+def test_norm_after_relu_puts_each_norm_after_its_activation():
+    model = trained_looking(normnet('batch', norm_after_relu=True))
+    assert [type(m) for m in model.C5] == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d]
+    assert [type(m) for m in model.c3] == [nn.Conv2d, nn.MaxPool2d, nn.ReLU, nn.BatchNorm2d]
+    folded = fold_batchnorm(model)   # a norm after the ReLU does not fold into the convolution before it
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 10
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(): torch.testing.assert_close(folded(x), model(x))
 
 
 def test_layer_norm_normalizes_over_chw_per_sample():

@@ -193,8 +193,9 @@ def test_a_registered_norm_joins_the_study_with_nothing_else_changed(tmp_path, m
     )
     monkeypatch.setitem(RECIPES, 'instance', {})
     out = tmp_path / 'results'
-    summary, missing = run_study(None, 1, 0, out, **{**TINY, 'n_train': 500, 'n_test': 200})
-    assert summary.norm.tolist() == ['batch', 'group', 'layer', 'instance'] and missing == []
+    assert parse_norms(None) == list(NORMS) and list(NORMS)[-1] == 'instance'   # the default study has it
+    summary, missing = run_study('bn,in', 1, 0, out, **{**TINY, 'n_train': 500, 'n_test': 200})
+    assert summary.norm.tolist() == ['batch', 'instance'] and missing == []
     assert (out / 'instance' / 'misclassified.png').exists()
     readme = tmp_path / 'README.md'
     readme.write_text((REPO_DIR / 'README.md').read_text())
