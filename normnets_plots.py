@@ -1,6 +1,7 @@
 """The study's figures: training curves, misclassified grids, confusion matrices, comparisons across norms.
 Each is written to a file and closed. Importing this module picks no matplotlib backend: scripts choose Agg in
 their main, and matplotlib itself falls back to it where there is no display."""
+import matplotlib.ticker
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
@@ -135,10 +136,12 @@ def search(df: pd.DataFrame, path):
         for norm, g in df[df.opt == opt].groupby('norm', sort=False):
             best = g.groupby('lr').holdout_acc.max()
             ax.plot(best.index, best.values, marker='o', color=norm_color(norm), label=f'{norm} norm')
+        lrs = sorted(set(df[df.opt == opt].lr))
         ax.set_xscale('log')
-        ax.set(
-            xlabel='peak learning rate', title=f"{opt} ({'/'.join(map(str, sorted(set(df.epochs))))} epochs)"
-        )
-        ax.grid(alpha=0.3); ax.legend()
+        ax.set_xticks(lrs, [f'{lr:g}' for lr in lrs], minor=False)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())   # only the searched rates are labelled
+        epochs = '/'.join(str(int(e)) for e in sorted(set(df.epochs)))
+        ax.set(xlabel='peak learning rate', title=f"{opt} ({epochs} epochs)")
+        ax.grid(alpha=0.3); ax.legend(fontsize='small')
     axes[0][0].set_ylabel('held-out accuracy')
     _save(fig, path)

@@ -362,24 +362,31 @@ def speed_page(f: Path) -> str | None:
     if not f.exists(): return None
     s = json.loads(f.read_text())
     v, usual, peaks = pd.DataFrame(s['variants']), s['usual'], s['matmul_gflops']
-    gflops = 6 * v.macs * v.train_ips / 1e9
-    usual_gflops = 6 * usual['macs'] * usual['train_ips'] / 1e9
-    table = pd.DataFrame(
-        {
-            'network': [f'normnets, {n} norm' for n in v.norm]
-            + [f"usual pipeline ({usual['params']:,}-parameter solution)"],
-            'parameters': [f'{p:,}' for p in v.params] + [f"{usual['params']:,}"],
-            'MACs / image': [f'{m / 1e6:.2f} M' for m in v.macs] + [f"{usual['macs'] / 1e6:.2f} M"],
-            'precision': list(v.precision) + [usual['precision']],
-            'train images/s': [f'{x:.0f}' for x in v.train_ips] + [f"{usual['train_ips']:.0f}"],
-            'inference images/s': [f'{x:.0f}' for x in v.infer_ips] + [''],
-            'x usual': [f"{x / usual['train_ips']:.2f}" for x in v.train_ips] + ['1.00'],
-            'train GFLOP/s': [f'{x:.1f}' for x in gflops] + [f'{usual_gflops:.1f}'],
-            'of the matmul peak in its precision': [
-                f"{100 * g / peaks[p]:.0f}%" for g, p in zip(gflops, v.precision)
-            ]
-            + [f"{100 * usual_gflops / peaks['fp32']:.0f}%"],
-        }
+    ref = s.get('reference')   # measurements older than the reference row have none
+    rows = pd.DataFrame(
+        [dict(r, network=f"normnets, {r['norm']} norm") for r in s['variants']]
+        + ([dict(ref, network=f"reference, {ref['norm']} norm")] if ref else [])
+        + [dict(usual, network=f"usual pipeline ({usual['params']:,}-parameter solution)")]
+    )
+    gflops = 6 * rows.macs * rows.train_ips / 1e9
+    table = pd.DataFrame({
+        'network': rows.network,
+        'parameters': rows.params.map('{:,}'.format),
+        'MACs / image': rows.macs.map(lambda m: f'{m / 1e6:.2f} M'),
+        'precision': rows.precision,
+        'train images/s': rows.train_ips.map('{:.0f}'.format),
+        'inference images/s': rows.infer_ips.map(lambda x: '' if pd.isna(x) else f'{x:.0f}'),
+        'x usual': (rows.train_ips / usual['train_ips']).map('{:.2f}'.format),
+        **({'x reference': (rows.train_ips / ref['train_ips']).map('{:.2f}'.format)} if ref else {}),
+        'train GFLOP/s': gflops.map('{:.1f}'.format),
+        'of the matmul peak in its precision': [
+            f"{100 * g / peaks[p]:.0f}%" for g, p in zip(gflops, rows.precision)
+        ],
+    })
+    floor = (
+        f" The reference is normnets' network and recipe before the recipe search: every variant's training "
+        f"images/s must stay at or above {ref['floor']}x its own, measured in the same run. Lowest here: "
+        f"**{(v.train_ips / ref['train_ips']).min():.2f}x**." if ref else ''
     )
     as_run = dict(zip(v.norm, v.train_ips))
     c = pd.DataFrame(s['changes'])
@@ -417,8 +424,7 @@ def speed_page(f: Path) -> str | None:
         f"{s['precision']} here.\n\nMatrix-multiply peak (4096 x 4096): "
         + ' and '.join(f"{p} **{g:.0f} GFLOP/s**" for p, g in peaks.items())
         + f". Projected study ({len(v)} variants x {study['epochs']} epochs x {study['seeds']} seeds, "
-          "evaluation "
-        f"included): **{study['seconds'] / 60:.1f} minutes**.\n\n"
+        f"evaluation included): **{study['seconds'] / 60:.1f} minutes**.{floor}\n\n"
         + markdown_table(table)
         + "\nEach row below changes one thing against a variant as run, measured the same way; the last row "
         "measures a variant as run once more, and its distance from 1.00 is the run's own noise.\n\n"

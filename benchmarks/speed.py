@@ -4,7 +4,8 @@
 
 Measured in one run, on one machine (the GPU if there is one, else the CPU), with the same torch threads:
 1. normnets: training images/s over real training steps after warm-up (the real `get_dls` pipeline and the
-   real fastai `Learner` of each norm's recipe), inference images/s over the test set, forward MACs per image.
+   real fastai `Learner` of each norm's recipe), inference images/s over the test set, forward MACs per image;
+   and the training images/s of the reference (`REFERENCE_RECIPE`) every variant's speed is held to.
 2. The usual pipeline: a published 49,672-parameter solution of the same exercise, a plain PyTorch loop, a
    torch DataLoader over per-image PIL transforms with 2 workers, batch size 128, SGD.
 3. The machine's limit: GFLOP/s of a large matrix multiply in float32 and in the precision normnets trains in,
@@ -30,6 +31,18 @@ from normnets import NORMS, FloatGroupNorm, normnet, count_macs, count_params
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_learner import device_name, keep_freed_memory, normnet_learner, recipe, seed_run
 from normnets_study import STUDY_SEEDS
+
+# ---------------------------------------------------------------- the reference
+
+# The network and recipe of normnets before the recipe search: 46,374 parameters, 8.88 M MACs per image, batch
+# norm, Adam. A variant may cost time where its accuracy pays for it, but its training images/s must stay at
+# or above SPEED_FLOOR times this reference's, measured in the same run. Every network option is pinned, so
+# the reference stays what it is when the defaults change.
+REFERENCE_NORM = 'batch'
+REFERENCE_RECIPE = dict(opt='adam', net=dict(c1=12, c2=24, c3=16, c4=24, c6=32, c7=32, gn_groups=4,
+                                             norm_after_relu=False, zero_init_residual=False))
+SPEED_FLOOR = 0.7
+
 
 # ---------------------------------------------------------------- the usual pipeline
 
@@ -346,6 +359,8 @@ def measure(cifar, device, steps, warmup) -> dict:
     usual = usual_net()
     usual_ips = time_plain_loop(usual, usual_loader(cifar), device, steps, warmup)
     print(f"usual pipeline: {usual_ips:.0f} images/s", flush=True)
+    ref_ips, ref = learner_throughput(dls, REFERENCE_NORM, steps, warmup, **REFERENCE_RECIPE)
+    print(f"reference: {ref_ips:.0f} training images/s", flush=True)
     variants = measure_variants(dls, steps, warmup)
     r = recipe('batch', device=str(device))
     return dict(
@@ -360,6 +375,8 @@ def measure(cifar, device, steps, warmup) -> dict:
         warmup=warmup,
         matmul_gflops=peaks,
         variants=variants,
+        reference=dict(norm=REFERENCE_NORM, params=count_params(ref.model), macs=count_macs(ref.model),
+                       precision=ref.recipe.precision, train_ips=ref_ips, floor=SPEED_FLOOR),
         usual=dict(
             params=count_params(usual), macs=count_macs(usual), precision='fp32', bs=128, train_ips=usual_ips
         ),

@@ -11,7 +11,7 @@ from torch import nn
 import speed
 from normnets import count_macs, count_params
 from normnets_data import get_dls
-from normnets_learner import keep_freed_memory
+from normnets_learner import keep_freed_memory, recipe
 from normnets_report import speed_page
 
 
@@ -25,6 +25,12 @@ def test_usual_net_is_the_published_49672_parameter_solution():
                      (16, 32, 3), (32, 32, 3), (32, 32, 3), (32, 10, 1)]
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert count_macs(net) > 20e6   # over twice normnets' 8.9 M: its 32x32 layers are wide
+
+
+def test_reference_is_the_network_and_recipe_before_the_search():
+    ref = recipe(speed.REFERENCE_NORM, **speed.REFERENCE_RECIPE)
+    assert (count_params(ref.model()), count_macs(ref.model())) == (46_374, 8_884_544)
+    assert (ref.norm, ref.opt) == ('batch', 'adam')
 
 
 @pytest.fixture(scope='module')
@@ -79,6 +85,9 @@ def test_speed_page_renders_every_measurement(tmp_path):
                 norm='batch', params=46374, macs=8.88e6, precision='fp32', train_ips=2000.0, infer_ips=9000.0
             )
         ],
+        reference=dict(
+            norm='batch', params=46374, macs=8.88e6, precision='fp32', train_ips=2500.0, floor=0.7
+        ),
         usual=dict(params=49672, macs=21.1e6, precision='fp32', bs=128, train_ips=500.0),
         changes=[
             dict(norm='batch', change='without channels-last', train_ips=1000.0, error=None),
@@ -95,7 +104,10 @@ def test_speed_page_renders_every_measurement(tmp_path):
     )
     (tmp_path / 'speed.json').write_text(json.dumps(s))
     page = speed_page(tmp_path / 'speed.json')
-    assert '| normnets, batch norm | 46,374 | 8.88 M | fp32 | 2000 | 9000 | 4.00 | 106.6 | 107% |' in page
+    rows = ['| normnets, batch norm | 46,374 | 8.88 M | fp32 | 2000 | 9000 | 4.00 | 0.80 | 106.6 | 107% |',
+            '| reference, batch norm | 46,374 | 8.88 M | fp32 | 2500 |  | 5.00 | 1.00 |']
+    assert all(row in page for row in rows)
+    assert 'at or above 0.7x its own, measured in the same run. Lowest here: **0.80x**' in page
     assert (
         '| batch norm | without channels-last | 1000 | 2000 | 0.50 |' in page
         and 'failed: no compiler' in page
