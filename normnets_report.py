@@ -285,31 +285,42 @@ def inference_markdown(results: Path, rel: str) -> str:
 
 # ---------------------------------------------------------------- pages under results/
 
-def ablation_page(results: Path) -> str | None:
-    "results/ablation.md from ablation.csv: each change against the current recipe of its variant and length."
+def ablation_frame(results: Path) -> pd.DataFrame | None:
+    """ablation.csv with each row's `base_acc` (the current recipe's accuracy, same variant, length and
+    scoring) and `diff` (points gained by the change); None before any row."""
     f = results / 'ablation.csv'
     if not f.exists(): return None
     df = pd.read_csv(f)
     df['precision'] = df['precision'].fillna('fp32')   # rows from before mixed precision
     df['scored_on'] = df.get('scored_on', pd.Series(index=df.index)).fillna('the test set')   # rows before
-    # A change is compared with the current recipe run and scored the same way.
     key = ['norm', 'epochs', 'precision', 'scored_on']
     base = df[df.change == 'current recipe'].set_index(key).test_acc
-    base_acc = pd.Series([base.get(k) for k in df[key].itertuples(index=False, name=None)], dtype=float)
-    diff = 100 * (df.test_acc - base_acc)
+    df['base_acc'] = pd.Series([base.get(k) for k in df[key].itertuples(index=False, name=None)], dtype=float)
+    df['diff'] = 100 * (df.test_acc - df.base_acc)
+    return df
+
+
+def ablation_verdicts(df: pd.DataFrame) -> str:
+    "A line per kind of outcome (helped, no clear effect, hurt), listing each change with its difference."
+    changed = (df.change != 'current recipe') & df['diff'].notna()
+    kinds = [('Helped (more than +0.5 points)', changed & (df['diff'] > 0.5)),
+             ('Within 0.5 points, no clear effect for one seed', changed & (df['diff'].abs() <= 0.5)),
+             ('Hurt (more than 0.5 points lost)', changed & (df['diff'] < -0.5))]
+    return '\n'.join(f"- {label}: " + '; '.join(f"{r.change} ({r.norm}, {r.epochs} epochs, {r.diff:+.2f})"
+                                                 for r in df[m].itertuples())
+                     for label, m in kinds if m.any())
+
+
+def ablation_page(results: Path) -> str | None:
+    "results/ablation.md from ablation.csv: each change against the current recipe of its variant and length."
+    df = ablation_frame(results)
+    if df is None: return None
     table = pd.DataFrame({
         'change': df.change, 'norm': df.norm, 'epochs': df.epochs, 'precision': df.precision,
         'scored on': df.scored_on, 'params': df.params.map('{:,}'.format),
-        'acc % (current recipe)': base_acc.map(pct), 'acc % (with the change)': df.test_acc.map(pct),
-        'difference (points)': diff.map(lambda d: '' if pd.isna(d) else f'{d:+.2f}'),
+        'acc % (current recipe)': df.base_acc.map(pct), 'acc % (with the change)': df.test_acc.map(pct),
+        'difference (points)': df['diff'].map(lambda d: '' if pd.isna(d) else f'{d:+.2f}'),
         'train s': df.seconds.map('{:.0f}'.format)})
-    changed = (df.change != 'current recipe') & diff.notna()
-    kinds = [('Helped (more than +0.5 points)', changed & (diff > 0.5)),
-             ('Within 0.5 points, no clear effect for one seed', changed & (diff.abs() <= 0.5)),
-             ('Hurt (more than 0.5 points lost)', changed & (diff < -0.5))]
-    verdict = '\n'.join(f"- {label}: " + '; '.join(f"{c} ({n}, {e} epochs, {d:+.2f})" for c, n, e, d in
-                                                   zip(df.change[m], df.norm[m], df.epochs[m], diff[m]))
-                        for label, m in kinds if m.any())
     return (f"# Ablation\n\nWritten by `scripts/report.py` from `ablation.csv` (rows trained by "
             "`benchmarks/ablation.py`). Each row changes one thing in the recipe and trains the variant for "
             "the "
@@ -318,7 +329,22 @@ def ablation_page(results: Path) -> str | None:
             "it was changed from. The first rows were scored on the test set; later ones on training images "
             "held out from training, so that no choice is made on the test set. Seconds are wall time: rows "
             "that ran while other jobs shared the cores took longer.\n\n"
-            + markdown_table(table) + f"\n{verdict}\n")
+            + markdown_table(table) + f"\n{ablation_verdicts(df)}\n")
+
+
+def ablation_markdown(results: Path, rel: str) -> str:
+    """The README's summary of the ablation: the changes scored on held-out images (the ones that may choose a
+    recipe), what helped and what did not, and rows that have no current-recipe run of their length."""
+    df = ablation_frame(results)
+    held_out = df[df.scored_on != 'the test set'] if df is not None else []
+    if not len(held_out): return 'No change has been scored on held-out images yet.'
+    alone = held_out[held_out['diff'].isna()]
+    return (
+        f"Scored on held-out training images, seed {held_out.seed.iloc[0]} (every row: "
+        f"[ablation.md]({rel}/ablation.md)):\n\n" + ablation_verdicts(held_out)
+        + ''.join(f"\n- {r.change}, {r.norm} norm, {r.epochs} epochs: {pct(r.test_acc)}% (no current-recipe "
+                  "run of that length to compare with)" for r in alone.itertuples()) + '\n'
+    )
 
 
 PRECISION_WORDS = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
@@ -513,6 +539,7 @@ def regions(results: Path, readme_dir: Path) -> dict:
         'comparison': f'![comparison]({rel}/comparison.png)',
         'batch_size': '\n' + batch_size_markdown(results, rel),
         'inference': '\n' + inference_markdown(results, rel),
+        'ablation': '\n' + ablation_markdown(results, rel),
         'pages': links,
     }
 

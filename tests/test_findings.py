@@ -14,7 +14,7 @@ import search
 from normnets import NORMS, normnet
 from normnets_data import REPO_DIR
 from normnets_learner import recipe
-from normnets_report import ablation_page, batch_size_markdown, inference_markdown
+from normnets_report import ablation_markdown, ablation_page, batch_size_markdown, inference_markdown
 
 
 def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
@@ -100,6 +100,10 @@ def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(
     assert df.scored_on.eq('500 held-out training images').all() and df.test_acc.between(0, 1).all()
     page = ablation_page(tmp_path)
     assert '500 held-out training images' in page and page.count('| group |') == 2
+    # the README's summary names the change with its difference in points
+    diff = 100 * (df.test_acc[1] - df.test_acc[0])
+    summary = ablation_markdown(tmp_path, 'r')
+    assert f"{ablation.CHANGES[norm_after_relu][0]} (group, 1 epochs, {diff:+.2f})" in summary
     # a change of the network is merged into the recipe's own network settings
     wide = recipe('gn', net=dict(c4=32, c7=24), device='cpu')
     assert ablation.changed(wide, dict(net=dict(norm_after_relu=True))).net == dict(
