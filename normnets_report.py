@@ -16,6 +16,7 @@ import torch
 
 from normnets import GN_GROUPS, NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY
 from normnets import normnet, count_params, count_macs
+from normnets_learner import recipe
 
 __all__ = ['markdown_table', 'pct', 'summary_markdown', 'regions', 'pages', 'fill', 'stale', 'write_report']
 
@@ -83,13 +84,62 @@ def runs_markdown(runs: pd.DataFrame) -> str:
         'train s': runs.seconds.map('{:.0f}'.format), 'folder': runs.run.map(lambda r: f'`{r}`')}))
 
 
+# The recipe fields that say how a run trains (not on what machine): compared between the committed runs and
+# today's RECIPES.
+TRAINING_FIELDS = ['opt', 'lr', 'wd', 'bs', 'label_smoothing', 'epochs', 'net', 'exempt_gn_scale']
+
+
+def recipe_now(norm: str) -> dict:
+    "The recipe of `norm` in the code today, the same on every machine."
+    return recipe(norm, device='cpu', precision='fp32').to_dict()
+
+
+def layer_order(net: str) -> str:
+    "Where the norm sits in each layer of a network with these options (JSON, as runs record them)."
+    return 'conv, ReLU, norm' if json.loads(net).get('norm_after_relu') else 'conv, norm, ReLU'
+
+
+def layer_orders_markdown(nets: dict) -> str:
+    """Where each norm sat in the runs behind a table ({norm: network options as JSON}), and which norms'
+    recipes now put it elsewhere."""
+    by_order = {}
+    for norm, net in nets.items(): by_order.setdefault(layer_order(net), []).append(norm)
+    text = 'Layer order: ' + '; '.join(f"{o} for {', '.join(ns)} norm" for o, ns in by_order.items()) + '.'
+    now = {n: layer_order(json.dumps(recipe_now(n)['net'])) for n in nets}
+    moved = [n for n, net in nets.items() if layer_order(net) != now[n]]
+    if moved: text += f" The recipes of {', '.join(moved)} norm have changed it since these runs."
+    return text
+
+
+def recipe_changes(first: pd.DataFrame) -> list[str]:
+    """Per norm whose recorded recipe (`first`: a run per norm, `net` as JSON) differs from its recipe in the
+    code today: what changed, as 'field recorded -> now'."""
+    changes = []
+    for norm, run in first.iterrows():
+        now = recipe_now(norm)
+        was = {**run[TRAINING_FIELDS].to_dict(), 'net': json.loads(run.net)}
+        diffs = [f"{k} `{json.dumps(was[k])}` -> `{json.dumps(now[k])}`"
+                 for k in TRAINING_FIELDS if was[k] != now[k]]
+        if diffs: changes.append(f"{norm} norm ({', '.join(diffs)})")
+    return changes
+
+
 def recipes_markdown(runs: pd.DataFrame) -> str:
-    "Each norm's recipe as its runs recorded it."
+    """Each norm's recipe as its runs recorded it, and where today's recipes differ from it (the study is then
+    older than the code)."""
     first = runs.groupby('norm', sort=False).first()
-    return markdown_table(pd.DataFrame({
-        'norm': first.index, 'optimizer': first.opt, 'peak lr': first.lr, 'weight decay': first.wd,
-        'batch size': first.bs, 'label smoothing': first.label_smoothing, 'epochs': first.epochs,
-        'precision': first.precision}))
+    text = markdown_table(pd.DataFrame({
+        'norm': first.index, 'layer order': first.net.map(layer_order), 'optimizer': first.opt,
+        'peak lr': first.lr, 'weight decay': first.wd, 'batch size': first.bs,
+        'label smoothing': first.label_smoothing, 'epochs': first.epochs, 'precision': first.precision}))
+    changes = recipe_changes(first)
+    if changes:
+        text += (
+            f"\n**The recipes in the code have changed since these runs:** {'; '.join(changes)}. "
+            "`scripts/run_all.py` trains the new ones; every number below is from the runs above until the "
+            "study is rerun.\n"
+        )
+    return text
 
 
 def describe_layer(name, m) -> str:
@@ -219,22 +269,35 @@ def batch_size_markdown(results: Path, rel: str) -> str:
         lines.append(f"- **{norm} norm**: best at batch size {best} ({pct(g.test_acc[best])}%); "
                      f"{', '.join(at)}. A cell cost {g.seconds[small] / 60:.1f} min at batch size {small}, "
                      f"{g.seconds[large] / 60:.1f} min at {large}.")
-    cells = grid.assign(cell=[f"{pct(a)} ({s / 60:.1f} min)" for a, s in zip(grid.test_acc, grid.seconds)])
-    table = cells.pivot(index='bs', columns='norm', values='cell')[norm_order(grid.norm.unique())]
-    table = table.rename(columns=lambda n: f'{n} norm: test acc % (cost)')
-    table.insert(0, 'peak lr', grid.groupby('bs').lr.first().map('{:.2g}'.format))
     epochs, seeds = sorted(df.epochs.unique()), sorted(df.seed.unique())
+    nets = {n: json.dumps(json.loads((results / run / 'metrics.json').read_text())['net'])
+            for n, run in df.groupby('norm', sort=False).run.first().items()}
     return (
         f"![test accuracy against batch size]({rel}/batch_size.png)\n\n"
         f"Every variant with its recipe at each batch size for {'/'.join(map(str, epochs))} epochs a cell "
         f"(the study trains {MAX_EPOCHS}), seed {', '.join(map(str, seeds))}, peak learning rate scaled with "
         "the "
-        f"square root of the batch size, on {df.device_name.iloc[0]}:\n\n"
-        + markdown_table(table.reset_index().rename(columns={'bs': 'batch size'}))
-        + '\n'
+        f"square root of the batch size, on {df.device_name.iloc[0]} "
+        f"([batch_size.md]({rel}/batch_size.md) has the table). {layer_orders_markdown(nets)}\n\n"
         + '\n'.join(lines)
         + '\n'
     )
+
+
+def batch_size_page(results: Path) -> str | None:
+    "results/batch_size.md: test accuracy and cost of every cell of the batch-size grid."
+    f = results / 'batch_size.csv'
+    if not f.exists(): return None
+    df = pd.read_csv(f)
+    grid = df.groupby(['norm', 'bs']).agg(test_acc=('test_acc', 'mean'), seconds=('seconds', 'mean'),
+                                          lr=('lr', 'first')).reset_index()
+    cells = grid.assign(cell=[f"{pct(a)} ({s / 60:.1f} min)" for a, s in zip(grid.test_acc, grid.seconds)])
+    table = cells.pivot(index='bs', columns='norm', values='cell')[norm_order(grid.norm.unique())]
+    table = table.rename(columns=lambda n: f'{n} norm: test acc % (cost)')
+    table.insert(0, 'peak lr', grid.groupby('bs').lr.first().map('{:.2g}'.format))
+    return ("# Batch size\n\nWritten by `scripts/report.py` from `batch_size.csv` (trained by "
+            f"`scripts/batch_sizes.py` on {df.device_name.iloc[0]}): every cell's test accuracy and what it "
+            "cost.\n\n" + markdown_table(table.reset_index().rename(columns={'bs': 'batch size'})))
 
 
 def inference_markdown(results: Path, rel: str) -> str:
@@ -243,7 +306,6 @@ def inference_markdown(results: Path, rel: str) -> str:
     if not f.exists(): return "_Not measured yet: run `python benchmarks/inference.py`._\n"
     df = pd.read_csv(f)
     acc, speed = df[df.kind == 'accuracy'], df[df.kind == 'speed']
-    table = acc.pivot(index='test_bs', columns='mode', values='test_acc').map(pct)
     lines = []
     bn = acc[acc['mode'] == 'batch: batch statistics']
     running = acc[acc['mode'] == 'batch: running statistics']
@@ -277,10 +339,20 @@ def inference_markdown(results: Path, rel: str) -> str:
                 f"statistics taken out (scale and shift only): computing them costs {cost}."
             )
     return (f"![accuracy against test batch size]({rel}/inference.png)\n\n"
-            f"Test accuracy (%) of each study variant's first-seed model by test batch size; speed on "
-            f"{df.device_name.dropna().iloc[0]}.\n\n"
-            + markdown_table(table.reset_index().rename(columns={'test_bs': 'test batch size'}))
-            + '\n' + '\n'.join(lines) + '\n')
+            f"Each study variant's first-seed model by test batch size "
+            f"([inference.md]({rel}/inference.md) has the table); speed on {df.device_name.dropna().iloc[0]}."
+            "\n\n" + '\n'.join(lines) + '\n')
+
+
+def inference_page(results: Path) -> str | None:
+    "results/inference.md: test accuracy of each study variant by test batch size and mode."
+    f = results / 'inference.csv'
+    if not f.exists(): return None
+    acc = pd.read_csv(f).query("kind == 'accuracy'")
+    table = acc.pivot(index='test_bs', columns='mode', values='test_acc').map(pct)
+    return ("# Inference: accuracy by test batch size\n\nWritten by `scripts/report.py` from `inference.csv` "
+            "(measured by `benchmarks/inference.py`): test accuracy (%) of each study variant's first-seed "
+            "model.\n\n" + markdown_table(table.reset_index().rename(columns={'test_bs': 'test batch size'})))
 
 
 # ---------------------------------------------------------------- pages under results/
@@ -470,7 +542,8 @@ def search_page(results: Path) -> str | None:
     if not f.exists(): return None
     df = pd.read_csv(f).sort_values(['stage', 'holdout_acc'], ascending=[True, False])
     cells = lambda d: markdown_table(pd.DataFrame({
-        'norm': d.norm, 'stage': d.stage, 'optimizer': d.opt, 'peak lr': d.lr.map('{:g}'.format),
+        'norm': d.norm, 'stage': d.stage, 'layer order': d.net.map(layer_order), 'optimizer': d.opt,
+        'peak lr': d.lr.map('{:g}'.format),
         'weight decay': d.wd.map('{:g}'.format), 'epochs': d.epochs, 'held-out acc %': d.holdout_acc.map(pct),
         'train acc %': d.train_acc.map(pct), 'train s': d.seconds.map('{:.0f}'.format)}))
     counts = ', '.join(
@@ -480,12 +553,53 @@ def search_page(results: Path) -> str | None:
     return (
         f"# Recipe search\n\nWritten by `scripts/report.py` from `search.csv` (cells trained by "
         f"`benchmarks/search.py` on {df.device_name.iloc[0]}, seed {df.seed.iloc[0]}). Each cell trains on "
-        "the "
-        "training images but a held-out set and is scored on that set: the test set plays no part. Screen "
-        "cells "
+        "the training images but a held-out set and is scored on that set: the test set plays no part. Every "
+        "cell has its norm's recipe but for the optimizer, peak lr and weight decay it tries. Screen cells "
         f"finished: {counts}.\n\n"
         f"![held-out accuracy against peak learning rate](search.png)\n\n## Best cell of each norm and stage"
         f"\n\n{cells(best)}\n## Every cell\n\n{cells(df)}"
+    )
+
+
+def search_markdown(results: Path, rel: str) -> str:
+    """The recipe search in the README: each norm's chosen cell, how much its held-out accuracy moves across
+    the learning rates, and each norm under the settings the other norms chose (screen cells)."""
+    f = results / 'search.csv'
+    if not f.exists(): return "_Not run yet: `python benchmarks/search.py`._\n"
+    df = pd.read_csv(f)
+    screen, confirm = df[df.stage == 'screen'], df[df.stage == 'confirm']
+    norms = norm_order(screen.norm.unique())
+    setting = lambda r: (r.opt, r.lr, r.wd)
+    chosen = {n: (confirm if n in set(confirm.norm) else screen)[lambda d: d.norm == n]
+              .sort_values('holdout_acc').iloc[-1] for n in norms}
+    lines = []
+    for n in norms:
+        c = chosen[n]
+        spreads = []
+        for opt, g in screen[screen.norm == n].groupby('opt'):
+            by_lr = g.groupby('lr').holdout_acc.max()   # each rate at its better weight decay
+            spreads.append(f"{opt} {pct(by_lr.min())}-{pct(by_lr.max())}% over peak lr "
+                           f"{by_lr.index.min():g}-{by_lr.index.max():g}")
+        lines.append(f"- **{n} norm** chose {c.opt}, peak lr {c.lr:g}, weight decay {c.wd:g} "
+                     f"({pct(c.holdout_acc)}% held-out after {c.epochs} epochs). "
+                     f"Screen: {'; '.join(spreads)}.")
+    settings = {}   # each chosen setting once, with the norms that chose it
+    for m, c in chosen.items(): settings.setdefault(setting(c), []).append(m)
+    in_grid = screen[['opt', 'lr', 'wd']].apply(tuple, axis=1)
+    cross = pd.DataFrame({
+        f"{opt} {lr:g} / {wd:g} ({', '.join(ms)})": [
+            pct(screen[(screen.norm == n) & (in_grid == (opt, lr, wd))].holdout_acc.max()) for n in norms]
+        for (opt, lr, wd), ms in settings.items()}, index=[f'{n} norm' for n in norms])
+    screen_epochs = '/'.join(map(str, sorted(screen.epochs.unique())))
+    return (
+        f"![held-out accuracy against peak learning rate]({rel}/search.png)\n\n"
+        f"On {df.device_name.iloc[0]}, seed {df.seed.iloc[0]}, scored on held-out training images: "
+        f"{len(screen)} screen cells of {screen_epochs} epochs, then each norm's best "
+        f"{confirm.groupby('norm').size().max() if len(confirm) else 0} at {MAX_EPOCHS} "
+        f"([search.md]({rel}/search.md) has every cell).\n\n" + '\n'.join(lines)
+        + f"\n\nEach norm (rows) under the optimizer, peak lr / weight decay that each norm chose (columns), "
+          f"held-out accuracy % after {screen_epochs} epochs, with its own layer order:\n\n"
+        + markdown_table(cross.reset_index(names='norm'))
     )
 
 
@@ -503,7 +617,7 @@ def study_page(results: Path) -> str | None:
 
 
 PAGES = {'study.md': study_page, 'ablation.md': ablation_page, 'precision.md': precision_page,
-         'search.md': search_page,
+         'search.md': search_page, 'batch_size.md': batch_size_page, 'inference.md': inference_page,
          'speed.md': lambda results: speed_page(results / 'speed.json'),
          'gpu/speed.md': lambda results: speed_page(results / 'gpu' / 'speed.json')}
 
@@ -511,6 +625,64 @@ PAGES = {'study.md': study_page, 'ablation.md': ablation_page, 'precision.md': p
 def pages(results: Path) -> dict:
     "Every page under results/ that its data allows: {file name: text}."
     return {name: text for name, make in PAGES.items() if (text := make(results)) is not None}
+
+
+# ---------------------------------------------------------------- on a GPU
+
+# The time the whole study should take on a datacenter GPU (H100 class), evaluation included.
+GPU_STUDY_GOAL_SECONDS = 60
+
+
+def gpu_time_markdown(gpu: Path, rel: str) -> str:
+    "How long the study took on the GPU against the goal, and what bounds a step (from speed.json)."
+    text = ''
+    if (gpu / 'parallel_study.json').exists():
+        p = json.loads((gpu / 'parallel_study.json').read_text())
+        text += (f" With {p['processes']} processes at once on the one GPU ({p['runs_per_process']} runs "
+                 f"each), the study took **{p['wall_seconds']:.0f} s** from the first start to the last "
+                 f"finish; the goal is {GPU_STUDY_GOAL_SECONDS} s.")
+    if not (gpu / 'speed.json').exists(): return text
+    s = json.loads((gpu / 'speed.json').read_text())
+    one, bs = s['variants'][0], s['bs']
+    peak_share = 6 * one['macs'] * one['train_ips'] / 1e9 / s['matmul_gflops'][one['precision']]
+    text += (f" One run alone trains {one['train_ips']:.0f} images/s, "
+             f"{1000 * bs / one['train_ips']:.1f} ms a step of {bs} images, {100 * peak_share:.2f}% of the "
+             f"GPU's {one['precision']} matmul peak.")
+    double = [c['train_ips'] for c in s['changes'] if c['change'] == f"batch size {2 * bs}"]
+    if double:
+        text += (f" At batch size {2 * bs} it trains {double[0]:.0f} images/s, "
+                 f"{1000 * 2 * bs / double[0]:.1f} ms a step: a step's time hardly depends on its images. "
+                 "It goes to launching the step's many small kernels from Python, not to arithmetic "
+                 f"([gpu/speed.md]({rel}/gpu/speed.md) has the profile).")
+    return text
+
+
+def gpu_markdown(results: Path, rel: str) -> str:
+    """The study on a GPU (results/gpu/): its time, table and figure, and each variant beside its CPU run
+    where both ran the same recipe."""
+    gpu = results / 'gpu'
+    if not (gpu / 'summary.csv').exists():
+        return "_Not run yet: `python scripts/run_all.py --out results/gpu` on a GPU._\n"
+    summary, runs = pd.read_csv(gpu / 'summary.csv'), pd.read_csv(gpu / 'runs.csv')
+    text = (f"{len(runs)} runs ({runs.norm.nunique()} variants x {runs.seed.nunique()} seeds) on "
+            f"{runs.device_name.iloc[0]}, {runs.precision.iloc[0]}, torch {runs.torch.iloc[0]}."
+            + gpu_time_markdown(gpu, rel))
+    cpu = pd.read_csv(results / 'summary.csv').set_index('norm')
+    first = {'cpu': pd.read_csv(results / 'runs.csv').groupby('norm').first(),
+             'gpu': runs.groupby('norm').first()}
+    lines = []
+    for _, g in summary[summary.norm.isin(cpu.index)].iterrows():
+        c = cpu.loc[g.norm]
+        if any(recipe_changes(f.loc[[g.norm]]) for f in first.values()):
+            lines.append(f"- {g.norm} norm: {pct(g.test_acc)}% here with today's recipe; the CPU study's "
+                         f"{pct(c.test_acc)}% is from an older one (see Training): they do not compare.")
+            continue
+        gap = g.test_acc - c.test_acc
+        within = 'within' if abs(gap) <= c.test_acc_std else 'outside'
+        lines.append(f"- {g.norm} norm: {pct(g.test_acc)}% here, {mean_std(c.test_acc, c.test_acc_std)}% on "
+                     f"the CPU ({100 * gap:+.2f} points, {within} the CPU seeds' spread).")
+    return (text + '\n\n' + summary_markdown(summary) + '\n' + '\n'.join(lines)
+            + f"\n\n![comparison on the GPU]({rel}/gpu/comparison.png)\n")
 
 
 # ---------------------------------------------------------------- the README's regions
@@ -540,6 +712,8 @@ def regions(results: Path, readme_dir: Path) -> dict:
         'batch_size': '\n' + batch_size_markdown(results, rel),
         'inference': '\n' + inference_markdown(results, rel),
         'ablation': '\n' + ablation_markdown(results, rel),
+        'gpu': '\n' + gpu_markdown(results, rel),
+        'search': '\n' + search_markdown(results, rel),
         'pages': links,
     }
 

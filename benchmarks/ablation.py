@@ -72,7 +72,12 @@ def main(
     subset = {k: v for k, v in dict(n_train=n_train, n_test=n_test).items() if v is not None}
     base = recipe(norm, epochs=epochs, seed=seed, holdout=holdout, **subset)
     picked = [int(i) for i in only.split(',')] if only else range(len(CHANGES))
-    todo = [(CHANGES[i][0], changed(base, CHANGES[i][1])) for i in picked]   # every recipe checked first
+    todo = []
+    for i in picked:   # every recipe checked first; a change the recipe already has is no change
+        r = changed(base, CHANGES[i][1])
+        if i and r == base: print(f"{CHANGES[i][0]}: skipped, the {base.norm} norm recipe has it already")
+        else: todo.append((CHANGES[i][0], r))
+    if not todo: return
     cifar = load_cifar(data)
     scored_on = f'{holdout} held-out training images' if holdout else 'the test set'
     for change, r in todo:

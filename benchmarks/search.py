@@ -11,6 +11,7 @@ go to <out>/search/<norm>-<opt>-lr<lr>-wd<wd>-e<epochs>/; the table to <out>/sea
 <out>/search.png, both written from every finished cell, also after a Ctrl-C. The cells are ordered so that
 every norm has finished the same cells whenever the search stops.
 """
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import normnets_plots as plots
 # weight decay is decoupled (fastai's default); SGD's is L2, added to the gradient, as PyTorch's SGD does.
 GRID = {'adam': dict(lr=(2.5e-3, 5e-3, 1e-2, 2e-2), wd=(0.05, 0.01)),
         'sgd': dict(lr=(0.05, 0.1, 0.2, 0.4), wd=(5e-4, 1e-4))}
-FIELDS = ['norm', 'opt', 'lr', 'wd', 'epochs', 'seed']
+FIELDS = ['norm', 'opt', 'lr', 'wd', 'epochs', 'seed', 'net']
 
 
 def cell_dir(out: Path, r) -> Path:
@@ -70,6 +71,7 @@ def main(
     n_train: int = None,   # train on a random subset (quick checks only)
     n_test: int = None,    # score on a random subset of the held-out images (quick checks only)
     bs: int = None,        # batch size (default: each norm's recipe)
+    precision: str = None,  # pin every cell's precision (fp32, bf16), so one search can span machines
     resume: bool = False,  # keep cells already finished with the same recipe
 ):
     """Search each norm's optimizer, peak learning rate and weight decay with the same budget; write
@@ -78,9 +80,8 @@ def main(
     keep_freed_memory()
     try:
         names = parse_norms(norms)
-        subset = {
-            k: v for k, v in dict(n_train=n_train, n_test=n_test, bs=bs, seed=seed).items() if v is not None
-        }
+        given = dict(n_train=n_train, n_test=n_test, bs=bs, seed=seed, precision=precision)
+        subset = {k: v for k, v in given.items() if v is not None}
         out = check_out(Path(out) if out else REPO_DIR / 'results')
         screen = screen_plan(names, epochs, out, **subset)   # every recipe validated before any work
         cifar = load_cifar(data)
@@ -94,6 +95,7 @@ def main(
                             plan_frame(confirmed, FIELDS).assign(stage='confirm')])
             df = df.rename(columns={'test_acc': 'holdout_acc'})
             if len(df):
+                df['net'] = df.net.map(json.dumps)   # the network options, one readable cell
                 df.to_csv(out / 'search.csv', index=False)
                 plots.search(df[df.stage == 'screen'], out / 'search.png')
                 print(df.sort_values('holdout_acc', ascending=False).groupby('norm').head(3).to_string())

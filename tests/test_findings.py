@@ -1,6 +1,6 @@
 """The measured findings' tools: the batch-size grid end to end on a few hundred images, and the inference
 benchmark's modes (batch statistics at test time, statistics taken out) on a small model."""
-import subprocess, sys
+import json, subprocess, sys
 
 import pandas as pd
 import pytest
@@ -14,7 +14,8 @@ import search
 from normnets import NORMS, normnet
 from normnets_data import REPO_DIR
 from normnets_learner import recipe
-from normnets_report import ablation_markdown, ablation_page, batch_size_markdown, inference_markdown
+from normnets_report import (ablation_markdown, ablation_page, batch_size_markdown, batch_size_page,
+                             gpu_markdown, inference_markdown, inference_page, search_markdown, search_page)
 
 
 def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
@@ -30,6 +31,9 @@ def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
     with Image.open(tmp_path / 'batch_size.png') as im: assert im.format == 'PNG'
     text = batch_size_markdown(tmp_path, 'results')
     for norm in NORMS: assert f'**{norm} norm**' in text
+    assert '| 50 |' in batch_size_page(tmp_path) and '| 100 |' in batch_size_page(tmp_path)
+    # each variant's layer order, read from its runs, and today's recipes have not changed it
+    assert 'conv, ReLU, norm for group' in text and 'changed it since' not in text
 
 
 def trained_like(norm: str) -> nn.Module:
@@ -74,37 +78,64 @@ def test_measure_gives_every_mode_at_every_test_batch_size(tmp_path):
     df['device_name'] = 'a CPU'
     df.to_csv(tmp_path / 'inference.csv', index=False)
     assert 'batch norm** with batch statistics' in inference_markdown(tmp_path, 'results')
+    assert all(f'\n| {bs} |' in inference_page(tmp_path) for bs in inference.TEST_BATCH_SIZES)
 
 
 def test_a_tiny_search_gives_every_norm_the_same_cells_scored_on_held_out_images(tmp_path, monkeypatch):
     grid = {'adam': dict(lr=(1e-2,), wd=(0.05,)), 'sgd': dict(lr=(0.1,), wd=(5e-4,))}
     monkeypatch.setattr(search, 'GRID', grid)
     monkeypatch.setattr(search, 'HOLDOUT', 500)
-    search.main(epochs=1, confirm=1, n_train=400, n_test=200, bs=100, out=str(tmp_path))
+    search.main(epochs=1, confirm=1, n_train=400, n_test=200, bs=100, precision='fp32', out=str(tmp_path))
     df = pd.read_csv(tmp_path / 'search.csv')
     screen, confirm = df[df.stage == 'screen'], df[df.stage == 'confirm']
     assert len(screen) == 2 * len(NORMS) and screen.groupby('norm').size().eq(2).all()
     assert len(confirm) == len(NORMS) and confirm.epochs.eq(20).all() and df.holdout_acc.between(0, 1).all()
+    # every cell keeps the rest of its norm's recipe, its network options included
+    assert all(json.loads(net) == recipe(n).net for n, net in zip(df.norm, df.net))
     m = pd.read_json(tmp_path / 'search' / confirm.run.iloc[0].split('/')[1] / 'metrics.json', typ='series')
     assert m['holdout'] == 500 and m['evaluated_on'] == '200 held-out training images'
+    assert m['precision'] == 'fp32'   # pinned, so that a search can span machines
+    assert '| group | screen | conv, ReLU, norm |' in search_page(tmp_path)
+    text = search_markdown(tmp_path, 'results')   # each norm's choice, and each norm under every choice
+    assert all(f'**{n} norm** chose' in text and f'\n| {n} norm |' in text for n in NORMS)
     with Image.open(tmp_path / 'search.png') as im: assert im.format == 'PNG'
 
 
 def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(tmp_path):
     out = tmp_path / 'ablation.csv'
-    norm_after_relu = next(i for i, (c, _) in enumerate(ablation.CHANGES) if 'norm after the ReLU' in c)
-    ablation.main(norm='gn', epochs=1, only=f'0,{norm_after_relu}', holdout=500, n_train=400, n_test=200,
-                  out=str(out))
+    row = {c: i for i, (c, _) in enumerate(ablation.CHANGES)}
+    norm_after_relu = next(i for c, i in row.items() if 'norm after the ReLU' in c)
+    zero_init = next(i for c, i in row.items() if 'start at zero' in c)
+    ablation.main(norm='gn', epochs=1, only=f'0,{zero_init},{norm_after_relu}', holdout=500, n_train=400,
+                  n_test=200, out=str(out))
     df = pd.read_csv(out)
-    assert df.change.tolist() == ['current recipe', ablation.CHANGES[norm_after_relu][0]]
+    # group norm's recipe already puts the norm after the ReLU: that change is no change, and is not run
+    assert recipe('gn').net['norm_after_relu']
+    assert df.change.tolist() == ['current recipe', ablation.CHANGES[zero_init][0]]
     assert df.scored_on.eq('500 held-out training images').all() and df.test_acc.between(0, 1).all()
     page = ablation_page(tmp_path)
     assert '500 held-out training images' in page and page.count('| group |') == 2
     # the README's summary names the change with its difference in points
     diff = 100 * (df.test_acc[1] - df.test_acc[0])
     summary = ablation_markdown(tmp_path, 'r')
-    assert f"{ablation.CHANGES[norm_after_relu][0]} (group, 1 epochs, {diff:+.2f})" in summary
+    assert f"{ablation.CHANGES[zero_init][0]} (group, 1 epochs, {diff:+.2f})" in summary
     # a change of the network is merged into the recipe's own network settings
     wide = recipe('gn', net=dict(c4=32, c7=24), device='cpu')
     assert ablation.changed(wide, dict(net=dict(norm_after_relu=True))).net == dict(
         c4=32, c7=24, norm_after_relu=True)
+
+
+def test_the_gpu_study_is_set_beside_the_cpu_study_only_where_their_recipes_match(tmp_path):
+    """Each GPU variant is compared with its CPU run only where both ran the same recipe (here the committed
+    GPU study stands in for both)."""
+    import shutil
+    for d in (tmp_path, tmp_path / 'gpu'):
+        d.mkdir(exist_ok=True)
+        for f in ('summary.csv', 'runs.csv'): shutil.copy(REPO_DIR / 'results' / 'gpu' / f, d / f)
+    text = gpu_markdown(tmp_path, 'results')
+    assert text.count("+0.00 points, within the CPU seeds' spread") == len(NORMS) and 'compare' not in text
+    runs = pd.read_csv(tmp_path / 'runs.csv')
+    runs.loc[runs.norm == 'batch', 'lr'] *= 2   # a CPU study of an older batch norm recipe
+    runs.to_csv(tmp_path / 'runs.csv', index=False)
+    text = gpu_markdown(tmp_path, 'results')
+    assert text.count('they do not compare') == 1 and '- batch norm:' in text.split('do not compare')[0]

@@ -12,7 +12,7 @@ import normnets_report as report
 import normnets_study
 from normnets import NORMS, Norm
 from normnets_data import REPO_DIR
-from normnets_learner import RECIPES
+from normnets_learner import RECIPES, recipe
 from normnets_study import SUMMARY_COLUMNS, StudyError, locked, parse_norms, run_study
 
 RUN_ALL = [sys.executable, str(REPO_DIR / 'scripts' / 'run_all.py')]
@@ -113,6 +113,19 @@ def test_readme_is_generated_from_the_results(study, tmp_path):
     (tmp_path / 'results' / 'summary.csv').write_text(
         (out / 'summary.csv').read_text().replace(f"{summary.test_acc[0]}", f"{summary.test_acc[0] / 2}"))
     assert "README region 'summary'" in report.stale(tmp_path / 'results', readme)
+
+
+def test_the_readme_says_which_recipes_changed_since_the_study(study, monkeypatch):
+    runs = pd.read_csv(study[0] / 'runs.csv')
+    for i, run in runs.iterrows():   # runs of today's recipes
+        now = recipe(run.norm, device='cpu').to_dict()
+        for k in report.TRAINING_FIELDS: runs.at[i, k] = json.dumps(now[k]) if k == 'net' else now[k]
+    text = report.recipes_markdown(runs)
+    assert 'have changed' not in text and '| group | conv, ReLU, norm |' in text
+    was = recipe('batch').lr
+    monkeypatch.setitem(RECIPES, 'batch', {**RECIPES['batch'], 'lr': 2 * was})
+    changed = report.recipes_markdown(runs).split('have changed since these runs:')[1]
+    assert f'batch norm (lr `{was}` -> `{2 * was}`)' in changed and 'group' not in changed
 
 
 def test_interrupted_rerun_keeps_the_summary_of_every_finished_run(study_copy, monkeypatch):

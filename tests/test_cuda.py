@@ -1,0 +1,65 @@
+"""The CUDA path, where there is a GPU (skipped elsewhere; the CPU tests cover its logic with faked devices):
+the augmentation never waits for the GPU, training waits for it a few times an epoch rather than every batch,
+and a run trains and records itself on the GPU in the precision `auto` picks there.
+Uses the real CIFAR-10 (NORMNETS_DATA, see the README)."""
+import warnings
+
+import pytest
+import torch
+
+from normnets_data import crop_flip, get_dls
+from normnets_learner import native_bf16, normnet_learner, recipe, train_run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+
+
+class SyncCount:
+    "Counts the host-device synchronizations inside the block (PyTorch's sync debug mode, as warnings)."
+    def __enter__(self):
+        torch.cuda.synchronize()
+        self.caught = warnings.catch_warnings(record=True)
+        self.records = self.caught.__enter__()
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode('default')
+        self.caught.__exit__(*exc)
+        messages = [str(w.message) for w in self.records]
+        self.n = sum('synchroniz' in m and 'prototype' not in m for m in messages)   # not the mode's notice
+
+
+def test_crop_flip_on_the_gpu_waits_for_nothing_and_equals_the_cpus():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=g)
+    dy, dx = torch.randint(0, 9, (2, 256), generator=g)
+    flip = torch.rand(256, generator=g) < 0.5
+    on_gpu = [t.cuda() for t in (x, dy, dx, flip)]
+    with SyncCount() as syncs: y = crop_flip(*on_gpu, 4)
+    assert syncs.n == 0, [str(w.message) for w in syncs.records]
+    assert torch.equal(y.cpu(), crop_flip(x, dy, dx, flip, 4))
+
+
+@pytest.mark.parametrize('precision', ['bf16', 'fp16', 'fp32'])
+def test_training_waits_for_the_gpu_per_epoch_not_per_batch(precision):
+    """Batches, augmentation, metrics and the optimizer step stay on the GPU: the host waits a few times an
+    epoch (reading the epoch's metrics), not at each of its 64 batches. float16's loss scaling (PyTorch's
+    GradScaler) reads its overflow check twice a step, waits of its own."""
+    dls = get_dls(n_train=16384, n_test=512, bs=256, device='cuda')
+    learn = normnet_learner(dls, recipe('bn', bs=256, device='cuda', precision=precision))
+    epochs = 2
+    with learn.no_logging(), learn.no_bar():
+        learn.fit_one_cycle(1)   # warm-up: the first batches allocate and pick kernels
+        with SyncCount() as syncs: learn.fit_one_cycle(epochs)
+    steps = epochs * len(dls.train)
+    loss_scaling = 2 * steps if precision == 'fp16' else 0
+    assert syncs.n - loss_scaling <= 10 * epochs, f"{syncs.n} waits in {epochs} epochs, {steps} steps"
+
+
+def test_a_run_trains_on_the_gpu_and_says_so(tmp_path):
+    m = train_run(recipe('gn', epochs=3, bs=256, n_train=16384, n_test=1024, device='cuda'), tmp_path / 'gn')
+    assert m['device'].startswith('cuda') and torch.cuda.get_device_name() == m['device_name']
+    assert m['precision'] == ('bf16' if native_bf16('cuda') else 'fp16')
+    assert m['test_acc'] > 0.25 and m['train_acc'] > 0.25   # it learns (chance: 0.1)
+    assert (tmp_path / 'gn' / 'model.pkl').exists() and (tmp_path / 'gn' / 'misclassified.png').exists()
