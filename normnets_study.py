@@ -6,10 +6,12 @@ any point (Ctrl-C, a kill) leaves a summary of every finished run that belongs t
 recipes in the same folder are named, not mixed in. One writer at a time: the folder is locked while a study
 writes to it.
 """
-import contextlib, dataclasses, json, os, platform, signal, tempfile, time
+import contextlib, dataclasses, json, multiprocessing, os, platform, signal, tempfile, time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from normnets import NORMS, architecture_id, norm_name
 from normnets_data import load_cifar
@@ -21,7 +23,7 @@ try: import fcntl
 except ImportError: fcntl = None   # Windows: no folder lock
 
 __all__ = ['STUDY_SEEDS', 'StudyError', 'parse_norms', 'run_dir', 'check_out', 'locked', 'kept_run',
-           'plan_frame', 'find_runs', 'summarize', 'run_plan', 'run_study']
+           'plan_frame', 'find_runs', 'summarize', 'run_plan', 'run_parallel', 'run_study']
 
 STUDY_SEEDS = 3   # runs per variant in the committed study: the spread is part of the result
 SUMMARY_COLUMNS = ['norm', 'params', 'epochs', 'seeds', 'train_acc', 'train_acc_std', 'best_test_acc',
@@ -163,15 +165,16 @@ def summarize(out: Path, overrides: dict, plan: list = ()) -> tuple[pd.DataFrame
     return summary, missing
 
 
-def run_plan(plan: list, cifar, resume: bool = False, figures: bool = True) -> int:
+def run_plan(plan: list, cifar, resume: bool = False, figures: bool = True, jobs: int = 1):
     """Train each (title, recipe, folder) of `plan` in order, or keep its finished run with `resume`, printing
-    progress with the time left. Ctrl-C or a kill stops after the finished runs, which stay on disk. Returns
-    how many runs of the plan are finished."""
+    progress with the time left; `jobs` > 1 trains that many at once (`run_parallel`). Ctrl-C or a kill stops
+    after the finished runs, which stay on disk."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C
     kept = [kept_run(d, r) if resume else None for _, r, d in plan]
     left = sum(m is None for m in kept)   # runs to train; the time estimate counts only those
-    trained, train_seconds, finished = 0, 0.0, 0
+    trained, train_seconds = 0, 0.0
     try:
+        if jobs > 1 and left > 1: return run_parallel(plan, kept, cifar, figures, jobs)
         for i, ((title, r, d), m) in enumerate(zip(plan, kept)):
             eta = f", about {train_seconds / trained * left / 60:.0f} min left" if trained else ''
             print(f"\n=== run {i + 1}/{len(plan)}: {title}, {r.epochs} epochs{eta} ===", flush=True)
@@ -181,23 +184,66 @@ def run_plan(plan: list, cifar, resume: bool = False, figures: bool = True) -> i
                 m = train_run(r, d, cifar=cifar, figures=figures)
                 trained, left = trained + 1, left - 1
                 train_seconds += time.perf_counter() - start
-            finished += 1
             print(f"{title}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
     except KeyboardInterrupt:
         print("\nInterrupted: the finished runs are kept.", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return finished
+
+
+def start_worker(threads: int):
+    "A process of `run_parallel`: its share of the CPU threads, and a Ctrl-C that stops its run."
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # also where its parent started ignoring it
+
+
+def run_parallel(plan: list, kept: list, cifar, figures: bool, jobs: int):
+    """`run_plan`'s runs to train, `jobs` at a time, each in a process of its own with its share of the CPU
+    threads. One small run keeps a GPU busy for a fraction of each step (it waits for Python to launch the
+    step's kernels), so on a GPU several at once take little longer than one; on a CPU they only share its
+    cores. A Ctrl-C or a kill stops every run in flight as a Ctrl-C stops one."""
+    for (title, _, d), m in zip(plan, kept):
+        if m: print(f"kept the finished run in {d}: {title}, test accuracy {m['test_acc']:.4f}")
+    todo = [(title, r, d) for (title, r, d), m in zip(plan, kept) if m is None]
+    print(f"\n=== {len(todo)} runs to train, {jobs} at a time ===", flush=True)
+    threads, start = max(1, torch.get_num_threads() // jobs), time.perf_counter()
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'),   # CUDA cannot fork
+                               initializer=start_worker, initargs=(threads,))
+    try:
+        runs = {pool.submit(train_run, r, d, cifar=cifar, figures=figures): title for title, r, d in todo}
+        pending, trained = set(runs), 0
+        while pending:
+            # a second at most: the wait must end for a kill's KeyboardInterrupt to be raised
+            done, pending = wait(pending, timeout=1, return_when=FIRST_COMPLETED)
+            for run in done:
+                m, trained = run.result(), trained + 1
+                eta = f", about {(time.perf_counter() - start) / trained * len(pending) / 60:.0f} min left" \
+                    if pending else ''
+                print(f"{runs[run]}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s "
+                      f"({trained}/{len(todo)} trained{eta})", flush=True)
+    except KeyboardInterrupt:
+        workers = list(pool._processes.values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for _ in range(60):   # each worker stops its run as after a Ctrl-C, also a run it took from the queue
+            if not any(w.is_alive() for w in workers): break
+            for w in workers:
+                with contextlib.suppress(ProcessLookupError): os.kill(w.pid, signal.SIGINT)
+            time.sleep(0.5)
+        for w in workers: w.terminate()   # one that outlived 30 s of Ctrl-C
+        raise
+    pool.shutdown()
 
 
 def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='results', data=None,
-              resume: bool = False, **overrides) -> tuple[pd.DataFrame | None, list]:
+              resume: bool = False, jobs: int = 1, **overrides) -> tuple[pd.DataFrame | None, list]:
     """Train every norm of `norms` (default: all registered) with its recipe and `overrides`, for `seeds`
     seeds from `first_seed`, into `out`; then summarize the folder. Every input is checked before any work.
-    `resume` keeps runs already in `out` whose whole recipe matches. Ctrl-C or a kill stops after the finished
-    runs, which are kept and summarized. Returns the summary and the missing runs."""
+    `resume` keeps runs already in `out` whose whole recipe matches; `jobs` trains that many at once. Ctrl-C
+    or a kill stops after the finished runs, which are kept and summarized. Returns the summary and the
+    missing runs."""
     norms = parse_norms(norms if norms is None or isinstance(norms, str) else ','.join(norms))
     if seeds < 1: raise StudyError(f"--seeds {seeds}: need at least one")
+    if jobs < 1: raise StudyError(f"--jobs {jobs}: need at least one")
     # bad values fail here, before any work
     recipes = {n: recipe(n, **overrides, seed=first_seed) for n in norms}
     cifar = load_cifar(data)   # bad data fails here too, and it is decoded only once
@@ -207,5 +253,5 @@ def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='re
     plan = [(f"{n} norm, seed {s}", dataclasses.replace(recipes[n], seed=s), run_dir(out, n, s, first_seed))
             for s, n in seed_norms]
     with locked(out):
-        run_plan(plan, cifar, resume)
+        run_plan(plan, cifar, resume, jobs=jobs)
         return summarize(out, overrides, seed_norms)

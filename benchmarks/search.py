@@ -2,6 +2,7 @@
 
     python benchmarks/search.py --epochs 4 --resume            # screen: every cell of GRID, short runs
     python benchmarks/search.py --confirm 3 --resume           # then the best 3 of each norm at full length
+    python benchmarks/search.py --confirm 2 --jobs 8           # both on a GPU, 8 cells at once
 
 Every registered norm gets the same cells: each optimizer of `GRID` at each of its peak learning rates and
 weight decays, with the rest of the norm's recipe. A cell trains on the training images but `HOLDOUT` of them
@@ -73,6 +74,7 @@ def main(
     bs: int = None,        # batch size (default: each norm's recipe)
     precision: str = None,  # pin every cell's precision (fp32, bf16), so one search can span machines
     resume: bool = False,  # keep cells already finished with the same recipe
+    jobs: int = 1,         # cells trained at once, each in a process of its own (a GPU: several; a CPU: 1)
 ):
     """Search each norm's optimizer, peak learning rate and weight decay with the same budget; write
     search.csv/png."""
@@ -88,9 +90,9 @@ def main(
     except ValueError as e: raise CliError(f"error: {e}")
     try:
         with locked(check_out(out / 'search')):
-            run_plan(screen, cifar, resume, figures=False)
+            run_plan(screen, cifar, resume, figures=False, jobs=jobs)
             confirmed = confirm_plan(screen, confirm, MAX_EPOCHS, out) if confirm else []
-            run_plan(confirmed, cifar, resume, figures=False)
+            run_plan(confirmed, cifar, resume, figures=False, jobs=jobs)
             df = pd.concat([plan_frame(screen, FIELDS).assign(stage='screen'),
                             plan_frame(confirmed, FIELDS).assign(stage='confirm')])
             df = df.rename(columns={'test_acc': 'holdout_acc'})

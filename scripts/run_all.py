@@ -4,6 +4,7 @@ summary, and for the default results/ the README's generated regions.
     python scripts/run_all.py                                   # every variant x 20 epochs x 3 seeds
     python scripts/run_all.py --data ../shared/data/cifar10-jpeg.tgz --resume
     python scripts/run_all.py --norms bn,gn --epochs 5 --seeds 1 --out /tmp/study
+    python scripts/run_all.py --out results/gpu --jobs 5               # on a GPU: 5 runs at once
 
 Per variant (first seed): <out>/<norm>/ as scripts/train.py writes it. Further seeds:
 <out>/seeds/<norm>-seed<k>/. Study: summary.csv and summary.md (mean and spread over seeds), runs.csv (one row
@@ -42,13 +43,14 @@ def main(
     precision: str = None,  # auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16 (GPU)
     device: str = None,  # auto (the GPU if there is one), cpu, cuda or cuda:N
     autotune: bool = False,  # cuDNN picks its fastest kernels (GPU): faster, runs no longer repeat exactly
+    jobs: int = 1,  # runs trained at once, each in a process of its own (a GPU: one a variant; a CPU: 1)
 ):
     "Train every variant with its recipe, the same data and seeds, and write the study's tables and figures."
     matplotlib.use('Agg')
     keep_freed_memory()
     out_dir = Path(out) if out else REPO_DIR / 'results'
     try:
-        summary, missing = run_study(norms, seeds, seed, out_dir, data, resume, **given(
+        summary, missing = run_study(norms, seeds, seed, out_dir, data, resume, jobs, **given(
             epochs=epochs, bs=bs, lr=lr, wd=wd, opt=opt, n_train=n_train, n_test=n_test, precision=precision,
             device=device, reproducible=False if autotune else None))
     except ValueError as e: raise CliError(f"error: {e}")  # bad values or data, a busy or unwritable folder

@@ -1,18 +1,19 @@
 """The study end to end on a small subset of the real data for 1 epoch: every file written and well-formed, a
 README generated from it, and no run lost or mixed (interruptions, other recipes, a second writer, bad --out).
 """
-import json, shutil, subprocess, sys
+import json, os, shutil, subprocess, sys, time
 
 import pandas as pd
 import pytest
 from PIL import Image
+import torch
 from torch import nn
 
 import normnets_report as report
 import normnets_study
 from normnets import NORMS, Norm
 from normnets_data import REPO_DIR
-from normnets_learner import RECIPES, recipe
+from normnets_learner import RECIPES, recipe, saved_recipe
 from normnets_study import SUMMARY_COLUMNS, StudyError, locked, parse_norms, run_study
 
 RUN_ALL = [sys.executable, str(REPO_DIR / 'scripts' / 'run_all.py')]
@@ -156,6 +157,41 @@ def test_runs_of_another_recipe_are_named_not_mixed(study_copy, monkeypatch):
     assert summary.seeds.eq(1).all() and 'seeds/batch-seed7' in (study_copy / 'summary.md').read_text()
 
 
+def test_runs_trained_at_once_are_the_runs_trained_one_by_one(tmp_path):
+    """--jobs trains runs in processes of their own, at once, each with its share of the CPU threads: they are
+    the runs one process trains one by one with as many threads, and the progress counts them."""
+    args = RUN_ALL + TINY_ARGS + ['--norms', 'bn,gn']
+    r = run(args + ['--jobs', '2', '--out', str(tmp_path / 'at_once')])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert '2 runs to train, 2 at a time' in r.stdout and '(2/2 trained)' in r.stdout
+    threads = str(max(1, torch.get_num_threads() // 2))   # each job's share, as run_parallel gives it
+    r = run(args + ['--out', str(tmp_path / 'one_by_one')], env={**os.environ, 'OMP_NUM_THREADS': threads})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for norm in ('batch', 'group'):
+        one_by_one, at_once = (json.loads((tmp_path / d / norm / 'metrics.json').read_text())
+                               for d in ('one_by_one', 'at_once'))
+        assert saved_recipe(at_once) == saved_recipe(one_by_one)
+        assert (at_once['test_acc'], at_once['train_loss']) == pytest.approx(
+            (one_by_one['test_acc'], one_by_one['train_loss']), abs=1e-6)
+    assert set(pd.read_csv(tmp_path / 'at_once' / 'summary.csv').norm) == {'batch', 'group'}
+
+
+def test_a_kill_stops_every_run_in_flight(tmp_path):
+    """A kill of a study training runs at once stops its workers too, as a Ctrl-C stops one run: nothing
+    half-written, no run finishing after the study has ended, the folder free again."""
+    args = ['--seeds', '1', '--epochs', '5', '--n-train', '4000', '--n-test', '300', '--bs', '100']
+    study = subprocess.Popen(RUN_ALL + args + ['--norms', 'bn,gn,ln', '--jobs', '2', '--out', str(tmp_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in study.stdout:
+        if 'runs to train' in line: break
+    time.sleep(8)   # the workers are training
+    study.terminate()
+    assert 'Interrupted: the finished runs are kept.' in study.communicate(timeout=60)[0]
+    time.sleep(3)
+    assert not [p.name for p in tmp_path.iterdir() if p.is_dir()]   # no run, finished or half-written
+    with locked(tmp_path): pass
+
+
 def test_a_second_writer_is_refused(tmp_path):
     with locked(tmp_path):
         r = run(RUN_ALL + TINY_ARGS + ['--out', str(tmp_path)])
@@ -173,6 +209,7 @@ def test_a_second_writer_is_refused(tmp_path):
     (['--norms', 'bn,batch'], 'names batch more than once'),
     (['--epochs', '25'], 'the rules allow 1 to 20 epochs'),
     (['--bs', '0'], 'batch size 0: must be at least 1'),
+    (['--jobs', '0'], '--jobs 0: need at least one'),
 ])
 def test_run_all_refuses_bad_input_before_any_work(tmp_path, args, message):
     r = run(RUN_ALL + ['--out', str(tmp_path / 's')] + args)
