@@ -111,13 +111,17 @@ def layer_orders_markdown(nets: dict) -> str:
     return text
 
 
+def recorded_recipe(run: pd.Series) -> dict:
+    "The training fields of a run's recipe, as runs.csv records them (`net` as JSON)."
+    return {**run[TRAINING_FIELDS].to_dict(), 'net': json.loads(run.net)}
+
+
 def recipe_changes(first: pd.DataFrame) -> list[str]:
     """Per norm whose recorded recipe (`first`: a run per norm, `net` as JSON) differs from its recipe in the
     code today: what changed, as 'field recorded -> now'."""
     changes = []
     for norm, run in first.iterrows():
-        now = recipe_now(norm)
-        was = {**run[TRAINING_FIELDS].to_dict(), 'net': json.loads(run.net)}
+        now, was = recipe_now(norm), recorded_recipe(run)
         diffs = [f"{k} `{json.dumps(was[k])}` -> `{json.dumps(now[k])}`"
                  for k in TRAINING_FIELDS if was[k] != now[k]]
         if diffs: changes.append(f"{norm} norm ({', '.join(diffs)})")
@@ -580,8 +584,11 @@ def search_markdown(results: Path, rel: str) -> str:
             by_lr = g.groupby('lr').holdout_acc.max()   # each rate at its better weight decay
             spreads.append(f"{opt} {pct(by_lr.min())}-{pct(by_lr.max())}% over peak lr "
                            f"{by_lr.index.min():g}-{by_lr.index.max():g}")
+        rates = screen[screen.opt == c.opt].lr
+        edge = (f" Its rate is the {'largest' if c.lr == rates.max() else 'smallest'} searched for {c.opt}: "
+                "the best may lie beyond." if c.lr in (rates.min(), rates.max()) else '')
         lines.append(f"- **{n} norm** chose {c.opt}, peak lr {c.lr:g}, weight decay {c.wd:g} "
-                     f"({pct(c.holdout_acc)}% held-out after {c.epochs} epochs). "
+                     f"({pct(c.holdout_acc)}% held-out after {c.epochs} epochs).{edge} "
                      f"Screen: {'; '.join(spreads)}.")
     settings = {}   # each chosen setting once, with the norms that chose it
     for m, c in chosen.items(): settings.setdefault(setting(c), []).append(m)
@@ -659,7 +666,7 @@ def gpu_time_markdown(gpu: Path, rel: str) -> str:
 
 def gpu_markdown(results: Path, rel: str) -> str:
     """The study on a GPU (results/gpu/): its time, table and figure, and each variant beside its CPU run
-    where both ran the same recipe."""
+    where both ran the same recipe (the CPU study's results/summary.csv and runs.csv)."""
     gpu = results / 'gpu'
     if not (gpu / 'summary.csv').exists():
         return "_Not run yet: `python scripts/run_all.py --out results/gpu` on a GPU._\n"
@@ -668,14 +675,13 @@ def gpu_markdown(results: Path, rel: str) -> str:
             f"{runs.device_name.iloc[0]}, {runs.precision.iloc[0]}, torch {runs.torch.iloc[0]}."
             + gpu_time_markdown(gpu, rel))
     cpu = pd.read_csv(results / 'summary.csv').set_index('norm')
-    first = {'cpu': pd.read_csv(results / 'runs.csv').groupby('norm').first(),
-             'gpu': runs.groupby('norm').first()}
+    cpu_first, gpu_first = (pd.read_csv(d / 'runs.csv').groupby('norm').first() for d in (results, gpu))
     lines = []
     for _, g in summary[summary.norm.isin(cpu.index)].iterrows():
         c = cpu.loc[g.norm]
-        if any(recipe_changes(f.loc[[g.norm]]) for f in first.values()):
-            lines.append(f"- {g.norm} norm: {pct(g.test_acc)}% here with today's recipe; the CPU study's "
-                         f"{pct(c.test_acc)}% is from an older one (see Training): they do not compare.")
+        if recorded_recipe(cpu_first.loc[g.norm]) != recorded_recipe(gpu_first.loc[g.norm]):
+            lines.append(f"- {g.norm} norm: {pct(g.test_acc)}% here; the CPU study's {pct(c.test_acc)}% is "
+                         "from another recipe (see Training): they do not compare.")
             continue
         gap = g.test_acc - c.test_acc
         within = 'within' if abs(gap) <= c.test_acc_std else 'outside'

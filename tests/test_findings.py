@@ -98,6 +98,7 @@ def test_a_tiny_search_gives_every_norm_the_same_cells_scored_on_held_out_images
     assert '| group | screen | conv, ReLU, norm |' in search_page(tmp_path)
     text = search_markdown(tmp_path, 'results')   # each norm's choice, and each norm under every choice
     assert all(f'**{n} norm** chose' in text and f'\n| {n} norm |' in text for n in NORMS)
+    assert text.count('the best may lie beyond') == len(NORMS)   # one rate per optimizer: all at an edge
     with Image.open(tmp_path / 'search.png') as im: assert im.format == 'PNG'
 
 
@@ -135,7 +136,7 @@ def test_the_gpu_study_is_set_beside_the_cpu_study_only_where_their_recipes_matc
     text = gpu_markdown(tmp_path, 'results')
     assert text.count("+0.00 points, within the CPU seeds' spread") == len(NORMS) and 'compare' not in text
     runs = pd.read_csv(tmp_path / 'runs.csv')
-    runs.loc[runs.norm == 'batch', 'lr'] *= 2   # a CPU study of an older batch norm recipe
+    runs.loc[runs.norm == 'batch', 'lr'] *= 2   # a CPU study of another batch norm recipe
     runs.to_csv(tmp_path / 'runs.csv', index=False)
     text = gpu_markdown(tmp_path, 'results')
     assert text.count('they do not compare') == 1 and '- batch norm:' in text.split('do not compare')[0]
