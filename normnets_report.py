@@ -677,18 +677,22 @@ def gpu_markdown(results: Path, rel: str) -> str:
     cpu = pd.read_csv(results / 'summary.csv').set_index('norm')
     cpu_first, gpu_first = (pd.read_csv(d / 'runs.csv').groupby('norm').first() for d in (results, gpu))
     lines = []
-    for _, g in summary[summary.norm.isin(cpu.index)].iterrows():
-        c = cpu.loc[g.norm]
-        if recorded_recipe(cpu_first.loc[g.norm]) != recorded_recipe(gpu_first.loc[g.norm]):
-            lines.append(f"- {g.norm} norm: {pct(g.test_acc)}% here; the CPU study's {pct(c.test_acc)}% is "
-                         "from another recipe (see Training): they do not compare.")
-            continue
-        gap = g.test_acc - c.test_acc
-        within = 'within' if abs(gap) <= c.test_acc_std else 'outside'
-        lines.append(f"- {g.norm} norm: {pct(g.test_acc)}% here, {mean_std(c.test_acc, c.test_acc_std)}% on "
-                     f"the CPU ({100 * gap:+.2f} points, {within} the CPU seeds' spread).")
-    return (text + '\n\n' + summary_markdown(summary) + '\n' + '\n'.join(lines)
-            + f"\n\n![comparison on the GPU]({rel}/gpu/comparison.png)\n")
+    for _, g in summary.iterrows():
+        line = (f"- **{g.norm} norm**: test {mean_std(g.test_acc, g.test_acc_std)}% "
+                f"(train {pct(g.train_acc)}%, with flip TTA {pct(g.tta_test_acc)}%), {g.seconds:.0f} s a run")
+        if g.norm not in cpu.index: line += '; no CPU run.'
+        elif recorded_recipe(cpu_first.loc[g.norm]) != recorded_recipe(gpu_first.loc[g.norm]):
+            line += (f"; the CPU study's {pct(cpu.loc[g.norm].test_acc)}% is from another recipe (see "
+                     "Training): they do not compare.")
+        else:
+            c = cpu.loc[g.norm]
+            gap = g.test_acc - c.test_acc
+            within = 'within' if abs(gap) <= c.test_acc_std else 'outside'
+            line += (f"; {mean_std(c.test_acc, c.test_acc_std)}% on the CPU ({100 * gap:+.2f} points, "
+                     f"{within} the CPU seeds' spread).")
+        lines.append(line)
+    return (text + f" Mean ± standard deviation over seeds ([gpu/summary.md]({rel}/gpu/summary.md) has the "
+            "table):\n\n" + '\n'.join(lines) + f"\n\n![comparison on the GPU]({rel}/gpu/comparison.png)\n")
 
 
 # ---------------------------------------------------------------- the README's regions
