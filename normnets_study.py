@@ -201,7 +201,7 @@ def run_parallel(plan: list, kept: list, cifar, figures: bool, jobs: int):
     """`run_plan`'s runs to train, `jobs` at a time, each in a process of its own with its share of the CPU
     threads. One small run keeps a GPU busy for a fraction of each step (it waits for Python to launch the
     step's kernels), so on a GPU several at once take little longer than one; on a CPU they only share its
-    cores. A Ctrl-C or a kill stops every run in flight as a Ctrl-C stops one."""
+    cores. A Ctrl-C, a kill or a failed run stops every run in flight as a Ctrl-C stops one."""
     for (title, _, d), m in zip(plan, kept):
         if m: print(f"kept the finished run in {d}: {title}, test accuracy {m['test_acc']:.4f}")
     todo = [(title, r, d) for (title, r, d), m in zip(plan, kept) if m is None]
@@ -221,8 +221,8 @@ def run_parallel(plan: list, kept: list, cifar, figures: bool, jobs: int):
                     if pending else ''
                 print(f"{runs[run]}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s "
                       f"({trained}/{len(todo)} trained{eta})", flush=True)
-    except KeyboardInterrupt:
-        workers = list(pool._processes.values())
+    except BaseException:   # a Ctrl-C, a kill or a failed run: as in one process, the study stops there
+        workers = list((pool._processes or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
         for _ in range(60):   # each worker stops its run as after a Ctrl-C, also a run it took from the queue
             if not any(w.is_alive() for w in workers): break
