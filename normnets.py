@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ['PARAM_LIMIT', 'MAX_EPOCHS', 'PASS_ACCURACY', 'WIDTHS', 'GN_GROUPS', 'Norm', 'NORMS',
            'register_norm', 'norm_name', 'FloatGroupNorm', 'LayerNorm2d', 'WSConv2d', 'ConvNormAct',
-           'NormNet', 'normnet', 'architecture_id', 'count_params', 'count_macs', 'fold_batchnorm']
+           'NormNet', 'normnet', 'init_whitening', 'architecture_id', 'count_params', 'count_macs',
+           'fold_batchnorm']
 
 # The exercise's rules.
 PARAM_LIMIT = 50_000   # every variant has fewer parameters
@@ -177,6 +179,24 @@ def normnet(norm: str = 'batch', **kwargs) -> NormNet:
     """The network with `norm` (a name or alias in `NORMS`); `kwargs` override `WIDTHS`, `gn_groups`,
     `norm_after_relu` or `zero_init_residual`."""
     return NormNet(norm, **{**WIDTHS, **kwargs})
+
+
+@torch.no_grad()
+def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> nn.Conv2d:
+    """Set `conv`'s filters to the leading eigenvectors of the covariance of the `images`' patches of its
+    kernel size, each divided by the square root of its eigenvalue, as airbench initializes its first layer:
+    its outputs start out as the patches' strongest directions, decorrelated and at unit variance, which a
+    network would otherwise spend its first epochs learning. `images`: (N, C, H, W) as the network sees
+    them (normalized)."""
+    k, c_out = conv.kernel_size[0], conv.out_channels
+    patches = F.unfold(images.float(), k).transpose(1, 2).flatten(0, 1)   # (N * positions, C * k * k)
+    patches = patches - patches.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))   # ascending
+    if c_out > len(eigenvalues):
+        raise ValueError(f"{c_out} filters, but a patch has only {len(eigenvalues)} values to whiten")
+    top = eigenvectors[:, -c_out:].flip(1) / torch.sqrt(eigenvalues[-c_out:].flip(0) + eps)
+    conv.weight.copy_(top.T.reshape(conv.weight.shape))   # unfold's order (C, kh, kw) is the weight's
+    return conv
 
 
 def architecture_id(model: nn.Module) -> str:

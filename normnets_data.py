@@ -25,7 +25,7 @@ from fastprogress.fastprogress import progress_bar
 
 __all__ = ['REPO_DIR', 'DATA_DIR', 'BS', 'CIFAR10_CLASSES', 'CIFAR10_COUNTS', 'CifarDataError', 'Cifar',
            'Sample', 'find_data', 'load_cifar', 'ToTensorImage', 'to_rgb8', 'crop_flip', 'RandomCropFlip',
-           'ArrayDL', 'plain_train_dl', 'get_dls']
+           'cutout_mask', 'Cutout', 'ArrayDL', 'plain_train_dl', 'get_dls']
 
 REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / 'data'
@@ -261,6 +261,30 @@ class RandomCropFlip(DisplayedTransform):
         return TensorImage(crop_flip(x.as_subclass(torch.Tensor), dy, dx, flip, self.pad))
 
 
+def cutout_mask(h: int, w: int, size: int, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) masks, true in the `size` x `size` square centred at (`cy`, `cx`) of each image, cut off
+    where it reaches past the border. Comparisons with computed bounds: no host sync on a GPU."""
+    lo_y, lo_x = (cy - size // 2)[:, None], (cx - size // 2)[:, None]
+    rows, cols = torch.arange(h, device=cy.device)[None], torch.arange(w, device=cx.device)[None]
+    inside_rows = (rows >= lo_y) & (rows < lo_y + size)   # (N, H)
+    inside_cols = (cols >= lo_x) & (cols < lo_x + size)   # (N, W)
+    return inside_rows[:, :, None] & inside_cols[:, None, :]
+
+
+class Cutout(DisplayedTransform):
+    """Cutout (DeVries & Taylor 2017): a random `size` x `size` square of each training image set to 0, which
+    after normalization is the training images' mean. The network must then recognize objects from part of
+    them."""
+    split_idx, order = 0, 100   # training only; after Normalize (99), so 0 is the mean
+    def __init__(self, size: int): self.size = size
+
+    def encodes(self, x: TensorImage):
+        n, _, h, w = x.shape
+        cy, cx = torch.randint(0, h, (n,), device=x.device), torch.randint(0, w, (n,), device=x.device)
+        mask = cutout_mask(h, w, self.size, cy, cx)
+        return TensorImage(x.as_subclass(torch.Tensor).masked_fill(mask[:, None], 0))
+
+
 # ---------------------------------------------------------------- DataLoaders
 
 class ArrayDL(TfmdDL):
@@ -313,11 +337,13 @@ def _holdout(x, y, n):
 
 
 def get_dls(data=None, bs: int = BS, n_train: int = None, n_test: int = None, seed: int = 0, device=None,
-            counts: dict = CIFAR10_COUNTS, cifar: Cifar = None, holdout: int = 0) -> DataLoaders:
+            counts: dict = CIFAR10_COUNTS, cifar: Cifar = None, holdout: int = 0,
+            cutout: int = 0) -> DataLoaders:
     """fastai `DataLoaders` of CIFAR-10: the training images (augmented) for training and the test images for
     validation. `n_train`/`n_test` take a random subset (for quick checks); `cifar` reuses decoded data.
     `holdout` > 0 validates on that many training images set aside instead (a recipe search: the test set
-    stays unseen), and trains on the others."""
+    stays unseen), and trains on the others. `cutout` > 0 adds `Cutout` of that size to the training
+    batches."""
     cifar = cifar or load_cifar(data, counts)
     x_train, y_train, x_test, y_test = cifar.x_train, cifar.y_train, cifar.x_test, cifar.y_test
     if holdout: x_train, y_train, x_test, y_test = _holdout(x_train, y_train, holdout)
@@ -331,6 +357,7 @@ def get_dls(data=None, bs: int = BS, n_train: int = None, n_test: int = None, se
         RandomCropFlip(4),
         IntToFloatTensor(),
         Normalize.from_stats(mean.tolist(), std.tolist(), cuda=False),
+        *([Cutout(cutout)] if cutout else []),
     ]
     item_tfms = [[ToTensorImage()], [AttrGetter('label'), Categorize(vocab=cifar.classes, sort=False)]]
 

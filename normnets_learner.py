@@ -18,29 +18,32 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.amp import GradScaler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import fastai
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.mixup import MixUp
 from fastai.callback.progress import ProgressCallback
 from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Learner, AvgMetric, AvgLoss, AvgSmoothLoss
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from fastai.optimizer import Adam, Optimizer, average_grad, l2_reg
+from fastai.optimizer import Adam, Lookahead, Optimizer, average_grad, l2_reg
 from fastai.torch_core import default_device, find_bs, set_seed
 import fastai.callback.schedule   # noqa: F401  adds Learner.fit_one_cycle
 import fastai.vision.learner      # noqa: F401  adds plot_top_losses for images
 from fastcore.foundation import L
 
 from normnets import MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY, normnet, norm_name, architecture_id
-from normnets import count_params, count_macs
+from normnets import count_params, count_macs, init_whitening
 from normnets_data import BS, get_dls, plain_train_dl
 import normnets_plots as plots
 
 __all__ = ['PRECISIONS', 'NesterovSGD', 'OPTIMIZERS', 'RECIPES', 'Recipe', 'recipe', 'RuleError',
            'resolve_device', 'resolve_precision', 'native_bf16', 'normnet_learner', 'recipe_dls', 'train_run',
-           'saved_recipe', 'seed_run', 'device_name', 'keep_freed_memory', 'autocast_of', 'flip_tta_accuracy']
+           'saved_recipe', 'seed_run', 'with_lookahead', 'WeightEMA',
+           'device_name', 'keep_freed_memory', 'autocast_of', 'flip_tta_accuracy']
 
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 
@@ -59,6 +62,12 @@ def NesterovSGD(params, lr, mom: float = 0.9, wd: float = 0.) -> Optimizer:
 
 # fastai optimizers by the name a recipe gives. Adam is fastai's default (decoupled weight decay).
 OPTIMIZERS = {'adam': Adam, 'sgd': NesterovSGD}
+
+
+def with_lookahead(params, opt_func, **kwargs) -> Lookahead:
+    """`opt_func`'s optimizer inside fastai's `Lookahead` (Zhang et al. 2019): every 6 steps the weights go
+    back halfway to where they were 6 steps before, which damps the noise of large learning rates."""
+    return Lookahead(opt_func(params, **kwargs))
 
 
 class RuleError(ValueError):
@@ -80,6 +89,12 @@ class Recipe:
     wd: float = 0.05          # fastai exempts BatchNorm parameters and all biases; see exempt_gn_scale
     opt: str = 'adam'         # a key of OPTIMIZERS
     label_smoothing: float = 0.1   # soft targets regularize this small network a little
+    # Training tricks, off unless a recipe turns them on (benchmarks/ablation.py measures each one).
+    ema: float = 0.           # > 0: score and keep an average of the weights over steps, this decay a step
+    lookahead: bool = False   # fastai's Lookahead around the optimizer
+    cutout: int = 0           # > 0: a random square of this side blanked in each training image
+    mixup: float = 0.         # > 0: fastai's MixUp, with this Beta(alpha, alpha)
+    whiten_c1: bool = False   # C1's filters start as the whitening of the training images' 3x3 patches
     precision: str = 'auto'   # bfloat16 mixed precision where the hardware computes it natively, else float32
     device: str = 'auto'      # fastai's default device: the GPU if there is one
     seed: int = 0
@@ -95,7 +110,7 @@ class Recipe:
         put('norm', norm_name(self.norm))
         put('device', resolve_device(self.device))
         put('precision', resolve_precision(self.precision, self.device))
-        for name in ('lr', 'wd', 'label_smoothing'):
+        for name in ('lr', 'wd', 'label_smoothing', 'ema', 'mixup'):
             value = getattr(self, name)
             bound = '> 0' if name == 'lr' else '>= 0'
             bad = not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
@@ -103,6 +118,8 @@ class Recipe:
                 raise RuleError(f"{name} {value!r}: must be a finite number, {bound}")
         if self.label_smoothing >= 1:
             raise RuleError(f"label_smoothing {self.label_smoothing}: must be below 1")
+        if self.ema >= 1: raise RuleError(f"ema {self.ema}: a decay a step, must be below 1")
+        if not 0 <= self.cutout <= 32: raise RuleError(f"cutout {self.cutout}: must be 0 (off) to 32 pixels")
         if not 1 <= self.epochs <= MAX_EPOCHS:
             raise RuleError(f"epochs {self.epochs}: the rules allow 1 to {MAX_EPOCHS} epochs")
         if self.bs < 1: raise RuleError(f"batch size {self.bs}: must be at least 1")
@@ -283,6 +300,31 @@ def exempt_gn_from_wd(learn: Learner):
             for p in m.parameters(): learn.opt.state[p]['do_wd'] = False
 
 
+class WeightEMA(Callback):
+    """Score with, and end training on, an exponential moving average of the weights and batch norm's
+    statistics over the steps (torch's `AveragedModel`): it averages the noise of the last steps out of the
+    weights the run is scored and exported with."""
+    def __init__(self, decay: float): self.decay, self.averaged = decay, None
+
+    def after_step(self):
+        if self.averaged is None:   # the first step of a fit; `validate` and `get_preds` take none
+            ema = get_ema_multi_avg_fn(self.decay)
+            self.averaged = AveragedModel(self.model, multi_avg_fn=ema, use_buffers=True)
+        self.averaged.update_parameters(self.model)
+
+    def before_validate(self):   # after TrainEval put the trained model in eval mode: the average too
+        if self.averaged is not None:
+            self.trained, self.learn.model = self.model, self.averaged.module.eval()
+
+    def after_validate(self):
+        if self.averaged is not None: self.learn.model = self.trained
+
+    def after_fit(self):
+        if self.averaged is None: return
+        self.model.load_state_dict(self.averaged.module.state_dict())
+        self.averaged = None   # the average is now the model; `learn.export` need not carry a copy
+
+
 def normnet_learner(dls, norm: str | Recipe, **overrides) -> Learner:
     """A fastai `Learner` of the `norm` variant with its recipe (`recipe(norm, **overrides)`, or a `Recipe`):
     label-smoothed cross-entropy, the recipe's optimizer, peak learning rate (`fit_one_cycle(n)` uses it) and
@@ -295,13 +337,17 @@ def normnet_learner(dls, norm: str | Recipe, **overrides) -> Learner:
                         "pass device= to get_dls, or move them with dls.to(device)")
     if len(dls.train) == 0:
         raise RuleError(f"the training set ({len(dls.train_ds)} images) holds no batch of {dls.train.bs}")
+    opt_func = partial(with_lookahead, opt_func=OPTIMIZERS[r.opt]) if r.lookahead else OPTIMIZERS[r.opt]
     learn = Learner(dls, r.model(), loss_func=CrossEntropyLossFlat(label_smoothing=r.label_smoothing),
-                    opt_func=OPTIMIZERS[r.opt], lr=r.lr, wd=r.wd, metrics=DeviceAvgMetric(accuracy))
+                    opt_func=opt_func, lr=r.lr, wd=r.wd, metrics=DeviceAvgMetric(accuracy))
     learn.remove_cb(learn.progress).add_cb(SparseProgress())   # fastai's default bar, replaced
     learn.recipe = r
     learn.recorder.train_metrics = True   # accuracy of the augmented training batches, each epoch
     learn.recorder.loss, learn.recorder.smooth_loss = DeviceAvgLoss(), DeviceAvgSmoothLoss()
     if r.exempt_gn_scale: exempt_gn_from_wd(learn)
+    if r.whiten_c1: init_whitening(learn.model.C1[0], dls.one_batch()[0])
+    if r.ema: learn.add_cb(WeightEMA(r.ema))
+    if r.mixup: learn.add_cb(MixUp(r.mixup))
     # Channels-last lets oneDNN's (CPU) and cuDNN's (GPU) fastest convolutions run without layout copies.
     learn.add_cb(ChannelsLast())
     if r.precision != 'fp32': learn.add_cb(DeviceMixedPrecision(r.precision))
@@ -320,7 +366,7 @@ def seed_run(r: Recipe):
 def recipe_dls(r: Recipe, data=None, cifar=None):
     "The `DataLoaders` a recipe trains on (its batch size, subsets, seed and device)."
     return get_dls(data, bs=r.bs, n_train=r.n_train, n_test=r.n_test, seed=r.seed, device=r.device,
-                   cifar=cifar, holdout=r.holdout)
+                   cifar=cifar, holdout=r.holdout, cutout=r.cutout)
 
 
 class EpochSeconds(Callback):

@@ -16,7 +16,7 @@ import torch
 
 from normnets import GN_GROUPS, NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY
 from normnets import normnet, count_params, count_macs
-from normnets_learner import recipe
+from normnets_learner import recipe, saved_recipe
 
 __all__ = ['markdown_table', 'pct', 'summary_markdown', 'regions', 'pages', 'fill', 'stale', 'write_report']
 
@@ -86,7 +86,10 @@ def runs_markdown(runs: pd.DataFrame) -> str:
 
 # The recipe fields that say how a run trains (not on what machine): compared between the committed runs and
 # today's RECIPES.
-TRAINING_FIELDS = ['opt', 'lr', 'wd', 'bs', 'label_smoothing', 'epochs', 'net', 'exempt_gn_scale']
+# The training tricks of a recipe (off by default), by how the recipes table names them.
+TRICKS = {'ema': 'EMA {}', 'lookahead': 'Lookahead', 'cutout': 'cutout {}', 'mixup': 'mixup {}',
+          'whiten_c1': 'whitened C1'}
+TRAINING_FIELDS = ['opt', 'lr', 'wd', 'bs', 'label_smoothing', 'epochs', 'net', 'exempt_gn_scale', *TRICKS]
 
 
 def recipe_now(norm: str) -> dict:
@@ -112,8 +115,16 @@ def layer_orders_markdown(nets: dict) -> str:
 
 
 def recorded_recipe(run: pd.Series) -> dict:
-    "The training fields of a run's recipe, as runs.csv records them (`net` as JSON)."
-    return {**run[TRAINING_FIELDS].to_dict(), 'net': json.loads(run.net)}
+    """The training fields of a run's recipe, as runs.csv records them (`net` as JSON); a field it did not
+    record (an older run) had its default."""
+    recorded = {k: v for k, v in run.items() if not (isinstance(v, float) and pd.isna(v))}
+    saved = saved_recipe({**recorded, 'net': json.loads(run.net)})
+    return {k: saved[k] for k in TRAINING_FIELDS}
+
+
+def tricks(saved: dict) -> str:
+    "The training tricks a recipe turns on, named as in the recipes table ('' for none)."
+    return ', '.join(name.format(saved[k]) for k, name in TRICKS.items() if saved[k])
 
 
 def recipe_changes(first: pd.DataFrame) -> list[str]:
@@ -132,10 +143,13 @@ def recipes_markdown(runs: pd.DataFrame) -> str:
     """Each norm's recipe as its runs recorded it, and where today's recipes differ from it (the study is then
     older than the code)."""
     first = runs.groupby('norm', sort=False).first()
-    text = markdown_table(pd.DataFrame({
+    table = pd.DataFrame({
         'norm': first.index, 'layer order': first.net.map(layer_order), 'optimizer': first.opt,
         'peak lr': first.lr, 'weight decay': first.wd, 'batch size': first.bs,
-        'label smoothing': first.label_smoothing, 'epochs': first.epochs, 'precision': first.precision}))
+        'label smoothing': first.label_smoothing, 'epochs': first.epochs, 'precision': first.precision})
+    used = [tricks(recorded_recipe(run)) for _, run in first.iterrows()]
+    if any(used): table['training tricks'] = used   # a column only when some recipe has one
+    text = markdown_table(table)
     changes = recipe_changes(first)
     if changes:
         text += (
@@ -361,15 +375,20 @@ def inference_page(results: Path) -> str | None:
 
 # ---------------------------------------------------------------- pages under results/
 
+SHARED_RECIPE = 'adam, lr 0.01, wd 0.05 (shared)'
+
+
 def ablation_frame(results: Path) -> pd.DataFrame | None:
-    """ablation.csv with each row's `base_acc` (the current recipe's accuracy, same variant, length and
-    scoring) and `diff` (points gained by the change); None before any row."""
+    """ablation.csv with each row's `base_acc` (the accuracy of the recipe it changed, same variant, length
+    and scoring) and `diff` (points gained by the change); None before any row."""
     f = results / 'ablation.csv'
     if not f.exists(): return None
     df = pd.read_csv(f)
     df['precision'] = df['precision'].fillna('fp32')   # rows from before mixed precision
     df['scored_on'] = df.get('scored_on', pd.Series(index=df.index)).fillna('the test set')   # rows before
-    key = ['norm', 'epochs', 'precision', 'scored_on']
+    # rows from before the search, when every norm shared one recipe
+    df['base'] = df.get('base', pd.Series(index=df.index)).fillna(SHARED_RECIPE)
+    key = ['norm', 'epochs', 'precision', 'scored_on', 'base']
     base = df[df.change == 'current recipe'].set_index(key).test_acc
     df['base_acc'] = pd.Series([base.get(k) for k in df[key].itertuples(index=False, name=None)], dtype=float)
     df['diff'] = 100 * (df.test_acc - df.base_acc)
@@ -392,19 +411,21 @@ def ablation_page(results: Path) -> str | None:
     df = ablation_frame(results)
     if df is None: return None
     table = pd.DataFrame({
-        'change': df.change, 'norm': df.norm, 'epochs': df.epochs, 'precision': df.precision,
+        'change': df.change, 'norm': df.norm, 'recipe changed': df.base, 'epochs': df.epochs,
+        'precision': df.precision,
         'scored on': df.scored_on, 'params': df.params.map('{:,}'.format),
-        'acc % (current recipe)': df.base_acc.map(pct), 'acc % (with the change)': df.test_acc.map(pct),
+        'acc % (recipe)': df.base_acc.map(pct), 'acc % (with the change)': df.test_acc.map(pct),
         'difference (points)': df['diff'].map(lambda d: '' if pd.isna(d) else f'{d:+.2f}'),
         'train s': df.seconds.map('{:.0f}'.format)})
     return (f"# Ablation\n\nWritten by `scripts/report.py` from `ablation.csv` (rows trained by "
             "`benchmarks/ablation.py`). Each row changes one thing in the recipe and trains the variant for "
             "the "
             f"given epochs with seed {df.seed.iloc[0]}, on {df.device.iloc[0]}, data md5 "
-            f"`{df.data_md5.iloc[0]}`. 'current recipe' is the recipe when the row ran; the change says what "
-            "it was changed from. The first rows were scored on the test set; later ones on training images "
-            "held out from training, so that no choice is made on the test set. Seconds are wall time: rows "
-            "that ran while other jobs shared the cores took longer.\n\n"
+            f"`{df.data_md5.iloc[0]}`. 'current recipe' is the norm's recipe when the row ran (its "
+            "optimizer, peak lr, weight decay and network options under 'recipe changed'); the change says "
+            "what it was changed from. The first rows were scored on the test set; later ones on training "
+            "images held out from training, so that no choice is made on the test set. Seconds are wall "
+            "time: rows that ran while other jobs shared the cores took longer.\n\n"
             + markdown_table(table) + f"\n{ablation_verdicts(df)}\n")
 
 

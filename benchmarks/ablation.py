@@ -1,25 +1,32 @@
-"""Ablation: each change to the recipe or the network measured on its own against the current recipe.
+"""Ablation: each change to the recipe or the network measured on its own against each norm's recipe.
 
-    python benchmarks/ablation.py --norm gn --epochs 5 --only 0,14,15
+    python benchmarks/ablation.py --epochs 4 --only 0,17,18 --resume       # every norm, 3 rows of CHANGES
+    python benchmarks/ablation.py --norms gn --epochs 20 --only 0,21       # one norm, full length
+    python benchmarks/ablation.py --epochs 4 --jobs 5 --resume             # on a GPU, 5 runs at once
 
-Every row trains the same variant with the same seed and data for --epochs epochs (short runs, to rank changes
-cheaply), changing one thing of its recipe (`dataclasses.replace`; `net` changes are merged into the recipe's
-own). It is scored on `HOLDOUT` training images set aside (`--holdout 0`: on the test set, as the first rows
-were), so that no choice is made on the test set. Writes results/ablation.csv as each row finishes;
-`scripts/report.py` turns it into results/ablation.md.
+Every row trains a variant with its recipe, the same seed and data for --epochs epochs (short runs rank
+changes cheaply), changing one thing of the recipe (`dataclasses.replace`; `net` changes are merged into the
+recipe's own). A change the recipe already has is skipped. Every norm gets the same rows, taking turns, so a
+stopped ablation is balanced. Rows are scored on `HOLDOUT` training images set aside (`--holdout 0`: on the
+test set, as the first rows were), so that no choice is made on the test set. Runs go to
+<out>/ablation/<norm>-<row>-e<epochs>-s<seed>/ (`--resume` keeps finished ones); each row goes to
+<out>/ablation.csv with the recipe it changed, beside the rows before it. `scripts/report.py` turns the table
+into results/ablation.md.
 """
-import tempfile
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-from fastcore.script import call_parse
+from fastcore.script import call_parse, CliError
 
 from normnets_data import HOLDOUT, REPO_DIR, load_cifar
-from normnets_learner import keep_freed_memory, recipe, train_run
+from normnets_learner import Recipe, keep_freed_memory, recipe
+from normnets_study import StudyError, check_out, kept_run, locked, parse_norms, run_plan
 
-# (change, the recipe fields it changes). The first row is the current recipe. The labels say what each change
-# was measured against: the recipe had batch size 512 when the first rows ran (256 since).
+# (change, the recipe fields it changes). The first row is the current recipe. Rows are only appended (a run's
+# folder is named by its row). The labels say what each change was measured against: the recipe had batch size
+# 512 when the first rows ran (256 since).
 CHANGES = [
     ('current recipe', {}),
     ('peak lr 5e-3 (from 1e-2)', dict(lr=5e-3)),
@@ -44,6 +51,13 @@ CHANGES = [
     ('norm after the ReLU (conv, ReLU, norm; from conv, norm, ReLU)', dict(net=dict(norm_after_relu=True))),
     ('residual branches start at zero (C5 and C9 norm scales 0)', dict(net=dict(zero_init_residual=True))),
     ('label smoothing 0.2 (from 0.1)', dict(label_smoothing=0.2)),
+    ('average of the weights (EMA, decay 0.99 a step) scored and kept', dict(ema=0.99)),
+    ('Lookahead around the optimizer (k 6, alpha 0.5)', dict(lookahead=True)),
+    ('cutout of 8x8 pixels', dict(cutout=8)),
+    ('mixup, alpha 0.2', dict(mixup=0.2)),
+    ('C1 initialized as the whitening of 3x3 patches', dict(whiten_c1=True)),
+    ('batch size 128 (from 256)', dict(bs=128)),
+    ('8x8 stage wider, 16x16 thinner: c7=36, c4=20 (from 32, 24)', dict(net=dict(c4=20, c7=36))),
 ]
 
 
@@ -53,9 +67,54 @@ def changed(base, fields: dict):
     return replace(base, **fields)
 
 
+def recipe_label(r: Recipe) -> str:
+    "The settings a norm's recipe chose, which a row changes one thing of (e.g. 'sgd, lr 0.4, wd 0.0001')."
+    net = ''.join(f", {k} {json.dumps(v)}" for k, v in sorted(r.net.items()))
+    return f"{r.opt}, lr {r.lr:g}, wd {r.wd:g}{net}"
+
+
+def ablation_plan(norms, rows, out: Path, **settings) -> list:
+    """(title, recipe, folder, change, base) for each row of CHANGES and norm, the norms taking turns; a
+    change that a norm's recipe already has is left out."""
+    plan = []
+    for i in rows:
+        change, fields = CHANGES[i]
+        for norm in norms:
+            base = recipe(norm, **settings)
+            r = changed(base, fields)
+            if i and r == base:
+                print(f"{change}: skipped, the {base.norm} norm recipe has it already")
+                continue
+            folder = out / 'ablation' / f"{r.norm}-{i:02d}-e{r.epochs}-s{r.seed}"
+            plan.append((f"{r.norm} norm, {change}", r, folder, change, recipe_label(base)))
+    return plan
+
+
+def ablation_rows(plan) -> list:
+    "A row of ablation.csv for each finished run of `plan`."
+    rows = []
+    for _, r, folder, change, base in plan:
+        m = kept_run(folder, r)
+        if m is None: continue
+        rows.append(dict(change=change, norm=r.norm, epochs=r.epochs, precision=r.precision, seed=r.seed,
+                         params=m['params'], test_acc=m['test_acc'], seconds=m['seconds'],
+                         device=m['device_name'], data_md5=m['data_md5'], scored_on=m['evaluated_on'],
+                         base=base))
+    return rows
+
+
+def write_rows(rows: list, f: Path):
+    "Add `rows` to the table `f`, each replacing an older row of its change, norm, length, scoring and base."
+    key = ['change', 'norm', 'epochs', 'scored_on', 'base']
+    old = pd.read_csv(f) if f.exists() else pd.DataFrame(columns=key)
+    df = pd.concat([old, pd.DataFrame(rows)], ignore_index=True)
+    filled = df[key].astype(str)   # rows from before a column existed compare as its missing value
+    df[~filled.duplicated(keep='last')].to_csv(f, index=False)
+
+
 @call_parse
 def main(
-    norm: str = 'bn',          # variant to ablate
+    norms: str = None,         # norms to ablate, comma-separated (default: every registered norm)
     epochs: int = 5,           # epochs per run
     seed: int = 0,             # seed of every run
     data: str = None,          # CIFAR-10 folder or .tgz
@@ -63,34 +122,23 @@ def main(
     holdout: int = HOLDOUT,    # score on this many training images set aside (0: on the test set)
     n_train: int = None,       # train on a random subset (quick checks only)
     n_test: int = None,        # score on a random subset (quick checks only)
-    out: str = None,           # table to write (default: results/ablation.csv)
+    precision: str = None,     # pin every run's precision (fp32, bf16), so one ablation can span machines
+    out: str = None,           # results folder (default: results/): its ablation/ and ablation.csv
+    resume: bool = False,      # keep runs already finished with the same recipe
+    jobs: int = 1,             # runs trained at once, each in a process of its own (a GPU: several; a CPU: 1)
 ):
-    "Train the variant once per change; record its accuracy and seconds beside the current recipe's."
+    "Train each norm once per change; record its accuracy and seconds beside its recipe's."
     keep_freed_memory()
-    out = Path(out) if out else REPO_DIR / 'results' / 'ablation.csv'
-    rows = pd.read_csv(out).to_dict('records') if out.exists() else []
-    subset = {k: v for k, v in dict(n_train=n_train, n_test=n_test).items() if v is not None}
-    base = recipe(norm, epochs=epochs, seed=seed, holdout=holdout, **subset)
-    picked = [int(i) for i in only.split(',')] if only else range(len(CHANGES))
-    todo = []
-    for i in picked:   # every recipe checked first; a change the recipe already has is no change
-        r = changed(base, CHANGES[i][1])
-        if i and r == base: print(f"{CHANGES[i][0]}: skipped, the {base.norm} norm recipe has it already")
-        else: todo.append((CHANGES[i][0], r))
-    if not todo: return
-    cifar = load_cifar(data)
-    scored_on = f'{holdout} held-out training images' if holdout else 'the test set'
-    for change, r in todo:
-        with tempfile.TemporaryDirectory() as tmp:
-            m = train_run(r, Path(tmp) / 'run', cifar=cifar, figures=False)
-        key = (change, r.norm, epochs, scored_on)
-        rows = [row for row in rows
-                if (row['change'], row['norm'], row['epochs'], row.get('scored_on', 'the test set')) != key]
-        rows.append(dict(change=change, norm=r.norm, epochs=epochs, precision=r.precision, seed=seed,
-                         params=m['params'], test_acc=m['test_acc'], seconds=m['seconds'],
-                         device=m['device_name'], data_md5=m['data_md5'], scored_on=scored_on))
-        pd.DataFrame(rows).to_csv(out, index=False)
-        print(f"{change}: accuracy on {scored_on} {m['test_acc']:.4f} ({m['seconds']:.0f} s)", flush=True)
-
-
-
+    try:
+        rows = [int(i) for i in only.split(',')] if only else range(len(CHANGES))
+        if any(not 0 <= i < len(CHANGES) for i in rows):
+            raise ValueError(f"--only {only}: the rows are 0 to {len(CHANGES) - 1}")
+        given = dict(n_train=n_train, n_test=n_test, precision=precision)
+        settings = dict(epochs=epochs, seed=seed, holdout=holdout, **{k: v for k, v in given.items() if v})
+        out = check_out(Path(out) if out else REPO_DIR / 'results')
+        plan = ablation_plan(parse_norms(norms), rows, out, **settings)   # every recipe checked first
+        cifar = load_cifar(data) if plan else None
+        with locked(check_out(out / 'ablation')):
+            run_plan([p[:3] for p in plan], cifar, resume, figures=False, jobs=jobs)
+            write_rows(ablation_rows(plan), out / 'ablation.csv')
+    except (ValueError, StudyError) as e: raise CliError(f"error: {e}")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from normnets_data import (CIFAR10_CLASSES, CifarDataError, RandomCropFlip, ToTensorImage, crop_flip, get_dls,
-                           load_cifar)
+from normnets_data import (CIFAR10_CLASSES, CifarDataError, Cutout, RandomCropFlip, ToTensorImage, crop_flip,
+                           cutout_mask, get_dls, load_cifar)
 from fastai.torch_core import TensorImage
 
 COUNTS = {'train': 4, 'test': 2}
@@ -196,3 +196,24 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     assert torch.equal(x[0], expected) and torch.equal(x[1], expected) and x.float().mean() < 200
     Image.fromarray(np.full((32, 32), 1.5, dtype=np.float32)).save(tmp_path / 'f.tiff')
     with pytest.raises(ValueError, match='F-mode image'): ToTensorImage()(tmp_path / 'f.tiff')
+
+
+def test_cutout_blanks_a_square_cut_off_at_the_border():
+    cy, cx = torch.tensor([16, 0, 31]), torch.tensor([16, 0, 5])
+    mask = cutout_mask(32, 32, 8, cy, cx)
+    assert mask[0].sum() == 64 and mask[0, 12:20, 12:20].all()     # whole, centred
+    assert mask[1].sum() == 16 and mask[1, :4, :4].all()           # a corner: a quarter of it
+    assert mask[2].sum() == 5 * 8 and mask[2, 27:, 1:9].all()      # the bottom edge: 5 rows of 8
+    x = TensorImage(torch.randn(64, 3, 32, 32))
+    cut = Cutout(8)(x, split_idx=0)
+    blank = (cut == 0).all(1)   # a pixel blanked in every channel
+    assert ((cut == x) | blank[:, None]).all() and (blank.flatten(1).sum(1) >= 16).all()
+    assert (Cutout(8)(x, split_idx=1) == x).all()   # training only
+
+
+def test_dataloaders_cut_out_the_training_batches_only(tiny_tgz, tmp_path):
+    c = load_cifar(tiny_tgz, COUNTS, cache_dir=tmp_path / 'c')
+    cut = lambda dl: [t for t in dl.after_batch.fs if isinstance(t, Cutout)]
+    dls = get_dls(bs=8, cifar=c, cutout=12, device='cpu')
+    assert [t.size for t in cut(dls.train)] == [12] and (dls.one_batch()[0] == 0).all(1).sum() >= 8 * 36
+    assert not cut(get_dls(bs=8, cifar=c, device='cpu').train)

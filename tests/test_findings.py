@@ -102,24 +102,30 @@ def test_a_tiny_search_gives_every_norm_the_same_cells_scored_on_held_out_images
     with Image.open(tmp_path / 'search.png') as im: assert im.format == 'PNG'
 
 
-def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(tmp_path):
-    out = tmp_path / 'ablation.csv'
+def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(tmp_path, capsys):
     row = {c: i for i, (c, _) in enumerate(ablation.CHANGES)}
     norm_after_relu = next(i for c, i in row.items() if 'norm after the ReLU' in c)
     zero_init = next(i for c, i in row.items() if 'start at zero' in c)
-    ablation.main(norm='gn', epochs=1, only=f'0,{zero_init},{norm_after_relu}', holdout=500, n_train=400,
-                  n_test=200, out=str(out))
-    df = pd.read_csv(out)
+    settings = dict(norms='gn', epochs=1, only=f'0,{zero_init},{norm_after_relu}', holdout=500, n_train=400,
+                    n_test=200, out=str(tmp_path))
+    ablation.main(**settings)
+    df = pd.read_csv(tmp_path / 'ablation.csv')
     # group norm's recipe already puts the norm after the ReLU: that change is no change, and is not run
     assert recipe('gn').net['norm_after_relu']
     assert df.change.tolist() == ['current recipe', ablation.CHANGES[zero_init][0]]
-    assert df.scored_on.eq('500 held-out training images').all() and df.test_acc.between(0, 1).all()
+    assert df.scored_on.eq('200 held-out training images').all() and df.test_acc.between(0, 1).all()
+    assert df.base.eq(ablation.recipe_label(recipe('gn'))).all()   # the recipe each row changed
     page = ablation_page(tmp_path)
-    assert '500 held-out training images' in page and page.count('| group |') == 2
+    assert '200 held-out training images' in page and page.count('| group |') == 2
     # the README's summary names the change with its difference in points
     diff = 100 * (df.test_acc[1] - df.test_acc[0])
     summary = ablation_markdown(tmp_path, 'r')
     assert f"{ablation.CHANGES[zero_init][0]} (group, 1 epochs, {diff:+.2f})" in summary
+    # a rerun with --resume keeps both runs and their rows
+    capsys.readouterr()
+    ablation.main(**settings, resume=True)
+    assert capsys.readouterr().out.count('kept the finished run') == 2
+    assert pd.read_csv(tmp_path / 'ablation.csv').equals(df)
     # a change of the network is merged into the recipe's own network settings
     wide = recipe('gn', net=dict(c4=32, c7=24), device='cpu')
     assert ablation.changed(wide, dict(net=dict(norm_after_relu=True))).net == dict(

@@ -10,13 +10,15 @@ from torch import nn
 from PIL import Image
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import load_learner
-from fastai.optimizer import Optimizer
+from fastai.callback.core import Callback
+from fastai.callback.mixup import MixUp
+from fastai.optimizer import Lookahead, Optimizer
 
 import normnets_learner
 from normnets import NORMS, FloatGroupNorm
 from normnets_data import REPO_DIR, get_dls, load_cifar
-from normnets_learner import (OPTIMIZERS, RECIPES, Recipe, RuleError, finite, normnet_learner, recipe,
-                              resolve_precision, saved_recipe, train_run)
+from normnets_learner import (OPTIMIZERS, RECIPES, Recipe, RuleError, WeightEMA, finite, normnet_learner,
+                              recipe, resolve_precision, saved_recipe, train_run)
 
 TRAIN = [sys.executable, str(REPO_DIR / 'scripts' / 'train.py')]
 
@@ -43,6 +45,10 @@ def run(args, **kw): return subprocess.run(args, capture_output=True, text=True,
         (dict(norm='no-such-norm'), "unknown norm 'no-such-norm'"),
         (dict(net=dict(c7=48)), 'fewer than 50,000'),
         (dict(label_smoothing=1.0), 'label_smoothing 1.0'),
+        (dict(ema=1.0), 'ema 1.0: a decay a step'),
+        (dict(ema=-0.5), 'ema -0.5'),
+        (dict(cutout=33), 'cutout 33'),
+        (dict(mixup=math.nan), 'mixup nan'),
     ],
 )
 def test_recipe_refuses_bad_values_on_creation(change, message):
@@ -177,6 +183,52 @@ def test_weight_decay_acts_on_the_expected_parameters(tiny_dls, norm, exempt_gn_
         assert torch.allclose(p, before[name] * (0.9 if decayed else 1.0)), name
 
 
+class FollowAverage(Callback):
+    "The exponential moving average of the model's float weights and statistics after each step, kept here."
+    order = WeightEMA.order + 1
+    def __init__(self, decay): self.decay, self.average = decay, {}
+    def after_step(self):
+        for k, v in self.model.state_dict().items():
+            if not v.is_floating_point(): continue
+            before = self.average.get(k, v)   # the first step's weights start the average
+            self.average[k] = torch.lerp(v, before, self.decay).clone()
+
+
+def test_weight_ema_scores_and_keeps_the_average_of_the_steps(tiny_dls):
+    learn = normnet_learner(tiny_dls, 'bn', ema=0.8, precision='fp32')
+    follow = FollowAverage(0.8)
+    with learn.no_logging(), learn.no_bar(): learn.fit(2, cbs=follow)
+    state = learn.model.state_dict()
+    assert all(torch.allclose(state[k], v, atol=1e-5) for k, v in follow.average.items())
+    # the last epoch was scored with the average in eval mode, as `validate` scores the final model
+    last_epoch_loss = learn.recorder.values[-1][2]
+    assert learn.validate()[0] == pytest.approx(last_epoch_loss, rel=1e-4)
+    assert learn.weight_ema.averaged is None   # no copy to export with the learner
+
+
+def test_tricks_are_the_learners_when_the_recipe_asks(tiny_dls):
+    plain = normnet_learner(tiny_dls, 'gn')
+    plain.create_opt()
+    assert not isinstance(plain.opt, Lookahead)
+    assert not any(isinstance(cb, (MixUp, WeightEMA)) for cb in plain.cbs)
+    learn = normnet_learner(tiny_dls, 'gn', lookahead=True, mixup=0.4, ema=0.99)
+    learn.create_opt()
+    assert isinstance(learn.opt, Lookahead) and learn.opt.hypers[0]['lr'] == learn.recipe.lr
+    assert sum(isinstance(cb, (MixUp, WeightEMA)) for cb in learn.cbs) == 2
+    with learn.no_logging(), learn.no_bar(): learn.fit(1)   # trains with all of them at once
+
+
+def test_whitened_c1_starts_from_the_training_patches(tiny_dls):
+    default = normnet_learner(tiny_dls, 'bn').model.C1[0].weight
+    whitened = normnet_learner(tiny_dls, 'bn', whiten_c1=True).model.C1[0].weight
+    assert not torch.allclose(default, whitened)
+    # filters are orthogonal directions: their Gram matrix is diagonal
+    flat = whitened.flatten(1)
+    gram = flat @ flat.T
+    off_diagonal = gram - torch.diag(gram.diagonal())
+    assert off_diagonal.abs().max() < 1e-3 * gram.max()
+
+
 @pytest.mark.parametrize('precision', ['fp32', 'bf16'])
 def test_training_runs_in_the_precision_asked_for(tiny_dls, precision):
     """Dtypes seen inside a real fastai training step: bf16 convolutions and group norm in and out, float32
@@ -199,7 +251,6 @@ def test_training_runs_in_the_precision_asked_for(tiny_dls, precision):
 def test_metrics_on_the_device_match_fastais(tiny_dls):
     """The sync-free metrics record what fastai's own accumulators compute from the same batches of one
     training."""
-    from fastai.callback.core import Callback
     from fastai.learner import AvgLoss, AvgMetric, AvgSmoothLoss
     from fastai.metrics import accuracy
 

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normnets import (NORMS, PARAM_LIMIT, FloatGroupNorm, LayerNorm2d, WSConv2d, fold_batchnorm, normnet,
-                      norm_name, register_norm, count_params, count_macs)
+from normnets import (NORMS, PARAM_LIMIT, FloatGroupNorm, LayerNorm2d, WSConv2d, count_macs, count_params,
+                      fold_batchnorm, init_whitening, normnet, norm_name, register_norm)
 
 NAMES = [n for e in NORMS.values() for n in (e.name, e.alias)]
 
@@ -173,3 +173,13 @@ def test_an_image_alone_is_predicted_as_in_a_batch(norm):
 def test_count_macs_counts_every_conv():
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 4, 1))
     assert count_macs(conv) == 32 * 32 * 8 * 27 + 16 * 16 * 4 * 8
+
+
+def test_whitening_init_makes_the_first_layer_decorrelate_its_patches():
+    # images with strongly correlated neighbouring pixels, as photographs have
+    g = torch.Generator().manual_seed(0)
+    images = F.avg_pool2d(torch.randn(64, 3, 35, 35, generator=g), 4, stride=1)
+    conv = init_whitening(normnet('bn').C1[0], images, eps=0)
+    out = F.conv2d(images, conv.weight.detach()).permute(0, 2, 3, 1).flatten(0, 2)   # (positions, 12 filters)
+    assert torch.allclose(torch.cov(out.T), torch.eye(12), atol=1e-3)   # decorrelated, unit variance
+    with pytest.raises(ValueError, match='only 3 values'): init_whitening(nn.Conv2d(3, 4, 1), images)
