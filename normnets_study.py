@@ -22,8 +22,8 @@ import normnets_report as report
 try: import fcntl
 except ImportError: fcntl = None   # Windows: no folder lock
 
-__all__ = ['STUDY_SEEDS', 'StudyError', 'parse_norms', 'run_dir', 'check_out', 'locked', 'kept_run',
-           'plan_frame', 'find_runs', 'summarize', 'run_plan', 'run_parallel', 'run_study']
+__all__ = ['STUDY_SEEDS', 'StudyError', 'parse_norms', 'check_jobs', 'run_dir', 'check_out', 'locked',
+           'kept_run', 'plan_frame', 'find_runs', 'summarize', 'run_plan', 'run_parallel', 'run_study']
 
 STUDY_SEEDS = 3   # runs per variant in the committed study: the spread is part of the result
 SUMMARY_COLUMNS = ['norm', 'params', 'epochs', 'seeds', 'train_acc', 'train_acc_std', 'best_test_acc',
@@ -43,6 +43,12 @@ def parse_norms(text: str | None) -> list[str]:
     if repeated: raise StudyError(f"--norms {text!r} names {', '.join(repeated)} more than once")
     if not names: raise StudyError("--norms is empty")
     return names
+
+
+def check_jobs(jobs: int) -> int:
+    "`jobs`, the runs a plan trains at once, checked before any work."
+    if jobs < 1: raise StudyError(f"--jobs {jobs}: need at least one")
+    return jobs
 
 
 def run_dir(out: Path, norm: str, seed: int, first_seed: int = 0) -> Path:
@@ -243,7 +249,7 @@ def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='re
     missing runs."""
     norms = parse_norms(norms if norms is None or isinstance(norms, str) else ','.join(norms))
     if seeds < 1: raise StudyError(f"--seeds {seeds}: need at least one")
-    if jobs < 1: raise StudyError(f"--jobs {jobs}: need at least one")
+    check_jobs(jobs)
     # bad values fail here, before any work
     recipes = {n: recipe(n, **overrides, seed=first_seed) for n in norms}
     cifar = load_cifar(data)   # bad data fails here too, and it is decoded only once

@@ -22,7 +22,7 @@ from fastcore.script import call_parse, CliError
 
 from normnets_data import HOLDOUT, REPO_DIR, load_cifar
 from normnets_learner import Recipe, keep_freed_memory, recipe
-from normnets_study import StudyError, check_out, kept_run, locked, parse_norms, run_plan
+from normnets_study import StudyError, check_jobs, check_out, kept_run, locked, parse_norms, run_plan
 
 # (change, the recipe fields it changes). The first row is the current recipe. Rows are only appended (a run's
 # folder is named by its row). The labels say what each change was measured against: the recipe had batch size
@@ -134,7 +134,9 @@ def main(
         if any(not 0 <= i < len(CHANGES) for i in rows):
             raise ValueError(f"--only {only}: the rows are 0 to {len(CHANGES) - 1}")
         given = dict(n_train=n_train, n_test=n_test, precision=precision)
-        settings = dict(epochs=epochs, seed=seed, holdout=holdout, **{k: v for k, v in given.items() if v})
+        settings = dict(epochs=epochs, seed=seed, holdout=holdout,
+                        **{k: v for k, v in given.items() if v is not None})
+        check_jobs(jobs)
         out = check_out(Path(out) if out else REPO_DIR / 'results')
         plan = ablation_plan(parse_norms(norms), rows, out, **settings)   # every recipe checked first
         cifar = load_cifar(data) if plan else None

@@ -23,7 +23,7 @@ from fastcore.script import call_parse, CliError
 from normnets import MAX_EPOCHS
 from normnets_data import HOLDOUT, REPO_DIR, load_cifar
 from normnets_learner import keep_freed_memory, recipe
-from normnets_study import StudyError, check_out, locked, parse_norms, plan_frame, run_plan
+from normnets_study import StudyError, check_jobs, check_out, locked, parse_norms, plan_frame, run_plan
 import normnets_plots as plots
 
 # Per optimizer: peak learning rates (a log grid around the usual values for it) and weight decays. Adam's
@@ -82,6 +82,7 @@ def main(
     keep_freed_memory()
     try:
         names = parse_norms(norms)
+        check_jobs(jobs)
         given = dict(n_train=n_train, n_test=n_test, bs=bs, seed=seed, precision=precision)
         subset = {k: v for k, v in given.items() if v is not None}
         out = check_out(Path(out) if out else REPO_DIR / 'results')

@@ -5,6 +5,7 @@ import json, subprocess, sys
 import pandas as pd
 import pytest
 import torch
+from fastcore.script import CliError
 from PIL import Image
 from torch import nn
 
@@ -130,6 +131,17 @@ def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(
     wide = recipe('gn', net=dict(c4=32, c7=24), device='cpu')
     assert ablation.changed(wide, dict(net=dict(norm_after_relu=True))).net == dict(
         c4=32, c7=24, norm_after_relu=True)
+
+
+@pytest.mark.parametrize('bench, bad, message', [
+    (ablation, dict(jobs=0), '--jobs 0: need at least one'),
+    (ablation, dict(n_train=0), 'n_train 0: a training subset must hold at least one batch'),
+    (ablation, dict(only='99'), '--only 99: the rows are 0 to'),
+    (search, dict(jobs=0), '--jobs 0: need at least one'),
+])
+def test_benchmarks_refuse_bad_input_before_any_work(tmp_path, bench, bad, message):
+    with pytest.raises(CliError, match=message): bench.main(out=str(tmp_path), **bad)
+    assert not any(tmp_path.rglob('metrics.json'))
 
 
 def test_the_gpu_study_is_set_beside_the_cpu_study_only_where_their_recipes_match(tmp_path):
