@@ -8,6 +8,8 @@ output to a later one's, as in ResNet-9:
     C3 -> C4 -> C5 (+ C3)       at 16x16
     C7 -> C8 -> C9 (+ C7)       at 8x8
 
+or, with `skips='layer'`, one around each of C4, C5, C8 and C9 (x + C4(x), then + C5 of that).
+
 `NORMS` is the registry of normalizations: a new one is one `register_norm` call, and every list of norms in
 the project (the study, its CLI, plots, report and tests) comes from it. `normnet(norm)` builds the network
 with that norm after every convolution but the last. Everything here is plain PyTorch; the fastai side
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['PARAM_LIMIT', 'MAX_EPOCHS', 'PASS_ACCURACY', 'WIDTHS', 'GN_GROUPS', 'Norm', 'NORMS',
+__all__ = ['PARAM_LIMIT', 'MAX_EPOCHS', 'PASS_ACCURACY', 'WIDTHS', 'GN_GROUPS', 'SKIPS', 'Norm', 'NORMS',
            'register_norm', 'norm_name', 'FloatGroupNorm', 'LayerNorm2d', 'WSConv2d', 'ConvNormAct',
            'NormNet', 'normnet', 'init_whitening', 'architecture_id', 'count_params', 'count_macs',
            'fold_batchnorm']
@@ -43,6 +45,11 @@ WIDTHS = dict(c1=12, c2=24, c3=16, c4=24, c6=32, c7=32)
 # channel's contrast; 4 sits between them, as the GN paper's sweet spot of a few
 # groups does for wide networks.
 GN_GROUPS = 4
+
+# Where the skips join, per stage of C3/C7 and its two layers after it: 'branch' adds the stage's first output
+# to the output of the two layers after it (ResNet-9); 'layer' adds around each of the two, so every layer
+# has an identity path beside it. Neither costs a parameter.
+SKIPS = ('branch', 'layer')
 
 
 class FloatGroupNorm(nn.GroupNorm):
@@ -141,12 +148,14 @@ class ConvNormAct(nn.Sequential):
 
 
 class NormNet(nn.Module):
-    "C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10 with skips C3->C5 and C7->C9."
+    "C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10, skips C3->C5 and C7->C9 (or around each layer: `SKIPS`)."
     def __init__(self, norm: str = 'batch', c1=12, c2=24, c3=16, c4=24, c6=32, c7=32,
                  gn_groups: int = GN_GROUPS, norm_after_relu: bool = False, zero_init_residual: bool = False,
-                 n_classes: int = 10):
+                 skips: str = 'branch', n_classes: int = 10):
         super().__init__()
+        if skips not in SKIPS: raise ValueError(f"skips {skips!r}: expected one of {', '.join(SKIPS)}")
         self.norm = norm = norm_name(norm)
+        self.skips = skips
         def unit(c_in, c_out, **kw):
             return ConvNormAct(c_in, c_out, norm, gn_groups=gn_groups, norm_after_relu=norm_after_relu, **kw)
         self.C1 = unit(3, c1)
@@ -161,23 +170,34 @@ class NormNet(nn.Module):
         self.C9 = unit(c7, c7)
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.C10 = nn.Conv2d(c7, n_classes, 1)
-        # Each residual branch (C4 C5, C8 C9) starts as nothing: its last norm scale at 0, so that at first
-        # the network is the shallow path through the skips, and the branches grow in as they learn.
+        # Each residual branch (C4 C5, C8 C9; or each of those layers) starts as nothing: its last norm scale
+        # at 0, so that at first the network is the shallow path through the skips, and the branches grow in.
         if zero_init_residual:
-            for branch_end in (self.C5, self.C9): nn.init.zeros_(branch_end.norm.weight)
+            ends = (self.C5, self.C9) if skips == 'branch' else (self.C4, self.C5, self.C8, self.C9)
+            for branch_end in ends: nn.init.zeros_(branch_end.norm.weight)
+
+    def residual(self, x, first: nn.Module, second: nn.Module):
+        "`x` added to the output of `first` then `second`, or around each of them (`skips='layer'`)."
+        if self.skips == 'layer':
+            x = x + first(x)
+            return x + second(x)
+        return x + second(first(x))
 
     def forward(self, x):
         x = self.c3(self.C2(self.C1(x)))
-        x = self.C3(x)
-        x = x + self.C5(self.C4(x))   # skip 1: C3 added to C5
-        x = self.C7(self.c6(x))
-        x = x + self.C9(self.C8(x))   # skip 2: C7 added to C9
+        x = self.residual(self.C3(x), self.C4, self.C5)   # skip 1: C3 added to C5
+        x = self.residual(self.C7(self.c6(x)), self.C8, self.C9)   # skip 2: C7 added to C9
         return self.C10(self.gap(x)).flatten(1)
+
+    def extra_repr(self) -> str:
+        # Only a changed placement shows, so the default network keeps the fingerprint (`architecture_id`)
+        # of the runs trained before the option existed.
+        return '' if self.skips == 'branch' else f"skips='{self.skips}'"
 
 
 def normnet(norm: str = 'batch', **kwargs) -> NormNet:
     """The network with `norm` (a name or alias in `NORMS`); `kwargs` override `WIDTHS`, `gn_groups`,
-    `norm_after_relu` or `zero_init_residual`."""
+    `norm_after_relu`, `zero_init_residual` or `skips`."""
     return NormNet(norm, **{**WIDTHS, **kwargs})
 
 

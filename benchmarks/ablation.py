@@ -58,6 +58,7 @@ CHANGES = [
     ('C1 initialized as the whitening of 3x3 patches', dict(whiten_c1=True)),
     ('batch size 128 (from 256)', dict(bs=128)),
     ('8x8 stage wider, 16x16 thinner: c7=36, c4=20 (from 32, 24)', dict(net=dict(c4=20, c7=36))),
+    ('skips around each of C4, C5, C8, C9 (from around C4 C5 and C8 C9)', dict(net=dict(skips='layer'))),
 ]
 
 

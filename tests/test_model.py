@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normnets import (NORMS, PARAM_LIMIT, FloatGroupNorm, LayerNorm2d, WSConv2d, count_macs, count_params,
-                      fold_batchnorm, init_whitening, normnet, norm_name, register_norm)
+from normnets import (NORMS, PARAM_LIMIT, FloatGroupNorm, LayerNorm2d, WSConv2d, architecture_id, count_macs,
+                      count_params, fold_batchnorm, init_whitening, normnet, norm_name, register_norm)
 
 NAMES = [n for e in NORMS.values() for n in (e.name, e.alias)]
 
@@ -183,3 +183,26 @@ def test_whitening_init_makes_the_first_layer_decorrelate_its_patches():
     out = F.conv2d(images, conv.weight.detach()).permute(0, 2, 3, 1).flatten(0, 2)   # (positions, 12 filters)
     assert torch.allclose(torch.cov(out.T), torch.eye(12), atol=1e-3)   # decorrelated, unit variance
     with pytest.raises(ValueError, match='only 3 values'): init_whitening(nn.Conv2d(3, 4, 1), images)
+
+
+def test_skips_around_each_layer_add_each_layers_input_to_its_output():
+    model = trained_looking(normnet('batch', skips='layer'))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = model.C3(model.c3(model.C2(model.C1(x))))
+        h = h + model.C4(h)
+        h = h + model.C5(h)
+        h = model.C7(model.c6(h))
+        h = h + model.C8(h)
+        h = h + model.C9(h)
+        torch.testing.assert_close(model(x), model.C10(model.gap(h)).flatten(1))
+    # the placement costs no parameter and is part of the fingerprint; the default's fingerprint is unchanged
+    assert count_params(model) == count_params(normnet('batch'))
+    default = architecture_id(normnet('batch'))
+    assert architecture_id(model) != default == architecture_id(normnet('batch', skips='branch'))
+    with pytest.raises(ValueError, match='skips'): normnet('batch', skips='everywhere')
+
+
+def test_zero_initialized_residuals_around_each_layer_start_as_nothing():
+    model = normnet('gn', skips='layer', zero_init_residual=True)
+    assert all(model.get_submodule(name).norm.weight.eq(0).all() for name in ('C4', 'C5', 'C8', 'C9'))
