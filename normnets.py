@@ -185,8 +185,8 @@ class NormNet(nn.Module):
 
     def forward(self, x):
         x = self.c3(self.C2(self.C1(x)))
-        x = self.residual(self.C3(x), self.C4, self.C5)   # skip 1: C3 added to C5
-        x = self.residual(self.C7(self.c6(x)), self.C8, self.C9)   # skip 2: C7 added to C9
+        x = self.residual(self.C3(x), self.C4, self.C5)   # skip 1: C3 added to C5 (by default)
+        x = self.residual(self.C7(self.c6(x)), self.C8, self.C9)   # skip 2: C7 added to C9 (by default)
         return self.C10(self.gap(x)).flatten(1)
 
     def extra_repr(self) -> str:

@@ -45,10 +45,9 @@ def parse_norms(text: str | None) -> list[str]:
     return names
 
 
-def check_jobs(jobs: int) -> int:
-    "`jobs`, the runs a plan trains at once, checked before any work."
+def check_jobs(jobs: int):
+    "Refuse, before any work, a `jobs` (the runs a plan trains at once) below one."
     if jobs < 1: raise StudyError(f"--jobs {jobs}: need at least one")
-    return jobs
 
 
 def run_dir(out: Path, norm: str, seed: int, first_seed: int = 0) -> Path:
