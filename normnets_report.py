@@ -486,9 +486,10 @@ def speed_page(f: Path) -> str | None:
     s = json.loads(f.read_text())
     v, usual, peaks = pd.DataFrame(s['variants']), s['usual'], s['matmul_gflops']
     ref = s.get('reference')   # measurements older than the reference row have none
+    # measurements older than per-recipe batch sizes ran every variant at the benchmark's one batch size
     rows = pd.DataFrame(
-        [dict(r, network=f"normnets, {r['norm']} norm") for r in s['variants']]
-        + ([dict(ref, network=f"reference, {ref['norm']} norm")] if ref else [])
+        [dict({'bs': s['bs']}, **r, network=f"normnets, {r['norm']} norm") for r in s['variants']]
+        + ([dict({'bs': s['bs']}, **ref, network=f"reference, {ref['norm']} norm")] if ref else [])
         + [dict(usual, network=f"usual pipeline ({usual['params']:,}-parameter solution)")]
     )
     gflops = 6 * rows.macs * rows.train_ips / 1e9
@@ -497,6 +498,7 @@ def speed_page(f: Path) -> str | None:
         'parameters': rows.params.map('{:,}'.format),
         'MACs / image': rows.macs.map(lambda m: f'{m / 1e6:.2f} M'),
         'precision': rows.precision,
+        'batch size': rows.bs,
         'train images/s': rows.train_ips.map('{:.0f}'.format),
         'inference images/s': rows.infer_ips.map(lambda x: '' if pd.isna(x) else f'{x:.0f}'),
         'x usual': (rows.train_ips / usual['train_ips']).map('{:.2f}'.format),

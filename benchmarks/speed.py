@@ -4,8 +4,9 @@
 
 Measured in one run, on one machine (the GPU if there is one, else the CPU), with the same torch threads:
 1. normnets: training images/s over real training steps after warm-up (the real `get_dls` pipeline and the
-   real fastai `Learner` of each norm's recipe), inference images/s over the test set, forward MACs per image;
-   and the training images/s of the reference (`REFERENCE_RECIPE`) every variant's speed is held to.
+   real fastai `Learner` of each norm's recipe at its own batch size), inference images/s over the test set,
+   forward MACs per image; and the training images/s of the reference (`REFERENCE_RECIPE`) every variant's
+   speed is held to.
 2. The usual pipeline: a published 49,672-parameter solution of the same exercise, a plain PyTorch loop, a
    torch DataLoader over per-image PIL transforms with 2 workers, batch size 128, SGD.
 3. The machine's limit: GFLOP/s of a large matrix multiply in float32 and in the precision normnets trains in,
@@ -16,7 +17,7 @@ Measured in one run, on one machine (the GPU if there is one, else the CPU), wit
 Writes the measurements to results/speed.json (results/gpu/speed.json on a GPU); `scripts/report.py` turns
 them into results/speed.md.
 """
-import json, platform, time
+import functools, json, platform, time
 from pathlib import Path
 
 import pandas as pd
@@ -35,10 +36,10 @@ from normnets_study import STUDY_SEEDS
 # ---------------------------------------------------------------- the reference
 
 # The network and recipe of normnets before the recipe search: 46,374 parameters, 8.88 M MACs per image, batch
-# norm, Adam. A variant may cost time where its accuracy pays for it, but its training images/s must stay at
-# or above SPEED_FLOOR times this reference's, measured in the same run. Every network option is pinned, so
-# the reference stays what it is when the defaults change.
-REFERENCE_NORM = 'batch'
+# norm, Adam, batch size 256. A variant may cost time where its accuracy pays for it, but its training
+# images/s must stay at or above SPEED_FLOOR times this reference's, measured in the same run. Every network
+# option and the batch size are pinned, so the reference stays what it is when the defaults change.
+REFERENCE_NORM, REFERENCE_BS = 'batch', 256
 REFERENCE_RECIPE = dict(opt='adam', net=dict(c1=12, c2=24, c3=16, c4=24, c6=32, c7=32, gn_groups=4,
                                              norm_after_relu=False, zero_init_residual=False, skips='branch'))
 SPEED_FLOOR = 0.7
@@ -250,14 +251,17 @@ OP_KINDS = {'convolutions': ('convolution',), 'normalization': ('batch_norm', 'g
 
 # ---------------------------------------------------------------- measure
 
-def measure_variants(dls, steps, warmup) -> list[dict]:
-    "Each registered variant's training and inference images/s with its recipe."
+def measure_variants(dls_of, steps, warmup) -> list[dict]:
+    """Each registered variant's training and inference images/s with its recipe, at its recipe's batch size
+    (`dls_of(bs)`: the `DataLoaders` of a batch size): a smaller batch is more steps, which is its cost."""
     rows = []
     for norm in NORMS:
-        ips, learn = learner_throughput(dls, norm, steps, warmup)
+        bs = recipe(norm).bs
+        ips, learn = learner_throughput(dls_of(bs), norm, steps, warmup)
         rows.append(
             dict(
                 norm=norm,
+                bs=bs,
                 params=count_params(learn.model),
                 macs=count_macs(learn.model),
                 precision=learn.recipe.precision,
@@ -341,7 +345,8 @@ def projected_study_seconds(
 
 def measure(cifar, device, steps, warmup) -> dict:
     "Every measurement of the benchmark, in one run."
-    dls = get_dls(cifar=cifar, device=device)
+    dls_of = functools.cache(lambda bs: get_dls(cifar=cifar, bs=bs, device=device))
+    dls = dls_of(recipe('batch').bs)   # the changes and the profile: batch norm's recipe
     precision = recipe('batch', device=str(device)).precision
     print(
         f"device: {device_name(device)}; torch {torch.__version__}; normnets trains in {precision}",
@@ -359,9 +364,9 @@ def measure(cifar, device, steps, warmup) -> dict:
     usual = usual_net()
     usual_ips = time_plain_loop(usual, usual_loader(cifar), device, steps, warmup)
     print(f"usual pipeline: {usual_ips:.0f} images/s", flush=True)
-    ref_ips, ref = learner_throughput(dls, REFERENCE_NORM, steps, warmup, **REFERENCE_RECIPE)
+    ref_ips, ref = learner_throughput(dls_of(REFERENCE_BS), REFERENCE_NORM, steps, warmup, **REFERENCE_RECIPE)
     print(f"reference: {ref_ips:.0f} training images/s", flush=True)
-    variants = measure_variants(dls, steps, warmup)
+    variants = measure_variants(dls_of, steps, warmup)
     r = recipe('batch', device=str(device))
     return dict(
         device_name=device_name(device),
@@ -375,8 +380,9 @@ def measure(cifar, device, steps, warmup) -> dict:
         warmup=warmup,
         matmul_gflops=peaks,
         variants=variants,
-        reference=dict(norm=REFERENCE_NORM, params=count_params(ref.model), macs=count_macs(ref.model),
-                       precision=ref.recipe.precision, train_ips=ref_ips, floor=SPEED_FLOOR),
+        reference=dict(norm=REFERENCE_NORM, bs=REFERENCE_BS, params=count_params(ref.model),
+                       macs=count_macs(ref.model), precision=ref.recipe.precision, train_ips=ref_ips,
+                       floor=SPEED_FLOOR),
         usual=dict(
             params=count_params(usual), macs=count_macs(usual), precision='fp32', bs=128, train_ips=usual_ips
         ),
