@@ -379,8 +379,8 @@ SHARED_RECIPE = 'adam, lr 0.01, wd 0.05 (shared)'
 
 
 def ablation_frame(results: Path) -> pd.DataFrame | None:
-    """ablation.csv with each row's `base_acc` (the accuracy of the recipe it changed, same variant, length
-    and scoring) and `diff` (points gained by the change); None before any row."""
+    """ablation.csv with each row's `base_acc` (the accuracy of the recipe it changed, same variant, length,
+    seed and scoring) and `diff` (points gained by the change); None before any row."""
     f = results / 'ablation.csv'
     if not f.exists(): return None
     df = pd.read_csv(f)
@@ -388,7 +388,7 @@ def ablation_frame(results: Path) -> pd.DataFrame | None:
     df['scored_on'] = df.get('scored_on', pd.Series(index=df.index)).fillna('the test set')   # rows before
     # rows from before the search, when every norm shared one recipe
     df['base'] = df.get('base', pd.Series(index=df.index)).fillna(SHARED_RECIPE)
-    key = ['norm', 'epochs', 'precision', 'scored_on', 'base']
+    key = ['norm', 'epochs', 'seed', 'precision', 'scored_on', 'base']
     base = df[df.change == 'current recipe'].set_index(key).test_acc
     df['base_acc'] = pd.Series([base.get(k) for k in df[key].itertuples(index=False, name=None)], dtype=float)
     df['diff'] = 100 * (df.test_acc - df.base_acc)
@@ -396,14 +396,22 @@ def ablation_frame(results: Path) -> pd.DataFrame | None:
 
 
 def ablation_verdicts(df: pd.DataFrame) -> str:
-    "A line per kind of outcome (helped, no clear effect, hurt), listing each change with its difference."
-    changed = (df.change != 'current recipe') & df['diff'].notna()
-    kinds = [('Helped (more than +0.5 points)', changed & (df['diff'] > 0.5)),
-             ('Within 0.5 points, no clear effect for one seed', changed & (df['diff'].abs() <= 0.5)),
-             ('Hurt (more than 0.5 points lost)', changed & (df['diff'] < -0.5))]
-    return '\n'.join(f"- {label}: " + '; '.join(f"{r.change} ({r.norm}, {r.epochs} epochs, {r.diff:+.2f})"
-                                                 for r in df[m].itertuples())
-                     for label, m in kinds if m.any())
+    """A line per kind of outcome (helped, no clear effect, hurt), listing each change with its difference:
+    the mean over the seeds it ran with, and each seed's where there are several."""
+    changed = df[(df.change != 'current recipe') & df['diff'].notna()]
+    key = ['change', 'norm', 'epochs', 'precision', 'scored_on', 'base']
+    g = changed.groupby(key, sort=False).agg(
+        mean=('diff', 'mean'), diffs=('diff', list), seeds=('seed', list)
+    )
+    def label(r):
+        seeds = (f": {', '.join(f'{d:+.2f}' for d in r.diffs)} with seeds {', '.join(map(str, r.seeds))}"
+                 if len(r.seeds) > 1 else f", seed {r.seeds[0]}")
+        return f"{r.Index[0]} ({r.Index[1]}, {r.Index[2]} epochs, {r.mean:+.2f}{seeds})"
+    kinds = [('Helped (more than +0.5 points)', g['mean'] > 0.5),
+             ('Within 0.5 points, no clear effect', g['mean'].abs() <= 0.5),
+             ('Hurt (more than 0.5 points lost)', g['mean'] < -0.5)]
+    return '\n'.join(f"- {kind}: " + '; '.join(label(r) for r in g[m].itertuples())
+                     for kind, m in kinds if m.any())
 
 
 def ablation_page(results: Path) -> str | None:
@@ -412,7 +420,7 @@ def ablation_page(results: Path) -> str | None:
     if df is None: return None
     table = pd.DataFrame({
         'change': df.change, 'norm': df.norm, 'recipe changed': df.base, 'epochs': df.epochs,
-        'precision': df.precision,
+        'seed': df.seed, 'precision': df.precision,
         'scored on': df.scored_on, 'params': df.params.map('{:,}'.format),
         'acc % (recipe)': df.base_acc.map(pct), 'acc % (with the change)': df.test_acc.map(pct),
         'difference (points)': df['diff'].map(lambda d: '' if pd.isna(d) else f'{d:+.2f}'),
@@ -420,7 +428,7 @@ def ablation_page(results: Path) -> str | None:
     return (f"# Ablation\n\nWritten by `scripts/report.py` from `ablation.csv` (rows trained by "
             "`benchmarks/ablation.py`). Each row changes one thing in the recipe and trains the variant for "
             "the "
-            f"given epochs with seed {df.seed.iloc[0]}, on {df.device.iloc[0]}, data md5 "
+            f"given epochs with the given seed, on {df.device.iloc[0]}, data md5 "
             f"`{df.data_md5.iloc[0]}`. 'current recipe' is the norm's recipe when the row ran (its "
             "optimizer, peak lr, weight decay and network options under 'recipe changed'); the change says "
             "what it was changed from. The first rows were scored on the test set; later ones on training "
@@ -437,10 +445,11 @@ def ablation_markdown(results: Path, rel: str) -> str:
     if not len(held_out): return 'No change has been scored on held-out images yet.'
     alone = held_out[held_out['diff'].isna()]
     return (
-        f"Scored on held-out training images, seed {held_out.seed.iloc[0]} (every row: "
-        f"[ablation.md]({rel}/ablation.md)):\n\n" + ablation_verdicts(held_out)
-        + ''.join(f"\n- {r.change}, {r.norm} norm, {r.epochs} epochs: {pct(r.test_acc)}% (no current-recipe "
-                  "run of that length to compare with)" for r in alone.itertuples()) + '\n'
+        "Scored on held-out training images; a difference is the mean over the seeds a change ran with "
+        f"(every row: [ablation.md]({rel}/ablation.md)):\n\n" + ablation_verdicts(held_out)
+        + ''.join(f"\n- {r.change}, {r.norm} norm, {r.epochs} epochs, seed {r.seed}: {pct(r.test_acc)}% (no "
+                  "current-recipe run of that length and seed to compare with)" for r in alone.itertuples())
+        + '\n'
     )
 
 

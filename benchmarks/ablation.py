@@ -105,8 +105,9 @@ def ablation_rows(plan) -> list:
 
 
 def write_rows(rows: list, f: Path):
-    "Add `rows` to the table `f`, each replacing an older row of its change, norm, length, scoring and base."
-    key = ['change', 'norm', 'epochs', 'scored_on', 'base']
+    """Add `rows` to the table `f`, each replacing an older row of its change, norm, length, seed, scoring and
+    base."""
+    key = ['change', 'norm', 'epochs', 'seed', 'scored_on', 'base']
     old = pd.read_csv(f) if f.exists() else pd.DataFrame(columns=key)
     df = pd.concat([old, pd.DataFrame(rows)], ignore_index=True)
     filled = df[key].astype(str)   # rows from before a column existed compare as its missing value

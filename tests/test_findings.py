@@ -121,12 +121,19 @@ def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(
     # the README's summary names the change with its difference in points
     diff = 100 * (df.test_acc[1] - df.test_acc[0])
     summary = ablation_markdown(tmp_path, 'r')
-    assert f"{ablation.CHANGES[zero_init][0]} (group, 1 epochs, {diff:+.2f})" in summary
+    assert f"{ablation.CHANGES[zero_init][0]} (group, 1 epochs, {diff:+.2f}, seed 0)" in summary
     # a rerun with --resume keeps both runs and their rows
     capsys.readouterr()
     ablation.main(**settings, resume=True)
     assert capsys.readouterr().out.count('kept the finished run') == 2
     assert pd.read_csv(tmp_path / 'ablation.csv').equals(df)
+    # another seed adds its rows beside the first seed's, and the summary gives the mean over both
+    ablation.main(**settings, seed=1)
+    both = pd.read_csv(tmp_path / 'ablation.csv')
+    assert both.seed.tolist() == [0, 0, 1, 1] and both.iloc[:2].equals(df)
+    diffs = [100 * (both.test_acc[i + 1] - both.test_acc[i]) for i in (0, 2)]
+    assert (f"{ablation.CHANGES[zero_init][0]} (group, 1 epochs, {sum(diffs) / 2:+.2f}: "
+            f"{diffs[0]:+.2f}, {diffs[1]:+.2f} with seeds 0, 1)") in ablation_markdown(tmp_path, 'r')
     # a change of the network is merged into the recipe's own network settings
     wide = recipe('gn', net=dict(c4=32, c7=24), device='cpu')
     assert ablation.changed(wide, dict(net=dict(norm_after_relu=True))).net == dict(
