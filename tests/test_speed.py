@@ -2,6 +2,7 @@
 describes, the alternatives it measures compute what normnets computes, its timer counts the images it trained
 on, and its measurements render as a page."""
 import platform
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -9,9 +10,9 @@ import torch
 from torch import nn
 
 import speed
-from normnets import count_macs, count_params
+from normnets import count_macs, count_params, normnet
 from normnets_data import get_dls
-from normnets_learner import keep_freed_memory, recipe
+from normnets_learner import RECIPES, keep_freed_memory, recipe
 from normnets_report import speed_page
 
 
@@ -121,3 +122,17 @@ def test_speed_page_renders_every_measurement(tmp_path):
 
 def test_keep_freed_memory_applies_on_glibc():
     assert keep_freed_memory() == (platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc')
+
+
+def test_each_variant_is_timed_at_its_recipes_batch_size(monkeypatch):
+    "A recipe's smaller batch is more steps per epoch: the speed floor must see it, so it is timed at it."
+    monkeypatch.setitem(RECIPES, 'group', dict(RECIPES['group'], bs=128))
+    timed = {}
+    def fake_throughput(dls, norm, steps, warmup):
+        timed[norm] = dls
+        return 100.0, SimpleNamespace(model=normnet(norm), recipe=recipe(norm))
+    monkeypatch.setattr(speed, 'learner_throughput', fake_throughput)
+    monkeypatch.setattr(speed, 'inference_throughput', lambda learn: 1000.0)
+    rows = speed.measure_variants(lambda bs: f'dls of {bs}', steps=1, warmup=0)
+    assert timed['group'] == 'dls of 128' and timed['batch'] == f"dls of {recipe('batch').bs}"
+    assert {r['norm']: r['bs'] for r in rows}['group'] == 128
