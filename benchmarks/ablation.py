@@ -9,11 +9,12 @@ changes cheaply), changing one thing of the recipe (`dataclasses.replace`; `net`
 recipe's own). A change the recipe already has is skipped. Every norm gets the same rows, taking turns, so a
 stopped ablation is balanced. Rows are scored on `HOLDOUT` training images set aside (`--holdout 0`: on the
 test set, as the first rows were), so that no choice is made on the test set. Runs go to
-<out>/ablation/<norm>-<row>-e<epochs>-s<seed>/ (`--resume` keeps finished ones); each row goes to
-<out>/ablation.csv with the recipe it changed, beside the rows before it. `scripts/report.py` turns the table
-into results/ablation.md.
+<out>/ablation/<norm>-<row>-e<epochs>-s<seed>/ (`--resume` keeps finished ones, and takes a finished run of
+the same recipe from another row's folder: a change a recipe has since adopted is its new 'current recipe');
+each row goes to <out>/ablation.csv with the recipe it changed, beside the rows before it.
+`scripts/report.py` turns the table into results/ablation.md.
 """
-import json
+import json, shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pandas as pd
 from fastcore.script import call_parse, CliError
 
 from normnets_data import HOLDOUT, REPO_DIR, load_cifar
-from normnets_learner import Recipe, keep_freed_memory, recipe
+from normnets_learner import RECIPES, Recipe, keep_freed_memory, recipe
 from normnets_study import StudyError, check_jobs, check_out, kept_run, locked, parse_norms, run_plan
 
 # (change, the recipe fields it changes). The first row is the current recipe. Rows are only appended (a run's
@@ -69,9 +70,12 @@ def changed(base, fields: dict):
 
 
 def recipe_label(r: Recipe) -> str:
-    "The settings a norm's recipe chose, which a row changes one thing of (e.g. 'sgd, lr 0.4, wd 0.0001')."
+    """The settings a norm's recipe chose, which a row changes one thing of (e.g. 'sgd, lr 0.4, wd 0.0001', or
+    'adam, lr 0.01, wd 0.01, bs 128, norm_after_relu true')."""
+    chosen = sorted(k for k in RECIPES.get(r.norm, {}) if k not in ('opt', 'lr', 'wd', 'net'))
+    other = ''.join(f", {k} {getattr(r, k)}" for k in chosen)
     net = ''.join(f", {k} {json.dumps(v)}" for k, v in sorted(r.net.items()))
-    return f"{r.opt}, lr {r.lr:g}, wd {r.wd:g}{net}"
+    return f"{r.opt}, lr {r.lr:g}, wd {r.wd:g}{other}{net}"
 
 
 def ablation_plan(norms, rows, out: Path, **settings) -> list:
@@ -89,6 +93,18 @@ def ablation_plan(norms, rows, out: Path, **settings) -> list:
             folder = out / 'ablation' / f"{r.norm}-{i:02d}-e{r.epochs}-s{r.seed}"
             plan.append((f"{r.norm} norm, {change}", r, folder, change, recipe_label(base)))
     return plan
+
+
+def reuse_identical_runs(plan, root: Path):
+    """Copy into each unfinished run's folder a finished run of exactly its recipe from another folder under
+    `root`, so that a recipe that has adopted a change does not train again what that change's row trained."""
+    finished = [d for d in sorted(root.iterdir()) if (d / 'metrics.json').exists()] if root.exists() else []
+    for _, r, folder, *_ in plan:
+        if kept_run(folder, r): continue
+        same = next((d for d in finished if d != folder and kept_run(d, r)), None)
+        if same:
+            shutil.copytree(same, folder, dirs_exist_ok=True)
+            print(f"{folder.name}: the same recipe as the finished run in {same.name}, copied")
 
 
 def ablation_rows(plan) -> list:
@@ -143,6 +159,7 @@ def main(
         plan = ablation_plan(parse_norms(norms), rows, out, **settings)   # every recipe checked first
         cifar = load_cifar(data) if plan else None
         with locked(check_out(out / 'ablation')):
+            if resume: reuse_identical_runs(plan, out / 'ablation')
             run_plan([p[:3] for p in plan], cifar, resume, figures=False, jobs=jobs)
             write_rows(ablation_rows(plan), out / 'ablation.csv')
     except (ValueError, StudyError) as e: raise CliError(f"error: {e}")

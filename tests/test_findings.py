@@ -14,7 +14,7 @@ import inference
 import search
 from normnets import NORMS, normnet
 from normnets_data import REPO_DIR
-from normnets_learner import recipe
+from normnets_learner import RECIPES, recipe
 from normnets_report import (ablation_markdown, ablation_page, batch_size_markdown, batch_size_page,
                              gpu_markdown, inference_markdown, inference_page, search_markdown, search_page)
 
@@ -103,7 +103,8 @@ def test_a_tiny_search_gives_every_norm_the_same_cells_scored_on_held_out_images
     with Image.open(tmp_path / 'search.png') as im: assert im.format == 'PNG'
 
 
-def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(tmp_path, capsys):
+def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(tmp_path, capsys,
+                                                                                monkeypatch):
     row = {c: i for i, (c, _) in enumerate(ablation.CHANGES)}
     norm_after_relu = next(i for c, i in row.items() if 'norm after the ReLU' in c)
     zero_init = next(i for c, i in row.items() if 'start at zero' in c)
@@ -134,6 +135,15 @@ def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(
     diffs = [100 * (both.test_acc[i + 1] - both.test_acc[i]) for i in (0, 2)]
     assert (f"{ablation.CHANGES[zero_init][0]} (group, 1 epochs, {sum(diffs) / 2:+.2f}: "
             f"{diffs[0]:+.2f}, {diffs[1]:+.2f} with seeds 0, 1)") in ablation_markdown(tmp_path, 'r')
+    # once the recipe adopts the change, its 'current recipe' is the change's finished run, not trained again
+    adopted_net = dict(recipe('gn').net, zero_init_residual=True)
+    monkeypatch.setitem(RECIPES, 'group', dict(RECIPES['group'], net=adopted_net))
+    capsys.readouterr()
+    ablation.main(**dict(settings, only='0'), resume=True)
+    out = capsys.readouterr().out
+    assert f'the same recipe as the finished run in group-{zero_init:02d}-e1-s0, copied' in out
+    adopted = pd.read_csv(tmp_path / 'ablation.csv').iloc[-1]
+    assert adopted.test_acc == df.test_acc[1] and 'zero_init_residual true' in adopted.base
     # a change of the network is merged into the recipe's own network settings
     wide = recipe('gn', net=dict(c4=32, c7=24), device='cpu')
     assert ablation.changed(wide, dict(net=dict(norm_after_relu=True))).net == dict(
