@@ -176,3 +176,15 @@ def test_the_gpu_study_is_set_beside_the_cpu_study_only_where_their_recipes_matc
     text = gpu_markdown(tmp_path, 'results')
     [line] = [line for line in text.splitlines() if 'they do not compare' in line]
     assert line.startswith('- **batch norm**')
+
+
+def test_ablation_summary_names_the_recipe_where_a_change_was_measured_against_two(tmp_path):
+    row = dict(norm='layer', epochs=20, params=1, seconds=1.0, device='cpu', data_md5='x', precision='fp32',
+               scored_on='500 held-out training images')
+    accs = {('current recipe', 'A'): 0.70, ('whiten', 'A'): 0.71, ('current recipe', 'B'): 0.72,
+            ('whiten', 'B'): 0.75}
+    pd.DataFrame([dict(row, change=c, base=b, seed=0, test_acc=a) for (c, b), a in accs.items()]).to_csv(
+        tmp_path / 'ablation.csv', index=False)
+    summary = ablation_markdown(tmp_path, 'r')
+    assert 'whiten (layer, 20 epochs, +3.00, seed 0, against B)' in summary
+    assert 'whiten (layer, 20 epochs, +1.00, seed 0, against A)' in summary
