@@ -145,8 +145,8 @@ class Recipe:
 # confirmed at full length on held-out training images (results/search.md), and for the per-sample norms the
 # norm after the ReLU (conv, ReLU, norm): their largest gain in the ablation, nothing measurable for batch
 # norm (results/ablation.md). Group and layer norm also train in batches of 128: twice the steps gained them
-# +0.6 points at full length over two seeds (results/ablation.md), where batch norm's screen found no clear
-# effect.
+# more than half a point at full length over two seeds (results/ablation.md), where batch norm's screen found
+# no clear effect.
 AFTER_RELU = dict(norm_after_relu=True)
 RECIPES: dict[str, dict] = {
     'batch': dict(opt='sgd', lr=0.4, wd=1e-4),

@@ -402,14 +402,14 @@ def ablation_verdicts(df: pd.DataFrame) -> str:
     key = ['change', 'norm', 'epochs', 'precision', 'scored_on', 'base']
     g = changed.groupby(key, sort=False).agg(
         mean=('diff', 'mean'), diffs=('diff', list), seeds=('seed', list)
-    )
+    ).reset_index()
     # a change measured against more than one recipe of a norm names the recipe it changed
-    bases = g.index.droplevel(['precision', 'scored_on', 'base']).value_counts()
+    g['recipes'] = g.groupby(['change', 'norm', 'epochs']).base.transform('size')
     def label(r):
         seeds = (f": {', '.join(f'{d:+.2f}' for d in r.diffs)} with seeds {', '.join(map(str, r.seeds))}"
                  if len(r.seeds) > 1 else f", seed {r.seeds[0]}")
-        against = f", against {r.Index[5]}" if bases[r.Index[:3]] > 1 else ''
-        return f"{r.Index[0]} ({r.Index[1]}, {r.Index[2]} epochs, {r.mean:+.2f}{seeds}{against})"
+        against = f", against {r.base}" if r.recipes > 1 else ''
+        return f"{r.change} ({r.norm}, {r.epochs} epochs, {r.mean:+.2f}{seeds}{against})"
     kinds = [('Helped (more than +0.5 points)', g['mean'] > 0.5),
              ('Within 0.5 points, no clear effect', g['mean'].abs() <= 0.5),
              ('Hurt (more than 0.5 points lost)', g['mean'] < -0.5)]

@@ -103,7 +103,8 @@ def reuse_identical_runs(plan, root: Path):
         if kept_run(folder, r): continue
         same = next((d for d in finished if d != folder and kept_run(d, r)), None)
         if same:
-            shutil.copytree(same, folder, dirs_exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)   # an older recipe's run: none of its files may stay
+            shutil.copytree(same, folder)
             print(f"{folder.name}: the same recipe as the finished run in {same.name}, copied")
 
 

@@ -346,8 +346,8 @@ def projected_study_seconds(
 def measure(cifar, device, steps, warmup) -> dict:
     "Every measurement of the benchmark, in one run."
     dls_of = functools.cache(lambda bs: get_dls(cifar=cifar, bs=bs, device=device))
-    dls = dls_of(recipe('batch').bs)   # the changes and the profile: batch norm's recipe
-    precision = recipe('batch', device=str(device)).precision
+    r = recipe('batch', device=str(device))
+    dls, precision = dls_of(r.bs), r.precision   # the changes and the profile: batch norm's recipe
     print(
         f"device: {device_name(device)}; torch {torch.__version__}; normnets trains in {precision}",
         flush=True,
@@ -367,7 +367,6 @@ def measure(cifar, device, steps, warmup) -> dict:
     ref_ips, ref = learner_throughput(dls_of(REFERENCE_BS), REFERENCE_NORM, steps, warmup, **REFERENCE_RECIPE)
     print(f"reference: {ref_ips:.0f} training images/s", flush=True)
     variants = measure_variants(dls_of, steps, warmup)
-    r = recipe('batch', device=str(device))
     return dict(
         device_name=device_name(device),
         device=device.type,
