@@ -12,7 +12,7 @@ from torch import nn
 import ablation
 import inference
 import search
-from normnets import NORMS, normnet
+from normnets import NORMS, PARAM_LIMIT, count_params, normnet
 from normnets_data import REPO_DIR
 from normnets_learner import RECIPES, recipe
 from normnets_report import (ablation_markdown, ablation_page, batch_size_markdown, batch_size_page,
@@ -148,6 +148,17 @@ def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(
     wide = recipe('gn', net=dict(c4=32, c7=24), device='cpu')
     assert ablation.changed(wide, dict(net=dict(norm_after_relu=True))).net == dict(
         c4=32, c7=24, norm_after_relu=True)
+
+
+def test_every_ablation_row_keeps_every_norm_within_the_rules(tmp_path, capsys):
+    "A row that breaks a norm's network or the rules is left out of its plan, saying why."
+    plan = ablation.ablation_plan(list(NORMS), range(len(ablation.CHANGES)), tmp_path, epochs=1, device='cpu')
+    assert all(count_params(r.model()) < PARAM_LIMIT for _, r, *_ in plan)
+    assert len({folder for _, _, folder, *_ in plan}) == len(plan)
+    # group norm's 4 groups do not divide 26 channels
+    assert 'c7=26: skipped, not a group norm network: num_channels (26)' in capsys.readouterr().out
+    wide = [r for _, r, _, change, _ in plan if change.startswith('wider 32x32 stage')]
+    assert len(wide) == len(NORMS) and all(count_params(r.model()) == 48_650 for r in wide)
 
 
 @pytest.mark.parametrize('bench, bad, message', [
