@@ -456,39 +456,42 @@ def ablation_markdown(results: Path, rel: str) -> str:
     )
 
 
-PRECISION_WORDS = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
-
-
 def precision_page(results: Path) -> str | None:
-    """results/precision.md: the full study in float32 (precision/fp32-runs.csv, kept from the last float32
-    study) against the committed one, per variant: what mixed precision changed in accuracy and time."""
-    kept, now = results / 'precision' / 'fp32-runs.csv', results / 'runs.csv'
-    if not kept.exists() or not now.exists(): return None
-    old, runs = pd.read_csv(kept), pd.read_csv(now)
-    if (runs.precision == 'fp32').all(): return None
+    """results/precision.md: one study run in float32 and in bfloat16 mixed precision (each one's runs.csv
+    kept as precision/fp32-runs.csv and bf16-runs.csv), per variant: what mixed precision changed in accuracy
+    and time."""
+    kept = {p: results / 'precision' / f'{p}-runs.csv' for p in ('fp32', 'bf16')}
+    if not all(f.exists() for f in kept.values()): return None
+    fp32, bf16 = (pd.read_csv(f) for f in kept.values())
+    shared = ['norm', 'seed', 'epochs', 'bs', 'lr', 'wd', 'label_smoothing']
+    same_runs = lambda df: df[shared].sort_values(shared).reset_index(drop=True)
+    if not same_runs(fp32).equals(same_runs(bf16)):
+        raise ValueError(f"{kept['fp32']} and {kept['bf16']}: not the same runs in two precisions")
     spread = lambda r: mean_std(r.test_acc.mean(), r.test_acc.std(ddof=1) if len(r) > 1 else None)
     epoch_s = lambda r: (r.seconds / r.epochs).mean()
-    word = PRECISION_WORDS[runs.precision.iloc[0]]
     rows = [
         {
             'norm': n,
-            'runs': f"{len(a)} / {len(b)}",
+            'recipe': f"{opt}lr {b.lr.iloc[0]:g}, wd {b.wd.iloc[0]:g}, batch {b.bs.iloc[0]}",
+            'runs': len(b),
             'test acc % float32': spread(a),
-            f'test acc % {word}': spread(b),
+            'test acc % bfloat16': spread(b),
             'difference (points)': f"{100 * (b.test_acc.mean() - a.test_acc.mean()):+.2f}",
             's / epoch float32': f"{epoch_s(a):.1f}",
-            f's / epoch {word}': f"{epoch_s(b):.1f}",
+            's / epoch bfloat16': f"{epoch_s(b):.1f}",
             'speed-up': f"{epoch_s(a) / epoch_s(b):.2f}x",
         }
-        for n in norm_order(runs.norm.unique())
-        for a, b in [(old[old.norm == n], runs[runs.norm == n])]
+        for n in norm_order(bf16.norm.unique())
+        for a, b in [(fp32[fp32.norm == n], bf16[bf16.norm == n])]
+        for opt in [f"{b.opt.iloc[0]}, " if 'opt' in b else '']   # runs older than the optimizer choice
     ]
+    seeds = ', '.join(map(str, sorted(set(bf16.seed))))
     return (
-        f"# The study in float32 and in {word}\n\nWritten by `scripts/report.py`. Test accuracy: mean ± "
-        "standard "
-        f"deviation over the runs (seeds {', '.join(map(str, sorted(set(old.seed) | set(runs.seed))))}). The "
-        "seconds come from the two studies' own runs, which did not share a machine state; "
-        "[speed.md](speed.md) measures speed side by side.\n\n" + markdown_table(pd.DataFrame(rows))
+        "# The study in float32 and in bfloat16\n\nWritten by `scripts/report.py`. The same runs (recipes "
+        f"and seeds {seeds}) in both precisions on {bf16.device_name.iloc[0]}: the study's recipes then, not "
+        "necessarily today's. Test accuracy: mean ± standard deviation over the runs. The seconds come from "
+        "the two studies' own runs, which did not share a machine state; [speed.md](speed.md) measures speed "
+        "side by side.\n\n" + markdown_table(pd.DataFrame(rows))
     )
 
 

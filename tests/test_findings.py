@@ -16,7 +16,8 @@ from normnets import NORMS, PARAM_LIMIT, count_params, normnet
 from normnets_data import REPO_DIR
 from normnets_learner import RECIPES, recipe
 from normnets_report import (ablation_markdown, ablation_page, batch_size_markdown, batch_size_page,
-                             gpu_markdown, inference_markdown, inference_page, search_markdown, search_page)
+                             gpu_markdown, inference_markdown, inference_page, precision_page,
+                             search_markdown, search_page)
 
 
 def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
@@ -199,3 +200,17 @@ def test_ablation_summary_names_the_recipe_where_a_change_was_measured_against_t
     summary = ablation_markdown(tmp_path, 'r')
     assert 'whiten (layer, 20 epochs, +3.00, seed 0, against B)' in summary
     assert 'whiten (layer, 20 epochs, +1.00, seed 0, against A)' in summary
+
+
+def test_the_precision_page_sets_the_same_runs_side_by_side_and_refuses_others(tmp_path):
+    import shutil
+    shutil.copytree(REPO_DIR / 'results' / 'precision', tmp_path / 'precision')
+    fp32, bf16 = (pd.read_csv(tmp_path / 'precision' / f'{p}-runs.csv') for p in ('fp32', 'bf16'))
+    page = precision_page(tmp_path)
+    for n in bf16.norm.unique():
+        diff = 100 * (bf16[bf16.norm == n].test_acc.mean() - fp32[fp32.norm == n].test_acc.mean())
+        [row] = [line for line in page.splitlines() if line.startswith(f'| {n} |')]
+        assert f'| {diff:+.2f} |' in row
+    bf16.loc[0, 'lr'] *= 2   # one run of another recipe: the two precisions no longer compare
+    bf16.to_csv(tmp_path / 'precision' / 'bf16-runs.csv', index=False)
+    with pytest.raises(ValueError, match='not the same runs in two precisions'): precision_page(tmp_path)
