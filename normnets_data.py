@@ -337,13 +337,13 @@ def _holdout(x, y, n):
 
 
 def get_dls(data=None, bs: int = BS, n_train: int = None, n_test: int = None, seed: int = 0, device=None,
-            counts: dict = CIFAR10_COUNTS, cifar: Cifar = None, holdout: int = 0,
+            counts: dict = CIFAR10_COUNTS, cifar: Cifar = None, holdout: int = 0, crop_pad: int = 4,
             cutout: int = 0) -> DataLoaders:
     """fastai `DataLoaders` of CIFAR-10: the training images (augmented) for training and the test images for
     validation. `n_train`/`n_test` take a random subset (for quick checks); `cifar` reuses decoded data.
     `holdout` > 0 validates on that many training images set aside instead (a recipe search: the test set
-    stays unseen), and trains on the others. `cutout` > 0 adds `Cutout` of that size to the training
-    batches."""
+    stays unseen), and trains on the others. The training batches are randomly cropped from a copy padded by
+    `crop_pad` pixels (0: not cropped) and flipped; `cutout` > 0 adds `Cutout` of that size."""
     cifar = cifar or load_cifar(data, counts)
     x_train, y_train, x_test, y_test = cifar.x_train, cifar.y_train, cifar.x_test, cifar.y_test
     if holdout: x_train, y_train, x_test, y_test = _holdout(x_train, y_train, holdout)
@@ -354,7 +354,7 @@ def get_dls(data=None, bs: int = BS, n_train: int = None, n_test: int = None, se
     # Normalize with the training images' channel statistics.
     std, mean = torch.std_mean(torch.from_numpy(x_train).reshape(-1, 3).float() / 255, dim=0)
     batch_tfms = [
-        RandomCropFlip(4),
+        RandomCropFlip(crop_pad),
         IntToFloatTensor(),
         Normalize.from_stats(mean.tolist(), std.tolist(), cuda=False),
         *([Cutout(cutout)] if cutout else []),

@@ -89,6 +89,7 @@ class Recipe:
     wd: float = 0.05          # fastai exempts BatchNorm parameters and all biases; see exempt_gn_scale
     opt: str = 'adam'         # a key of OPTIMIZERS
     label_smoothing: float = 0.1   # soft targets regularize this small network a little
+    crop_pad: int = 4         # training images: random crops of a copy padded this much, and flips (0: flips)
     # Training tricks, off unless a recipe turns them on (benchmarks/ablation.py measures each one).
     ema: float = 0.           # > 0: score and keep an average of the weights over steps, this decay a step
     lookahead: bool = False   # fastai's Lookahead around the optimizer
@@ -120,6 +121,7 @@ class Recipe:
             raise RuleError(f"label_smoothing {self.label_smoothing}: must be below 1")
         if self.ema >= 1: raise RuleError(f"ema {self.ema}: a decay a step, must be below 1")
         if not 0 <= self.cutout <= 32: raise RuleError(f"cutout {self.cutout}: must be 0 (off) to 32 pixels")
+        if not 0 <= self.crop_pad <= 16: raise RuleError(f"crop_pad {self.crop_pad}: must be 0 to 16 pixels")
         if not 1 <= self.epochs <= MAX_EPOCHS:
             raise RuleError(f"epochs {self.epochs}: the rules allow 1 to {MAX_EPOCHS} epochs")
         if self.bs < 1: raise RuleError(f"batch size {self.bs}: must be at least 1")
@@ -368,7 +370,7 @@ def seed_run(r: Recipe):
 def recipe_dls(r: Recipe, data=None, cifar=None):
     "The `DataLoaders` a recipe trains on (its batch size, subsets, seed and device)."
     return get_dls(data, bs=r.bs, n_train=r.n_train, n_test=r.n_test, seed=r.seed, device=r.device,
-                   cifar=cifar, holdout=r.holdout, cutout=r.cutout)
+                   cifar=cifar, holdout=r.holdout, crop_pad=r.crop_pad, cutout=r.cutout)
 
 
 class EpochSeconds(Callback):

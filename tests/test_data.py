@@ -217,3 +217,13 @@ def test_dataloaders_cut_out_the_training_batches_only(tiny_tgz, tmp_path):
     dls = get_dls(bs=8, cifar=c, cutout=12, device='cpu')
     assert [t.size for t in cut(dls.train)] == [12] and (dls.one_batch()[0] == 0).all(1).sum() >= 8 * 36
     assert not cut(get_dls(bs=8, cifar=c, device='cpu').train)
+
+
+def test_dataloaders_crop_from_the_padding_asked_for(tiny_tgz, tmp_path):
+    c = load_cifar(tiny_tgz, COUNTS, cache_dir=tmp_path / 'c')
+    pads = lambda dls: [t.pad for t in dls.train.after_batch.fs if isinstance(t, RandomCropFlip)]
+    assert pads(get_dls(bs=8, cifar=c, device='cpu')) == [4]
+    assert pads(get_dls(bs=8, cifar=c, crop_pad=2, device='cpu')) == [2]
+    x = TensorImage(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8))
+    out = RandomCropFlip(0)(x, split_idx=0)   # no padding: each image as it is or mirrored
+    assert all(torch.equal(o, i) or torch.equal(o, i.flip(-1)) for o, i in zip(out, x))

@@ -48,6 +48,7 @@ def run(args, **kw): return subprocess.run(args, capture_output=True, text=True,
         (dict(ema=1.0), 'ema 1.0: a decay a step'),
         (dict(ema=-0.5), 'ema -0.5'),
         (dict(cutout=33), 'cutout 33'),
+        (dict(crop_pad=-1), 'crop_pad -1: must be 0 to 16 pixels'),
         (dict(mixup=math.nan), 'mixup nan'),
     ],
 )
