@@ -784,11 +784,10 @@ def stale(results: Path, readme: Path) -> list[str]:
 
 
 def write_report(results: Path, readme: Path) -> list[Path]:
-    "Fill the README's regions and write the pages under results/; returns what was written."
+    """Fill the README's regions and write the pages under results/; returns what was written. Everything is
+    computed before anything is written, so that result files that contradict each other change nothing."""
     results, readme = Path(results), Path(readme)
-    readme.write_text(fill(readme.read_text(), regions(results, readme.parent)))
-    written = [readme]
-    for name, page in pages(results).items():
-        (results / name).write_text(page)
-        written.append(results / name)
-    return written
+    text, named = fill(readme.read_text(), regions(results, readme.parent)), pages(results)
+    readme.write_text(text)
+    for name, page in named.items(): (results / name).write_text(page)
+    return [readme, *(results / name for name in named)]

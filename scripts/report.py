@@ -17,9 +17,11 @@ def main(
 ):
     "Write (or check) the README's generated regions and the pages under results/."
     results, readme = results or REPO_DIR / 'results', readme or REPO_DIR / 'README.md'
-    if check:
-        old = report.stale(results, readme)
-        if old: raise CliError("stale, run python scripts/report.py: " + '; '.join(old))
-        print("README and results pages are current")
-    else:
-        for path in report.write_report(results, readme): print(f"wrote {path}")
+    try:
+        if check:
+            old = report.stale(results, readme)
+            if old: raise CliError("stale, run python scripts/report.py: " + '; '.join(old))
+            print("README and results pages are current")
+        else:
+            for path in report.write_report(results, readme): print(f"wrote {path}")
+    except ValueError as e: raise CliError(f"error: {e}")   # result files that contradict each other

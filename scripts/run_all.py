@@ -57,6 +57,8 @@ def main(
     if summary is None:
         raise CliError(f"no finished run of this study in {out_dir}: its files are left as they were")
     if out is None and not missing:
-        for path in report.write_report(out_dir, REPO_DIR / 'README.md'): print(f"wrote {path}")
+        try: written = report.write_report(out_dir, REPO_DIR / 'README.md')
+        except ValueError as e: raise CliError(f"error: {e}")   # result files that contradict each other
+        for path in written: print(f"wrote {path}")
     print('\n' + (out_dir / 'summary.md').read_text())
     if missing: raise CliError(f"incomplete study: missing {', '.join(missing)} (run again with --resume)")

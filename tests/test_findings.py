@@ -1,6 +1,6 @@
 """The measured findings' tools: the batch-size grid end to end on a few hundred images, and the inference
 benchmark's modes (batch statistics at test time, statistics taken out) on a small model."""
-import json, subprocess, sys
+import json, shutil, subprocess, sys
 
 import pandas as pd
 import pytest
@@ -15,9 +15,10 @@ import search
 from normnets import NORMS, PARAM_LIMIT, count_params, normnet
 from normnets_data import REPO_DIR
 from normnets_learner import RECIPES, recipe
+import normnets_report
 from normnets_report import (ablation_markdown, ablation_page, batch_size_markdown, batch_size_page,
                              gpu_markdown, inference_markdown, inference_page, precision_page,
-                             search_markdown, search_page)
+                             search_markdown, search_page, write_report)
 
 
 def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
@@ -176,7 +177,6 @@ def test_benchmarks_refuse_bad_input_before_any_work(tmp_path, bench, bad, messa
 def test_the_gpu_study_is_set_beside_the_cpu_study_only_where_their_recipes_match(tmp_path):
     """Each GPU variant is compared with its CPU run only where both ran the same recipe (here the committed
     GPU study stands in for both)."""
-    import shutil
     for d in (tmp_path, tmp_path / 'gpu'):
         d.mkdir(exist_ok=True)
         for f in ('summary.csv', 'runs.csv'): shutil.copy(REPO_DIR / 'results' / 'gpu' / f, d / f)
@@ -202,8 +202,7 @@ def test_ablation_summary_names_the_recipe_where_a_change_was_measured_against_t
     assert 'whiten (layer, 20 epochs, +1.00, seed 0, against A)' in summary
 
 
-def test_the_precision_page_sets_the_same_runs_side_by_side_and_refuses_others(tmp_path):
-    import shutil
+def test_the_precision_page_sets_the_same_runs_side_by_side_and_refuses_others(tmp_path, monkeypatch):
     shutil.copytree(REPO_DIR / 'results' / 'precision', tmp_path / 'precision')
     fp32, bf16 = (pd.read_csv(tmp_path / 'precision' / f'{p}-runs.csv') for p in ('fp32', 'bf16'))
     page = precision_page(tmp_path)
@@ -214,3 +213,9 @@ def test_the_precision_page_sets_the_same_runs_side_by_side_and_refuses_others(t
     bf16.loc[0, 'lr'] *= 2   # one run of another recipe: the two precisions no longer compare
     bf16.to_csv(tmp_path / 'precision' / 'bf16-runs.csv', index=False)
     with pytest.raises(ValueError, match='not the same runs in two precisions'): precision_page(tmp_path)
+    # the report writes nothing, README included, when its files contradict each other
+    monkeypatch.setattr(normnets_report, 'regions', lambda *a: {'n_norms': '5'})   # no study in tmp_path
+    readme = tmp_path / 'README.md'
+    readme.write_text('<!--g:n_norms-->?<!--/g-->')
+    with pytest.raises(ValueError, match='not the same runs'): write_report(tmp_path, readme)
+    assert readme.read_text() == '<!--g:n_norms-->?<!--/g-->' and not (tmp_path / 'precision.md').exists()
