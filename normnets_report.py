@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from normnets import GN_GROUPS, NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY
+from normnets import GN_GROUPS, NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY, WIDTHS
 from normnets import normnet, count_params, count_macs
 from normnets_learner import recipe, saved_recipe
 
@@ -89,7 +89,8 @@ def runs_markdown(runs: pd.DataFrame) -> str:
 # The training tricks of a recipe (off by default), by how the recipes table names them.
 TRICKS = {'ema': 'EMA {}', 'lookahead': 'Lookahead', 'cutout': 'cutout {}', 'mixup': 'mixup {}',
           'whiten_c1': 'whitened C1'}
-TRAINING_FIELDS = ['opt', 'lr', 'wd', 'bs', 'label_smoothing', 'epochs', 'net', 'exempt_gn_scale', *TRICKS]
+TRAINING_FIELDS = ['opt', 'lr', 'wd', 'bs', 'label_smoothing', 'crop_pad', 'epochs', 'net', 'exempt_gn_scale',
+                   *TRICKS]
 
 
 def recipe_now(norm: str) -> dict:
@@ -146,7 +147,9 @@ def recipes_markdown(runs: pd.DataFrame) -> str:
     table = pd.DataFrame({
         'norm': first.index, 'layer order': first.net.map(layer_order), 'optimizer': first.opt,
         'peak lr': first.lr, 'weight decay': first.wd, 'batch size': first.bs,
-        'label smoothing': first.label_smoothing, 'epochs': first.epochs, 'precision': first.precision})
+        'label smoothing': first.label_smoothing,
+        'crop padding': [recorded_recipe(run)['crop_pad'] for _, run in first.iterrows()],
+        'epochs': first.epochs, 'precision': first.precision})
     used = [tricks(recorded_recipe(run)) for _, run in first.iterrows()]
     if any(used): table['training tricks'] = used   # a column only when some recipe has one
     text = markdown_table(table)
@@ -170,8 +173,8 @@ def describe_layer(name, m) -> str:
 
 
 def architecture_markdown() -> str:
-    """The layer table (output shape and parameters of each layer) and, per norm, what it normalizes,
-    parameters, MACs."""
+    """The layer table (output shape and parameters of each layer of the default network) and, per norm,
+    what it normalizes and its network as its recipe builds it: widths changed, parameters, MACs."""
     model, rows = normnet(next(iter(NORMS))), []
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: rows.append((name, m, tuple(o.shape[1:]))))
              for name, m in model.named_children()]
@@ -181,18 +184,17 @@ def architecture_markdown() -> str:
         'layer': [n for n, _, _ in rows], 'what': [describe_layer(n, m) for n, m, _ in rows],
         'output (C, H, W)': [' x '.join(map(str, s)) for _, _, s in rows],
         'parameters': [f'{count_params(m):,}' for _, m, _ in rows]})
-    variants = pd.DataFrame(
-        [
-            {
-                'variant': f'{n.name} norm ({n.alias})',
-                'normalizes': n.over,
-                'parameters': f'{count_params(normnet(n.name)):,}',
-                'MACs / image': f'{count_macs(normnet(n.name)) / 1e6:.2f} M',
-            }
-            for n in NORMS.values()
-        ]
-    )
-    return markdown_table(layers) + '\n' + markdown_table(variants)
+    variants = []
+    for n in NORMS.values():
+        r = recipe(n.name)
+        widths = {k: v for k, v in r.net.items() if k in WIDTHS and v != WIDTHS[k]}
+        variants.append({
+            'variant': f'{n.name} norm ({n.alias})', 'normalizes': n.over,
+            'widths (recipe)': ', '.join(f'{k}={v}' for k, v in widths.items()) or 'as above',
+            'parameters': f'{count_params(r.model()):,}',
+            'MACs / image': f'{count_macs(r.model()) / 1e6:.2f} M',
+        })
+    return markdown_table(layers) + '\n' + markdown_table(pd.DataFrame(variants))
 
 
 def findings_markdown(summary: pd.DataFrame, histories: dict) -> str:

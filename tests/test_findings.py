@@ -12,13 +12,13 @@ from torch import nn
 import ablation
 import inference
 import search
-from normnets import NORMS, PARAM_LIMIT, count_params, normnet
+from normnets import NORMS, PARAM_LIMIT, count_macs, count_params, normnet
 from normnets_data import REPO_DIR
 from normnets_learner import RECIPES, recipe
 import normnets_report
-from normnets_report import (ablation_markdown, ablation_page, batch_size_markdown, batch_size_page,
-                             gpu_markdown, inference_markdown, inference_page, precision_page,
-                             search_markdown, search_page, write_report)
+from normnets_report import (ablation_markdown, ablation_page, architecture_markdown, batch_size_markdown,
+                             batch_size_page, gpu_markdown, inference_markdown, inference_page,
+                             precision_page, search_markdown, search_page, write_report)
 
 
 def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
@@ -160,7 +160,8 @@ def test_every_ablation_row_keeps_every_norm_within_the_rules(tmp_path, capsys):
     # group norm's 4 groups do not divide 26 channels
     assert 'c7=26: skipped, not a group norm network: num_channels (26)' in capsys.readouterr().out
     wide = [r for _, r, _, change, _ in plan if change.startswith('wider 32x32 stage')]
-    assert len(wide) == len(NORMS) and all(count_params(r.model()) == 48_650 for r in wide)
+    lacking = [n for n in NORMS if recipe(n).net.get('c1') != 16]   # a change a recipe has is not run again
+    assert [r.norm for r in wide] == lacking and all(count_params(r.model()) == 48_650 for r in wide)
 
 
 @pytest.mark.parametrize('bench, bad, message', [
@@ -200,6 +201,16 @@ def test_ablation_summary_names_the_recipe_where_a_change_was_measured_against_t
     summary = ablation_markdown(tmp_path, 'r')
     assert 'whiten (layer, 20 epochs, +3.00, seed 0, against B)' in summary
     assert 'whiten (layer, 20 epochs, +1.00, seed 0, against A)' in summary
+
+
+def test_the_variants_table_shows_each_network_as_its_recipe_builds_it(monkeypatch):
+    monkeypatch.setitem(RECIPES, 'layer', dict(RECIPES.get('layer', {}), net=dict(c1=16, c3=16)))
+    table = architecture_markdown()
+    wide = recipe('layer').model()
+    assert count_params(wide) != count_params(normnet('layer'))
+    assert f'| c1=16 | {count_params(wide):,} | {count_macs(wide) / 1e6:.2f} M |' in table   # c3=16: default
+    monkeypatch.setitem(RECIPES, 'layer', {})
+    assert f'| as above | {count_params(normnet("layer")):,} |' in architecture_markdown()
 
 
 def test_the_precision_page_sets_the_same_runs_side_by_side_and_refuses_others(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import normnets_report as report
 import normnets_study
 from normnets import NORMS, Norm
 from normnets_data import REPO_DIR
-from normnets_learner import RECIPES, recipe, saved_recipe
+from normnets_learner import RECIPES, Recipe, recipe, saved_recipe
 from normnets_study import SUMMARY_COLUMNS, StudyError, locked, parse_norms, run_study
 
 RUN_ALL = [sys.executable, str(REPO_DIR / 'scripts' / 'run_all.py')]
@@ -127,6 +127,9 @@ def test_the_readme_says_which_recipes_changed_since_the_study(study, monkeypatc
     monkeypatch.setitem(RECIPES, 'batch', {**RECIPES['batch'], 'lr': 2 * was})
     changed = report.recipes_markdown(runs).split('have changed since these runs:')[1]
     assert f'batch norm (lr `{was}` -> `{2 * was}`)' in changed and 'group' not in changed
+    monkeypatch.setitem(RECIPES, 'group', {**RECIPES['group'], 'crop_pad': 0})   # a field runs.csv may lack
+    changed = report.recipes_markdown(runs.drop(columns='crop_pad')).split('since these runs:')[1]
+    assert f'group norm (crop_pad `{Recipe.crop_pad}` -> `0`)' in changed   # missing: the default
 
 
 def test_interrupted_rerun_keeps_the_summary_of_every_finished_run(study_copy, monkeypatch):
