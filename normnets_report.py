@@ -144,13 +144,14 @@ def recipes_markdown(runs: pd.DataFrame) -> str:
     """Each norm's recipe as its runs recorded it, and where today's recipes differ from it (the study is then
     older than the code)."""
     first = runs.groupby('norm', sort=False).first()
+    recorded = [recorded_recipe(run) for _, run in first.iterrows()]
     table = pd.DataFrame({
         'norm': first.index, 'layer order': first.net.map(layer_order), 'optimizer': first.opt,
         'peak lr': first.lr, 'weight decay': first.wd, 'batch size': first.bs,
         'label smoothing': first.label_smoothing,
-        'crop padding': [recorded_recipe(run)['crop_pad'] for _, run in first.iterrows()],
+        'crop padding': [r['crop_pad'] for r in recorded],   # older runs.csv lack it: their default
         'epochs': first.epochs, 'precision': first.precision})
-    used = [tricks(recorded_recipe(run)) for _, run in first.iterrows()]
+    used = [tricks(r) for r in recorded]
     if any(used): table['training tricks'] = used   # a column only when some recipe has one
     text = markdown_table(table)
     changes = recipe_changes(first)
@@ -187,12 +188,11 @@ def architecture_markdown() -> str:
     variants = []
     for n in NORMS.values():
         r = recipe(n.name)
-        widths = {k: v for k, v in r.net.items() if k in WIDTHS and v != WIDTHS[k]}
+        net, widths = r.model(), {k: v for k, v in r.net.items() if k in WIDTHS and v != WIDTHS[k]}
         variants.append({
             'variant': f'{n.name} norm ({n.alias})', 'normalizes': n.over,
             'widths (recipe)': ', '.join(f'{k}={v}' for k, v in widths.items()) or 'as above',
-            'parameters': f'{count_params(r.model()):,}',
-            'MACs / image': f'{count_macs(r.model()) / 1e6:.2f} M',
+            'parameters': f'{count_params(net):,}', 'MACs / image': f'{count_macs(net) / 1e6:.2f} M',
         })
     return markdown_table(layers) + '\n' + markdown_table(pd.DataFrame(variants))
 
