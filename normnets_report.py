@@ -442,16 +442,43 @@ def ablation_page(results: Path) -> str | None:
             + markdown_table(table) + f"\n{ablation_verdicts(df)}\n")
 
 
+def ablation_matrix(df: pd.DataFrame) -> str:
+    """A row a change and length, a column a norm: the points the change gained over the recipe it changed,
+    the mean over its seeds (each seed's in brackets where several), bold where more than half a point. A
+    change measured against several recipes of a norm shows the latest, marked *."""
+    changed = df[(df.change != 'current recipe') & df['diff'].notna()].reset_index()
+    cell_key = ['change', 'epochs', 'norm']
+    g = changed.groupby([*cell_key, 'base'], sort=False).agg(
+        mean=('diff', 'mean'), diffs=('diff', list), seeds=('seed', list), latest=('index', 'max'),
+    ).reset_index()
+    g['recipes'] = g.groupby(cell_key).base.transform('size')
+    g = g.sort_values('latest').drop_duplicates(cell_key, keep='last')
+
+    def cell(r) -> str:
+        text = f"{r.mean:+.2f}" + (f" ({', '.join(f'{d:+.2f}' for d in r.diffs)})" if len(r.diffs) > 1
+                                   else f" (seed {r.seeds[0]})" if r.seeds[0] else '')
+        return (f"**{text}**" if round(r.mean, 2) > 0.5 else text) + ('*' if r.recipes > 1 else '')
+    g['cell'] = [cell(r) for r in g.itertuples()]
+    first_seen = changed.groupby('change')['index'].min()
+    rows = sorted(set(zip(g.change, g.epochs)), key=lambda ce: (first_seen[ce[0]], ce[1]))
+    table = g.pivot(index=['change', 'epochs'], columns='norm', values='cell').reindex(rows)
+    table = table[norm_order(table.columns)].rename(columns=lambda n: f'{n} norm').reset_index()
+    return markdown_table(table)
+
+
 def ablation_markdown(results: Path, rel: str) -> str:
     """The README's summary of the ablation: the changes scored on held-out images (the ones that may choose a
-    recipe), what helped and what did not, and rows that have no current-recipe run of their length."""
+    recipe) as a table of changes by norms, and rows that have no current-recipe run of their length."""
     df = ablation_frame(results)
     held_out = df[df.scored_on != 'the test set'] if df is not None else []
     if not len(held_out): return 'No change has been scored on held-out images yet.'
     alone = held_out[held_out['diff'].isna()]
     return (
-        "Scored on held-out training images; a difference is the mean over the seeds a change ran with "
-        f"(every row: [ablation.md]({rel}/ablation.md)):\n\n" + ablation_verdicts(held_out)
+        "Points each change gained on held-out training images over the recipe it changed, short screens "
+        "first and the rules' full length where a screen gained: the mean over the seeds it ran with (seed 0 "
+        "unless the brackets give each seed's); bold: more than half a point; *: measured against more than "
+        f"one recipe of the norm, the latest shown (every row: [ablation.md]({rel}/ablation.md)).\n\n"
+        + ablation_matrix(held_out)
         + ''.join(f"\n- {r.change}, {r.norm} norm, {r.epochs} epochs, seed {r.seed}: {pct(r.test_acc)}% (no "
                   "current-recipe run of that length and seed to compare with)" for r in alone.itertuples())
         + '\n'
