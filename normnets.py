@@ -81,25 +81,31 @@ class WSConv2d(nn.Conv2d):
 @dataclass(frozen=True)
 class Norm:
     """A normalization of the study: its canonical name, a short alias, its layer, what it normalizes over,
-    the convolution it follows, and whether it is one of the exercise's three or an extra beyond it."""
+    the convolution it follows, and for an extra beyond the exercise's three, the exercise norm it changes."""
     name: str
     alias: str
     # layer(channels, groups) -> module; `groups` is group norm's group count
     layer: Callable[..., nn.Module]
     over: str
     conv: type[nn.Conv2d] = nn.Conv2d
-    exercise: bool = True
+    base: str | None = None
+
+    @property
+    def exercise(self) -> bool: return self.base is None
 
 
 NORMS: dict[str, Norm] = {}
 
 
 def register_norm(name: str, alias: str, layer: Callable[..., nn.Module], over: str,
-                  conv: type[nn.Conv2d] = nn.Conv2d, exercise: bool = True) -> Norm:
-    "Add a normalization to the registry; from then on the study, the CLI, plots and report know it."
+                  conv: type[nn.Conv2d] = nn.Conv2d, base: str | None = None) -> Norm:
+    """Add a normalization to the registry; from then on the study, the CLI, plots and report know it. `base`:
+    the exercise norm that an extra one changes, which the report measures it against."""
     taken = {n for norm in NORMS.values() for n in (norm.name, norm.alias)}
     if {name, alias} & taken: raise ValueError(f"norm name {name!r} or alias {alias!r} is already registered")
-    NORMS[name] = Norm(name, alias, layer, over, conv, exercise)
+    if base is not None and not (base in NORMS and NORMS[base].exercise):
+        raise ValueError(f"base {base!r} of norm {name!r}: not a registered exercise norm")
+    NORMS[name] = Norm(name, alias, layer, over, conv, base)
     return NORMS[name]
 
 
@@ -114,7 +120,7 @@ register_norm(
 # Beyond the exercise: the per-sample norms after weight-standardized convolutions.
 for plain in ('group', 'layer'):
     register_norm(f'ws-{plain}', f'ws{NORMS[plain].alias}', NORMS[plain].layer,
-                  f'as {plain} norm, after weight-standardized convolutions', conv=WSConv2d, exercise=False)
+                  f'as {plain} norm, after weight-standardized convolutions', conv=WSConv2d, base=plain)
 
 
 def norm_name(norm: str) -> str:

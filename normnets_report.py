@@ -236,7 +236,27 @@ def findings_markdown(summary: pd.DataFrame, histories: dict) -> str:
     lines.append(
         f"- **Cost.** Seconds per epoch (training and evaluation) on {s.device_name.iloc[0]}: {secs}."
     )
+    lines += gap_closed_lines(s)
     return '\n'.join(lines) + '\n'
+
+
+def gap_closed_lines(s: pd.DataFrame) -> list:
+    """How much of its exercise norm's gap to the best exercise norm each extra variant closes, from the mean
+    test accuracies of `s` (indexed by norm); nothing where the study lacks one of the three."""
+    exercise = [n for n in s.index if n in NORMS and NORMS[n].exercise]
+    extras = [n for n in s.index if n in NORMS and NORMS[n].base in exercise]
+    if not extras: return []
+    best = s.test_acc[exercise].idxmax()
+    parts = []
+    for n in extras:
+        base = NORMS[n].base
+        gap, gain = s.test_acc[best] - s.test_acc[base], s.test_acc[n] - s.test_acc[base]
+        acc = mean_std(s.test_acc[n], s.test_acc_std[n])
+        part = f"{n} norm {acc}%, {100 * gain:+.2f} points on {base} norm"
+        if base != best and gap > 0:
+            part += f": {gain / gap:.0%} of its {100 * gap:.2f}-point gap to {best} norm"
+        parts.append(part)
+    return [f"- **Beyond the exercise.** {'; '.join(parts)}."]
 
 
 def per_class_markdown(results: Path) -> str:

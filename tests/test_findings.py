@@ -232,3 +232,14 @@ def test_the_precision_page_sets_the_same_runs_side_by_side_and_refuses_others(t
     readme.write_text('<!--g:n_norms-->?<!--/g-->')
     with pytest.raises(ValueError, match='not the same runs'): write_report(tmp_path, readme)
     assert readme.read_text() == '<!--g:n_norms-->?<!--/g-->' and not (tmp_path / 'precision.md').exists()
+
+
+def test_the_findings_say_how_much_of_its_gap_to_batch_norm_each_extra_variant_closes():
+    s = pd.DataFrame(dict(norm=['batch', 'group', 'layer', 'ws-group', 'ws-layer'],
+                          test_acc=[.82, .78, .79, .80, .785], test_acc_std=[.001] * 5)).set_index('norm')
+    line, = normnets_report.gap_closed_lines(s)
+    assert line.startswith('- **Beyond the exercise.**')
+    assert ('ws-group norm 80.00 ± 0.10%, +2.00 points on group norm: 50% of its 4.00-point gap to batch norm'
+            in line)
+    assert 'ws-layer norm 78.50 ± 0.10%, -0.50 points on layer norm: -17% of its 3.00-point gap' in line
+    assert normnets_report.gap_closed_lines(s.drop(index=['group', 'layer'])) == []   # no plain norm

@@ -37,6 +37,8 @@ def test_each_variant_has_its_norm_and_no_other():
         *standardized, classifier = convs(normnet(ws))
         assert all(type(c) is WSConv2d for c in standardized) and type(classifier) is nn.Conv2d
     assert [n for n, e in NORMS.items() if e.exercise] == ['batch', 'group', 'layer']
+    extras = {n: e.base for n, e in NORMS.items() if not e.exercise}
+    assert extras == {'ws-group': 'group', 'ws-layer': 'layer'}
 
 
 def test_weight_standardization_convolves_with_each_filter_at_zero_mean_and_unit_variance():
@@ -121,11 +123,14 @@ def test_unknown_norm_lists_the_valid_names():
     assert norm_name(' GN ') == 'group'
 
 
-def test_registering_a_taken_name_or_alias_is_refused():
+def test_registering_a_taken_name_or_alias_or_an_unknown_base_is_refused():
     with pytest.raises(ValueError, match='already registered'):
         register_norm('batch', 'xx', nn.BatchNorm2d, '')
     with pytest.raises(ValueError, match='already registered'):
         register_norm('other', 'gn', nn.BatchNorm2d, '')
+    for base in ('no-such-norm', 'ws-group'):   # an extra builds on one of the exercise's norms
+        with pytest.raises(ValueError, match='not a registered exercise norm'):
+            register_norm('other', 'xx', nn.BatchNorm2d, '', base=base)
     assert list(NORMS)[:3] == ['batch', 'group', 'layer']
 
 
