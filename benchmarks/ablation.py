@@ -21,13 +21,21 @@ from pathlib import Path
 import pandas as pd
 from fastcore.script import call_parse, CliError
 
+from normnets import NORMS
 from normnets_data import HOLDOUT, REPO_DIR, load_cifar
 from normnets_learner import RECIPES, Recipe, keep_freed_memory, recipe
 from normnets_study import StudyError, check_jobs, check_out, kept_run, locked, parse_norms, run_plan
 
-# (change, the recipe fields it changes). The first row is the current recipe. Rows are only appended (a run's
-# folder is named by its row). The labels say what each change was measured against: the recipe had batch size
-# 512 when the first rows ran (256 since).
+
+def base_changes(r: Recipe) -> dict:
+    "What the recipe of the exercise norm that `r`'s norm builds on sets besides the optimizer settings."
+    base = NORMS[r.norm].base
+    return {k: v for k, v in RECIPES.get(base, {}).items() if k not in ('opt', 'lr', 'wd')} if base else {}
+
+
+# (change, the recipe fields it changes, or a function of the recipe that gives them). The first row is the
+# current recipe. Rows are only appended (a run's folder is named by its row). The labels say what each change
+# was measured against: the recipe had batch size 512 when the first rows ran (256 since).
 CHANGES = [
     ('current recipe', {}),
     ('peak lr 5e-3 (from 1e-2)', dict(lr=5e-3)),
@@ -66,11 +74,15 @@ CHANGES = [
     ('random crops padded by 2 pixels (from 4)', dict(crop_pad=2)),
     # less augmentation again, for networks that fit too little (batch norm's train accuracy ends near 85%)
     ('random crops padded by 1 pixel (from 2)', dict(crop_pad=1)),
+    # the exercise norm measured its changes one by one; the extra norm built on it takes them as one
+    ("the exercise norm's batch size, crops and widths (from its own; extras only)", base_changes),
 ]
 
 
-def changed(base, fields: dict):
-    "`base` with `fields` replaced; a `net` change is merged into the recipe's own network settings."
+def changed(base, fields):
+    """`base` with `fields` replaced (`fields` may be a function of `base` that gives them); a `net` change is
+    merged into the recipe's own network settings."""
+    if callable(fields): fields = fields(base)
     if 'net' in fields: fields = {**fields, 'net': {**base.net, **fields['net']}}
     return replace(base, **fields)
 

@@ -162,6 +162,13 @@ def test_every_ablation_row_keeps_every_norm_within_the_rules(tmp_path, capsys):
     wide = [r for _, r, _, change, _ in plan if change.startswith('wider 32x32 stage')]
     lacking = [n for n in NORMS if recipe(n).net.get('c1') != 16]   # a change a recipe has is not run again
     assert [r.norm for r in wide] == lacking and all(count_params(r.model()) == 48_650 for r in wide)
+    # an extra norm takes its exercise norm's changes, not its optimizer settings; the exercise norms skip it
+    taken = {r.norm: r for _, r, _, change, _ in plan if change.startswith("the exercise norm's batch size")}
+    assert list(taken) == [n for n, e in NORMS.items() if not e.exercise]
+    for n, r in taken.items():
+        own, base = recipe(n), recipe(NORMS[n].base)
+        assert (r.opt, r.lr, r.wd) == (own.opt, own.lr, own.wd)
+        assert (r.bs, r.crop_pad, r.net) == (base.bs, base.crop_pad, base.net)
 
 
 @pytest.mark.parametrize('bench, bad, message', [
