@@ -76,6 +76,8 @@ CHANGES = [
     ('random crops padded by 1 pixel (from 2)', dict(crop_pad=1)),
     # the exercise norm measured its changes one by one; the extra norm built on it takes them as one
     ("the exercise norm's batch size, crops and widths (from its own; extras only)", base_changes),
+    # the search grid ended at the rates batch norm and the ws- norms chose: one step past it, for every norm
+    ("peak lr twice the recipe's", lambda r: dict(lr=2 * r.lr)),
 ]
 
 
