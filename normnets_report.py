@@ -495,8 +495,8 @@ def ablation_markdown(results: Path, rel: str) -> str:
     alone = held_out[held_out['diff'].isna()]
     return (
         "Points each change gained on held-out training images over the recipe it changed, short screens "
-        "first and the rules' full length where a screen gained: the mean over the seeds it ran with (seed 0 "
-        "unless the brackets give each seed's); bold: more than half a point; *: measured against more than "
+        "first, then the rules' full length for the most promising: the mean over the seeds it ran with "
+        "(seed 0 unless the brackets give each seed's); bold: more than half a point; *: measured against more than "
         f"one recipe of the norm, the latest shown (every row: [ablation.md]({rel}/ablation.md)).\n\n"
         + ablation_matrix(held_out)
         + ''.join(f"\n- {r.change}, {r.norm} norm, {r.epochs} epochs, seed {r.seed}: {pct(r.test_acc)}% (no "
