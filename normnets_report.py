@@ -496,8 +496,9 @@ def ablation_markdown(results: Path, rel: str) -> str:
     return (
         "Points each change gained on held-out training images over the recipe it changed, short screens "
         "first, then the rules' full length for the most promising: the mean over the seeds it ran with "
-        "(seed 0 unless the brackets give each seed's); bold: more than half a point; *: measured against more than "
-        f"one recipe of the norm, the latest shown (every row: [ablation.md]({rel}/ablation.md)).\n\n"
+        "(seed 0 unless the brackets give each seed's); bold: more than half a point; *: measured "
+        "against more than one recipe of the norm, the latest shown "
+        f"(every row: [ablation.md]({rel}/ablation.md)).\n\n"
         + ablation_matrix(held_out)
         + ''.join(f"\n- {r.change}, {r.norm} norm, {r.epochs} epochs, seed {r.seed}: {pct(r.test_acc)}% (no "
                   "current-recipe run of that length and seed to compare with)" for r in alone.itertuples())
