@@ -27,10 +27,13 @@ from normnets_learner import RECIPES, Recipe, keep_freed_memory, recipe
 from normnets_study import StudyError, check_jobs, check_out, kept_run, locked, parse_norms, run_plan
 
 
+OPTIMIZER_SETTINGS = ('opt', 'lr', 'wd')   # what benchmarks/search.py chose for each norm
+
+
 def base_changes(r: Recipe) -> dict:
     "What the recipe of the exercise norm that `r`'s norm builds on sets besides the optimizer settings."
     base = NORMS[r.norm].base
-    return {k: v for k, v in RECIPES.get(base, {}).items() if k not in ('opt', 'lr', 'wd')} if base else {}
+    return {k: v for k, v in RECIPES.get(base, {}).items() if k not in OPTIMIZER_SETTINGS} if base else {}
 
 
 # (change, the recipe fields it changes, or a function of the recipe that gives them). The first row is the
@@ -92,7 +95,7 @@ def changed(base, fields):
 def recipe_label(r: Recipe) -> str:
     """The settings a norm's recipe chose, which a row changes one thing of (e.g. 'sgd, lr 0.4, wd 0.0001', or
     'adam, lr 0.01, wd 0.01, bs 128, norm_after_relu true')."""
-    chosen = sorted(k for k in RECIPES.get(r.norm, {}) if k not in ('opt', 'lr', 'wd', 'net'))
+    chosen = sorted(k for k in RECIPES.get(r.norm, {}) if k not in (*OPTIMIZER_SETTINGS, 'net'))
     other = ''.join(f", {k} {getattr(r, k)}" for k in chosen)
     net = ''.join(f", {k} {json.dumps(v)}" for k, v in sorted(r.net.items()))
     return f"{r.opt}, lr {r.lr:g}, wd {r.wd:g}{other}{net}"
