@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['PARAM_LIMIT', 'MAX_EPOCHS', 'PASS_ACCURACY', 'WIDTHS', 'GN_GROUPS', 'SKIPS', 'Norm', 'NORMS',
-           'register_norm', 'norm_name', 'FloatGroupNorm', 'LayerNorm2d', 'WSConv2d', 'ConvNormAct',
-           'NormNet', 'normnet', 'init_whitening', 'architecture_id', 'count_params', 'count_macs',
-           'fold_batchnorm']
+__all__ = ['PARAM_LIMIT', 'MAX_EPOCHS', 'PASS_ACCURACY', 'WIDTHS', 'GN_GROUPS', 'SKIPS', 'ACTIVATIONS',
+           'Norm', 'NORMS', 'register_norm', 'norm_name', 'FloatGroupNorm', 'LayerNorm2d', 'WSConv2d',
+           'ConvNormAct', 'NormNet', 'normnet', 'init_whitening', 'architecture_id', 'count_params',
+           'count_macs', 'fold_batchnorm']
 
 # The exercise's rules.
 PARAM_LIMIT = 50_000   # every variant has fewer parameters
@@ -50,6 +50,10 @@ GN_GROUPS = 4
 # to the output of the two layers after it (ResNet-9); 'layer' adds around each of the two, so every layer
 # has an identity path beside it. Neither costs a parameter.
 SKIPS = ('branch', 'layer')
+
+# The activation after each norm (or before it, with `norm_after_relu`), by name. ReLU is the exercise's;
+# GELU, smooth around 0, is airbench's.
+ACTIVATIONS = {'relu': lambda: nn.ReLU(inplace=True), 'gelu': nn.GELU}
 
 
 class FloatGroupNorm(nn.GroupNorm):
@@ -136,16 +140,17 @@ def norm_name(norm: str) -> str:
 # ---------------------------------------------------------------- the network
 
 class ConvNormAct(nn.Sequential):
-    """Conv (no bias: the norm's shift replaces it), then an optional max-pool, then norm and ReLU, or with
-    `norm_after_relu` ReLU and norm, the order of the exercise's published solutions."""
+    """Conv (no bias: the norm's shift replaces it), then an optional max-pool, then norm and activation
+    (`act`, ReLU by default), or with `norm_after_relu` activation and norm, the order of the exercise's
+    published solutions."""
     def __init__(self, c_in: int, c_out: int, norm: str, kernel_size: int = 3, pool: bool = False,
-                 gn_groups: int = GN_GROUPS, norm_after_relu: bool = False):
+                 gn_groups: int = GN_GROUPS, norm_after_relu: bool = False, act: str = 'relu'):
         entry = NORMS[norm]
         layers = [entry.conv(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)]
         # Pooling before the norm, as in ResNet-9: max-pool commutes with ReLU,
         # and the norm then runs on a quarter of the values.
         if pool: layers.append(nn.MaxPool2d(2))
-        norm_act = [entry.layer(c_out, gn_groups), nn.ReLU(inplace=True)]
+        norm_act = [entry.layer(c_out, gn_groups), ACTIVATIONS[act]()]
         super().__init__(*layers, *(norm_act[::-1] if norm_after_relu else norm_act))
         self.norm_after_relu = norm_after_relu
 
@@ -157,13 +162,15 @@ class NormNet(nn.Module):
     "C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10, skips C3->C5 and C7->C9 (or around each layer: `SKIPS`)."
     def __init__(self, norm: str = 'batch', c1=12, c2=24, c3=16, c4=24, c6=32, c7=32,
                  gn_groups: int = GN_GROUPS, norm_after_relu: bool = False, zero_init_residual: bool = False,
-                 skips: str = 'branch', n_classes: int = 10):
+                 skips: str = 'branch', act: str = 'relu', n_classes: int = 10):
         super().__init__()
         if skips not in SKIPS: raise ValueError(f"skips {skips!r}: expected one of {', '.join(SKIPS)}")
+        if act not in ACTIVATIONS: raise ValueError(f"act {act!r}: expected one of {', '.join(ACTIVATIONS)}")
         self.norm = norm = norm_name(norm)
         self.skips = skips
         def unit(c_in, c_out, **kw):
-            return ConvNormAct(c_in, c_out, norm, gn_groups=gn_groups, norm_after_relu=norm_after_relu, **kw)
+            return ConvNormAct(c_in, c_out, norm, gn_groups=gn_groups, norm_after_relu=norm_after_relu,
+                               act=act, **kw)
         self.C1 = unit(3, c1)
         self.C2 = unit(c1, c2)
         self.c3 = unit(c2, c3, kernel_size=1, pool=True)   # c3 + P1
@@ -203,7 +210,7 @@ class NormNet(nn.Module):
 
 def normnet(norm: str = 'batch', **kwargs) -> NormNet:
     """The network with `norm` (a name or alias in `NORMS`); `kwargs` override `WIDTHS`, `gn_groups`,
-    `norm_after_relu`, `zero_init_residual` or `skips`."""
+    `norm_after_relu`, `zero_init_residual`, `skips` or `act`."""
     return NormNet(norm, **{**WIDTHS, **kwargs})
 
 

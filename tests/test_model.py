@@ -208,6 +208,16 @@ def test_skips_around_each_layer_add_each_layers_input_to_its_output():
     with pytest.raises(ValueError, match='skips'): normnet('batch', skips='everywhere')
 
 
+def test_gelu_replaces_every_relu_and_nothing_else():
+    model = normnet('batch', act='gelu')
+    kinds = lambda m, kind: sum(isinstance(x, kind) for x in m.modules())
+    assert kinds(model, nn.GELU) == kinds(normnet('batch'), nn.ReLU) == 10 and kinds(model, nn.ReLU) == 0
+    assert count_params(model) == count_params(normnet('batch'))
+    default = architecture_id(normnet('batch'))
+    assert architecture_id(model) != default == architecture_id(normnet('batch', act='relu'))
+    with pytest.raises(ValueError, match='act'): normnet('batch', act='tanh')
+
+
 def test_zero_initialized_residuals_around_each_layer_start_as_nothing():
     model = normnet('gn', skips='layer', zero_init_residual=True)
     assert all(model.get_submodule(name).norm.weight.eq(0).all() for name in ('C4', 'C5', 'C8', 'C9'))
