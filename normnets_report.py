@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from normnets import GN_GROUPS, NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY, WIDTHS
+from normnets import ACTIVATIONS, GN_GROUPS, NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY, WIDTHS
 from normnets import normnet, count_params, count_macs
 from normnets_learner import recipe, saved_recipe
 
@@ -99,8 +99,11 @@ def recipe_now(norm: str) -> dict:
 
 
 def layer_order(net: str) -> str:
-    "Where the norm sits in each layer of a network with these options (JSON, as runs record them)."
-    return 'conv, ReLU, norm' if json.loads(net).get('norm_after_relu') else 'conv, norm, ReLU'
+    """Where the norm sits in each layer of a network with these options (JSON, as runs record them), beside
+    the activation they name."""
+    options = json.loads(net)
+    act = type(ACTIVATIONS[options.get('act', 'relu')]()).__name__
+    return f'conv, {act}, norm' if options.get('norm_after_relu') else f'conv, norm, {act}'
 
 
 def layer_orders_markdown(nets: dict) -> str:

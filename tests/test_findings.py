@@ -37,6 +37,9 @@ def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
     assert '| 50 |' in batch_size_page(tmp_path) and '| 100 |' in batch_size_page(tmp_path)
     # each variant's layer order, read from its runs, and today's recipes have not changed it
     assert 'conv, ReLU, norm for group' in text and 'changed it since' not in text
+    # the activation a network names is the one the order shows
+    assert normnets_report.layer_order('{"act": "gelu"}') == 'conv, norm, GELU'
+    assert normnets_report.layer_order('{"act": "gelu", "norm_after_relu": true}') == 'conv, GELU, norm'
 
 
 def trained_like(norm: str) -> nn.Module:
