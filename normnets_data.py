@@ -10,7 +10,7 @@ usual per-image PIL pipeline costs more than the tiny network itself. The
 same `DataLoaders` still take image files the fastai way (`learn.predict(path)`,
 `dls.test_dl(files)`), item by item through `ToTensorImage`.
 """
-import hashlib, io, os, tarfile, tempfile
+import contextlib, hashlib, io, os, tarfile, tempfile, warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,8 @@ from fastai.data.transforms import AttrGetter, Categorize, IntToFloatTensor, Nor
 from fastai.torch_core import TensorImage, TensorCategory, default_device
 from fasttransform import Transform, DisplayedTransform
 from fastprogress.fastprogress import progress_bar
+
+from normnets_files import readable_mode
 
 __all__ = ['REPO_DIR', 'DATA_DIR', 'BS', 'CIFAR10_CLASSES', 'CIFAR10_COUNTS', 'CifarDataError', 'Cifar',
            'Sample', 'find_data', 'load_cifar', 'ToTensorImage', 'to_rgb8', 'crop_flip', 'RandomCropFlip',
@@ -169,6 +171,19 @@ class Cifar:
         )
 
 
+def _write_cache(cache: Path, arrays: dict):
+    """Write to a temporary name and rename, so an interrupted run leaves no half-written cache; readable by
+    whoever the umask lets read new files (a shared lab machine's other users)."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix='.npz.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f: np.savez(f, **arrays)
+        readable_mode(tmp, 0o666)
+        os.replace(tmp, cache)
+    finally:
+        if os.path.exists(tmp): os.remove(tmp)
+
+
 def load_cifar(data=None, counts: dict = CIFAR10_COUNTS, cache_dir: Path = DATA_DIR / 'cache') -> Cifar:
     """Decode CIFAR-10 from `data` (see `find_data`), checking its layout and per-class counts.
     The decoded arrays are cached by the source's fingerprint, so later starts skip the decoding."""
@@ -178,16 +193,12 @@ def load_cifar(data=None, counts: dict = CIFAR10_COUNTS, cache_dir: Path = DATA_
     if cache.exists():
         try:
             with np.load(cache) as z: return Cifar(dict(z), path, fp)
-        except Exception: cache.unlink()   # a damaged cache is rebuilt, never trusted
+        except Exception as e:   # a damaged cache is rebuilt, never trusted; another user's may be unreadable
+            with contextlib.suppress(OSError): cache.unlink()
+            if cache.exists(): warnings.warn(f"cannot read the decoded cache {cache} ({e}): decoding anew")
     arrays = _read(path, counts)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary name and rename, so an interrupted run leaves no half-written cache.
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix='.npz.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f: np.savez(f, **arrays)
-        os.replace(tmp, cache)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
+    try: _write_cache(cache, arrays)
+    except OSError as e: warnings.warn(f"cannot write the decoded cache {cache} ({e}): it is not cached")
     return Cifar(arrays, path, fp)
 
 

@@ -9,7 +9,7 @@ Sections follow a run: the recipe (one dataclass, validated on creation, one per
 on (device, precision), the `Learner`, and one run trained and written to a folder (`train_run`), which the
 scripts, benchmarks and tests all use. Importing this module changes no process-wide state.
 """
-import contextlib, copy, ctypes, dataclasses, json, math, platform, shutil, tempfile, time
+import contextlib, copy, ctypes, dataclasses, json, math, numbers, platform, shutil, time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,15 +37,18 @@ from fastcore.foundation import L
 
 from normnets import MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY, normnet, norm_name, architecture_id
 from normnets import count_params, count_macs, init_whitening
-from normnets_data import BS, get_dls, plain_train_dl
+from normnets_data import BS, CIFAR10_COUNTS, get_dls, plain_train_dl
+from normnets_files import check_run_dir, private_tmp_dir, replace_run_dir
 import normnets_plots as plots
 
 __all__ = ['PRECISIONS', 'NesterovSGD', 'OPTIMIZERS', 'RECIPES', 'Recipe', 'recipe', 'RuleError',
            'resolve_device', 'resolve_precision', 'native_bf16', 'normnet_learner', 'recipe_dls', 'train_run',
-           'saved_recipe', 'seed_run', 'with_lookahead', 'WeightEMA',
+           'recorded_recipe', 'seed_run', 'with_lookahead', 'WeightEMA',
            'device_name', 'keep_freed_memory', 'autocast_of', 'flip_tta_accuracy']
 
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
+# Images in CIFAR-10's training and test sets: what a recipe's subsets and held-out set are drawn from.
+N_TRAIN, N_TEST = (10 * n for n in CIFAR10_COUNTS.values())
 
 
 def nesterov_step(p, lr, mom, grad_avg, **kwargs):
@@ -111,6 +114,12 @@ class Recipe:
         put('norm', norm_name(self.norm))
         put('device', resolve_device(self.device))
         put('precision', resolve_precision(self.precision, self.device))
+        for name in ('epochs', 'bs', 'crop_pad', 'cutout', 'seed', 'holdout', 'n_train', 'n_test'):
+            value = getattr(self, name)
+            optional = name in ('n_train', 'n_test') and value is None
+            if not optional and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+                raise RuleError(f"{name} {value!r}: must be a whole number")
+        if self.seed < 0: raise RuleError(f"seed {self.seed}: must be 0 or more")
         for name in ('lr', 'wd', 'label_smoothing', 'ema', 'mixup'):
             value = getattr(self, name)
             bound = '> 0' if name == 'lr' else '>= 0'
@@ -129,9 +138,13 @@ class Recipe:
             raise RuleError(
                 f"n_train {self.n_train}: a training subset must hold at least one batch ({self.bs} images)"
             )
-        if self.holdout < 0: raise RuleError(f"holdout {self.holdout}: must be 0 (the test set) or more")
-        if self.n_test is not None and self.n_test < 1:
-            raise RuleError(f"n_test {self.n_test}: must be at least 1")
+        if not 0 <= self.holdout < N_TRAIN:
+            raise RuleError(f"holdout {self.holdout}: must be 0 (the test set) to {N_TRAIN - 1:,} images")
+        n_train, n_test = N_TRAIN - self.holdout, self.holdout or N_TEST   # what the subsets are drawn from
+        if self.n_train is not None and self.n_train > n_train:
+            raise RuleError(f"n_train {self.n_train}: there are {n_train:,} training images to draw from")
+        if self.n_test is not None and not 1 <= self.n_test <= n_test:
+            raise RuleError(f"n_test {self.n_test}: must be 1 to the {n_test:,} images scored on")
         if self.opt not in OPTIMIZERS:
             raise RuleError(f"unknown optimizer {self.opt!r}: expected one of {', '.join(OPTIMIZERS)}")
         n = count_params(self.model())
@@ -426,27 +439,27 @@ def finite(o):
     return o
 
 
-def train_run(r: Recipe, out, data=None, cifar=None, figures: bool = True) -> dict:
+def train_run(r: Recipe, out, data=None, cifar=None, cell: bool = False) -> dict:
     """Train the recipe's variant and write its folder `out`: history.csv, metrics.json (results, the recipe,
-    the versions, device and data), model.pkl (`learn.export`, float32, for `load_learner`) and, with
-    `figures`, curves.png, misclassified.png/.csv, confusion.png and per_class.csv. Everything is written to a
-    temporary folder beside `out` and moved into place at the end, so an interrupted run leaves nothing
-    behind. Returns the metrics."""
-    start, out = time.perf_counter(), Path(out)
+    the versions, device, data and the files written), model.pkl (`learn.export`, float32, for
+    `load_learner`), curves.png, misclassified.png/.csv, confusion.png and per_class.csv; a `cell` of a grid
+    writes only history.csv and metrics.json. `out` may hold a run, which is replaced, and nothing else
+    (checked before training). Everything is written to a temporary folder beside `out` and moved into place
+    at the end, so an interrupted run leaves nothing behind. Returns the metrics."""
+    start, out = time.perf_counter(), check_run_dir(out)
     seed_run(r)
     dls = recipe_dls(r, data, cifar)
     learn = normnet_learner(dls, r)
     timer = EpochSeconds()
     learn.fit_one_cycle(r.epochs, cbs=timer)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}-', dir=out.parent))
+    tmp = private_tmp_dir(out)
     try:
         hist = history_frame(learn, timer.seconds)
         hist.to_csv(tmp / 'history.csv', index=False)
         title = f"{r.norm} norm"
         per_class = None
-        if figures:
+        if not cell:
             plots.curves(hist, title, tmp / 'curves.png')
             per_class = evaluate(learn, tmp, title)
         # Final train accuracy: one pass over the training images as they are (no augmentation), in eval mode.
@@ -475,25 +488,24 @@ def train_run(r: Recipe, out, data=None, cifar=None, figures: bool = True) -> di
             evaluated_on=f'{len(dls.valid_ds)} held-out training images' if r.holdout else 'the test set',
             **dls.cifar.describe(),
         )
-        # The exported learner runs in float32, on any machine; `learn.to_bf16()` on a GPU brings mixed
-        # precision back.
-        if r.precision != 'fp32': learn.remove_cb(learn.device_mixed_precision)
-        learn.export(tmp / 'model.pkl')
+        if not cell:
+            # The exported learner runs in float32, on any machine; `learn.to_bf16()` on a GPU brings mixed
+            # precision back.
+            if r.precision != 'fp32': learn.remove_cb(learn.device_mixed_precision)
+            learn.export(tmp / 'model.pkl')
         # Everything this run cost: data, training, evaluation, figures and export (what the study's wall time
         # adds up).
         metrics['wall_seconds'] = time.perf_counter() - start
+        # What the run wrote: a run is whole only while every one of these is there (normnets_files.damaged).
+        metrics['files'] = sorted([p.name for p in tmp.iterdir()] + ['metrics.json'])
         (tmp / 'metrics.json').write_text(json.dumps(finite(metrics), indent=2, allow_nan=False) + '\n')
-        if out.exists(): shutil.rmtree(out)
-        tmp.rename(out)
+        replace_run_dir(tmp, out)
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
     return metrics
 
 
-def saved_recipe(metrics: dict) -> dict:
-    """The recipe fields of a run's metrics.json, to compare with `Recipe.to_dict()`. A field the run did not
-    record is older than the run: the run had the field's default, which keeps what it did before the field
-    existed."""
-    default = lambda f: f.default_factory() if f.default is dataclasses.MISSING else f.default
-    return {f.name: metrics.get(f.name, default(f)) for f in dataclasses.fields(Recipe)}
-
+def recorded_recipe(metrics: dict) -> dict:
+    """The recipe fields of a run's metrics.json, to compare with `Recipe.to_dict()`; a field it lacks
+    compares unequal to any value."""
+    return {f.name: metrics.get(f.name, dataclasses.MISSING) for f in dataclasses.fields(Recipe)}

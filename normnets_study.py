@@ -6,24 +6,23 @@ any point (Ctrl-C, a kill) leaves a summary of every finished run that belongs t
 recipes in the same folder are named, not mixed in. One writer at a time: the folder is locked while a study
 writes to it.
 """
-import contextlib, dataclasses, json, multiprocessing, os, platform, signal, tempfile, time
+import contextlib, dataclasses, json, multiprocessing, os, signal, sys, time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import pandas as pd
 import torch
+from fastcore.script import CliError
 
 from normnets import NORMS, architecture_id, norm_name
 from normnets_data import load_cifar
-from normnets_learner import Recipe, recipe, saved_recipe, train_run
+from normnets_files import check_out, check_run_dir, damaged, locked, read_json
+from normnets_learner import Recipe, recipe, recorded_recipe, train_run
 import normnets_plots as plots
 import normnets_report as report
 
-try: import fcntl
-except ImportError: fcntl = None   # Windows: no folder lock
-
-__all__ = ['STUDY_SEEDS', 'StudyError', 'parse_norms', 'check_jobs', 'run_dir', 'check_out', 'locked',
-           'kept_run', 'plan_frame', 'find_runs', 'summarize', 'run_plan', 'run_parallel', 'run_study']
+__all__ = ['STUDY_SEEDS', 'StudyError', 'cli_errors', 'parse_norms', 'check_jobs', 'run_dir', 'kept_run',
+           'plan_frame', 'find_runs', 'findings_frame', 'summarize', 'run_plan', 'run_parallel', 'run_study']
 
 STUDY_SEEDS = 3   # runs per variant in the committed study: the spread is part of the result
 SUMMARY_COLUMNS = ['norm', 'params', 'epochs', 'seeds', 'train_acc', 'train_acc_std', 'best_test_acc',
@@ -32,7 +31,19 @@ SUMMARY_COLUMNS = ['norm', 'params', 'epochs', 'seeds', 'train_acc', 'train_acc_
 
 
 class StudyError(ValueError):
-    "A study that cannot start: a bad output folder, one in use, repeated norms."
+    "A study that cannot start: repeated norms, too few seeds or jobs."
+
+
+@contextlib.contextmanager
+def cli_errors():
+    """For the scripts' mains: bad input (a ValueError: values, data, folders) ends the command with a
+    one-line error and exit status 1; a Ctrl-C or a kill ends it with exit status 130, as an interrupted
+    command does, without a traceback."""
+    try: yield
+    except ValueError as e: raise CliError(f"error: {e}") from None
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def parse_norms(text: str | None) -> list[str]:
@@ -56,47 +67,15 @@ def run_dir(out: Path, norm: str, seed: int, first_seed: int = 0) -> Path:
     return out / norm if seed == first_seed else out / 'seeds' / f'{norm}-seed{seed}'
 
 
-def check_out(out: Path) -> Path:
-    """Make sure `out` can hold results before any work: a folder that exists or can be made, and can be
-    written to."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise StudyError(f"output folder {out} cannot be written to: it is a file")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out): pass
-    except OSError as e:
-        raise StudyError(f"output folder {out} cannot be written to ({e.strerror or e})") from e
-    return out
-
-
-@contextlib.contextmanager
-def locked(out: Path):
-    "Hold `out` for one writer; a second study on the same folder is refused with a clear message."
-    if fcntl is None: yield; return
-    f = open(Path(out) / '.normnets.lock', 'a+')
-    try:
-        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise StudyError(
-                f"{out} is in use by another normnets study ({f.read().strip() or 'unknown'}): wait for "
-                "it to finish, or choose another --out"
-            ) from None
-        f.seek(0); f.truncate(); f.write(f"pid {os.getpid()} on {platform.node()}\n"); f.flush()
-        yield
-    finally: f.close()   # closing releases the lock
-
-
 def _matches(metrics: dict, r: Recipe) -> bool:
-    return saved_recipe(metrics) == r.to_dict() and metrics.get('arch') == architecture_id(r.model())
+    return recorded_recipe(metrics) == r.to_dict() and metrics.get('arch') == architecture_id(r.model())
 
 
 def kept_run(d: Path, r: Recipe) -> dict | None:
-    "The metrics of a finished run in `d` of exactly this recipe and network, if there is one (for --resume)."
-    f = Path(d) / 'metrics.json'
-    if not f.exists(): return None
-    m = json.loads(f.read_text())
+    """The metrics of the finished run in `d`, if it is of exactly this recipe and network and whole (every
+    file it wrote there and readable): what --resume keeps."""
+    if not (Path(d) / 'metrics.json').exists() or damaged(d): return None
+    m = read_json(Path(d) / 'metrics.json')
     return m if _matches(m, r) else None
 
 
@@ -121,32 +100,62 @@ def plan_frame(plan: list, fields: list) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def find_runs(out: Path, overrides: dict) -> tuple[list, list]:
-    """Every finished run in `out` (its <norm>/ and seeds/*/ folders): those of this study, whose recipe is
-    their norm's recipe with these `overrides` at their seed, and the others."""
-    ours, others = [], []
+def find_runs(out: Path, overrides: dict) -> tuple[list, list, list]:
+    """Every run in `out` (its <norm>/ and seeds/*/ folders): the whole ones of this study, whose recipe is
+    their norm's recipe with these `overrides` at their seed; the whole ones of other recipes; and the damaged
+    ones, as 'folder (what is wrong)'."""
+    ours, others, broken = [], [], []
     for f in sorted([*Path(out).glob('*/metrics.json'), *Path(out).glob('seeds/*/metrics.json')]):
-        m = json.loads(f.read_text())
-        m['run'] = f.parent.relative_to(out).as_posix()
+        run = f.parent.relative_to(out).as_posix()
+        problem = damaged(f.parent)
+        if problem: broken.append(f"{run} ({problem})"); continue
+        m = read_json(f)
+        m['run'] = run
         try: expected = recipe(m.get('norm'), **{**overrides, 'seed': m.get('seed')})
         except (ValueError, TypeError): expected = None   # a norm not registered here, or a foreign file
         (ours if expected is not None and _matches(m, expected) else others).append(m)
     order = list(NORMS)
     ours.sort(key=lambda m: (order.index(m['norm']), m['seed']))
-    return ours, others
+    return ours, others, broken
+
+
+def findings_frame(summary: pd.DataFrame, histories: dict) -> pd.DataFrame:
+    """The study's findings, a row a norm: accuracy, convergence (epochs to 70%, accuracy after epoch 5),
+    stability (the largest fall between epochs), generalization (train minus test), cost (seconds an epoch)
+    and, for a variant beyond the exercise, its gain over the exercise norm it changes and the share of that
+    norm's gap to the best exercise norm it closes. Epoch-by-epoch values are the first seed's
+    (`histories`)."""
+    s = summary.set_index('norm')
+    exercise = [n for n in s.index if n in NORMS and NORMS[n].exercise]
+    best = s.test_acc[exercise].idxmax() if exercise else None
+    rows = []
+    for n, h in histories.items():
+        fall, base = -h.test_acc.diff(), NORMS[n].base if n in NORMS else None
+        gain = s.test_acc[n] - s.test_acc[base] if base in s.index else None
+        gap = s.test_acc[best] - s.test_acc[base] if gain is not None else 0
+        rows.append(dict(
+            norm=n, test_acc=s.test_acc[n], test_acc_std=s.test_acc_std[n], train_acc=s.train_acc[n],
+            train_minus_test=s.train_acc[n] - s.test_acc[n], epochs_to_70=s.epochs_to_70[n],
+            test_acc_epoch_5=h.test_acc.iloc[min(5, len(h)) - 1],
+            largest_drop=max(fall.max(), 0) if len(h) > 1 else 0.,
+            largest_drop_epoch=int(h.epoch[fall.idxmax()]) if len(h) > 1 and fall.max() > 0 else None,
+            seconds_per_epoch=s.seconds[n] / s.epochs[n], gain_over_base=gain,
+            gap_closed=gain / gap if gain is not None and base != best and gap > 0 else None))
+    return pd.DataFrame(rows)
 
 
 def summarize(out: Path, overrides: dict, plan: list = ()) -> tuple[pd.DataFrame | None, list]:
-    """Write runs.csv, summary.csv, summary.md, per_class.csv and comparison.png from the study's finished
-    runs in `out`; name the runs of `plan` ((seed, norm) pairs) that are missing. With no finished run of the
-    study, the folder's files are left as they are."""
-    runs, others = find_runs(out, overrides)
+    """Write runs.csv, summary.csv, findings.csv, summary.md, per_class.csv and comparison.png from the
+    study's whole runs in `out`; name the runs of `plan` ((seed, norm) pairs) that are missing, and the
+    damaged runs (a file missing or unreadable), which are left out. Everything is read before anything is
+    written. With no whole run of the study, the folder's files are left as they are."""
+    runs, others, broken = find_runs(out, overrides)
     done = {(m['seed'], m['norm']) for m in runs}
     missing = [f"{n} (seed {s})" for s, n in plan if (s, n) not in done]
     if not runs: return None, missing
-    df = pd.DataFrame([{k: v for k, v in m.items() if k != 'per_class_test_acc'} for m in runs])
+    df = pd.DataFrame([{k: v for k, v in m.items() if k not in ('per_class_test_acc', 'files')}
+                       for m in runs])
     df['net'] = df['net'].map(json.dumps)   # a dict per run: one readable cell
-    df.to_csv(out / 'runs.csv', index=False)
     rows, per_class, histories = [], {}, {}
     for norm, group in df.groupby('norm', sort=False):
         first = group.iloc[0]
@@ -162,36 +171,47 @@ def summarize(out: Path, overrides: dict, plan: list = ()) -> tuple[pd.DataFrame
         if classes: per_class[norm] = pd.DataFrame(classes).mean()
         histories[norm] = pd.read_csv(out / first.run / 'history.csv')
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    findings = findings_frame(summary, histories)
+    text = report.summary_markdown(summary, missing, [f"`{m['run']}`" for m in others], broken)
+    df.to_csv(out / 'runs.csv', index=False)
     summary.to_csv(out / 'summary.csv', index=False)
+    findings.to_csv(out / 'findings.csv', index=False)
     if per_class: pd.DataFrame(per_class).rename_axis('class').to_csv(out / 'per_class.csv')
     plots.comparison(histories, out / 'comparison.png')
-    other = [f"`{m['run']}`" for m in others]
-    (out / 'summary.md').write_text(report.summary_markdown(summary, missing, other))
+    (out / 'summary.md').write_text(text)
     return summary, missing
 
 
-def run_plan(plan: list, cifar, resume: bool = False, figures: bool = True, jobs: int = 1):
-    """Train each (title, recipe, folder) of `plan` in order, or keep its finished run with `resume`, printing
-    progress with the time left; `jobs` > 1 trains that many at once (`run_parallel`). Ctrl-C or a kill stops
-    after the finished runs, which stay on disk."""
+def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: int = 1):
+    """Train each (title, recipe, folder) of `plan` in order, or keep its whole finished run with `resume`,
+    printing progress with the time left; `cell`: grid cells (`train_run`); `jobs` > 1 trains that many at
+    once (`run_parallel`). Every folder is checked before the first run. Ctrl-C or a kill stops after the
+    finished runs, which stay on disk, and is raised again as KeyboardInterrupt for the caller to summarize
+    and exit on."""
+    for _, _, d in plan: check_run_dir(d)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C
     kept = [kept_run(d, r) if resume else None for _, r, d in plan]
+    if resume:
+        for (title, _, d), m in zip(plan, kept):
+            problem = m is None and (d / 'metrics.json').exists() and damaged(d)
+            if problem: print(f"{title}: the run in {d} is damaged ({problem}): training it again")
     left = sum(m is None for m in kept)   # runs to train; the time estimate counts only those
     trained, train_seconds = 0, 0.0
     try:
-        if jobs > 1 and left > 1: return run_parallel(plan, kept, cifar, figures, jobs)
+        if jobs > 1 and left > 1: return run_parallel(plan, kept, cifar, cell, jobs)
         for i, ((title, r, d), m) in enumerate(zip(plan, kept)):
             eta = f", about {train_seconds / trained * left / 60:.0f} min left" if trained else ''
             print(f"\n=== run {i + 1}/{len(plan)}: {title}, {r.epochs} epochs{eta} ===", flush=True)
             if m: print(f"kept the finished run in {d}")
             else:
                 start = time.perf_counter()
-                m = train_run(r, d, cifar=cifar, figures=figures)
+                m = train_run(r, d, cifar=cifar, cell=cell)
                 trained, left = trained + 1, left - 1
                 train_seconds += time.perf_counter() - start
             print(f"{title}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
     except KeyboardInterrupt:
         print("\nInterrupted: the finished runs are kept.", flush=True)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -202,7 +222,7 @@ def start_worker(threads: int):
     signal.signal(signal.SIGINT, signal.default_int_handler)   # also where its parent started ignoring it
 
 
-def run_parallel(plan: list, kept: list, cifar, figures: bool, jobs: int):
+def run_parallel(plan: list, kept: list, cifar, cell: bool, jobs: int):
     """`run_plan`'s runs to train, `jobs` at a time, each in a process of its own with its share of the CPU
     threads. One small run keeps a GPU busy for a fraction of each step (it waits for Python to launch the
     step's kernels), so on a GPU several at once take little longer than one; on a CPU they only share its
@@ -215,7 +235,7 @@ def run_parallel(plan: list, kept: list, cifar, figures: bool, jobs: int):
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'),   # CUDA cannot fork
                                initializer=start_worker, initargs=(threads,))
     try:
-        runs = {pool.submit(train_run, r, d, cifar=cifar, figures=figures): title for title, r, d in todo}
+        runs = {pool.submit(train_run, r, d, cifar=cifar, cell=cell): title for title, r, d in todo}
         pending, trained = set(runs), 0
         while pending:
             # a second at most: the wait must end for a kill's KeyboardInterrupt to be raised
@@ -243,20 +263,22 @@ def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='re
               resume: bool = False, jobs: int = 1, **overrides) -> tuple[pd.DataFrame | None, list]:
     """Train every norm of `norms` (default: all registered) with its recipe and `overrides`, for `seeds`
     seeds from `first_seed`, into `out`; then summarize the folder. Every input is checked before any work.
-    `resume` keeps runs already in `out` whose whole recipe matches; `jobs` trains that many at once. Ctrl-C
-    or a kill stops after the finished runs, which are kept and summarized. Returns the summary and the
-    missing runs."""
+    `resume` keeps whole runs already in `out` whose whole recipe matches; `jobs` trains that many at once.
+    Ctrl-C or a kill stops after the finished runs, which are kept and summarized, and the KeyboardInterrupt
+    is raised again. Returns the summary and the missing runs."""
     norms = parse_norms(norms if norms is None or isinstance(norms, str) else ','.join(norms))
     if seeds < 1: raise StudyError(f"--seeds {seeds}: need at least one")
     check_jobs(jobs)
     # bad values fail here, before any work
     recipes = {n: recipe(n, **overrides, seed=first_seed) for n in norms}
-    cifar = load_cifar(data)   # bad data fails here too, and it is decoded only once
     out = check_out(out)
     # every norm's first seed first
     seed_norms = [(s, n) for s in range(first_seed, first_seed + seeds) for n in norms]
     plan = [(f"{n} norm, seed {s}", dataclasses.replace(recipes[n], seed=s), run_dir(out, n, s, first_seed))
             for s, n in seed_norms]
+    for _, _, d in plan: check_run_dir(d)
+    cifar = load_cifar(data)   # bad data fails here too, and it is decoded only once
     with locked(out):
-        run_plan(plan, cifar, resume, jobs=jobs)
-        return summarize(out, overrides, seed_norms)
+        try: run_plan(plan, cifar, resume, jobs=jobs)
+        finally: summarized = summarize(out, overrides, seed_norms)   # also after a Ctrl-C, raised again
+    return summarized

@@ -19,12 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-from fastcore.script import call_parse, CliError
+from fastcore.script import call_parse
 
 from normnets import NORMS
 from normnets_data import HOLDOUT, REPO_DIR, load_cifar
+from normnets_files import check_out, check_run_dir, locked
 from normnets_learner import RECIPES, Recipe, keep_freed_memory, recipe
-from normnets_study import StudyError, check_jobs, check_out, kept_run, locked, parse_norms, run_plan
+from normnets_study import StudyError, check_jobs, cli_errors, kept_run, parse_norms, run_plan
 
 
 OPTIMIZER_SETTINGS = ('opt', 'lr', 'wd')   # what benchmarks/search.py chose for each norm
@@ -107,6 +108,16 @@ def recipe_label(r: Recipe) -> str:
     return f"{r.opt}, lr {r.lr:g}, wd {r.wd:g}{other}{net}"
 
 
+def parse_rows(only: str | None) -> list[int]:
+    "The rows of CHANGES that --only names (comma-separated numbers); all of them without it."
+    if only is None: return list(range(len(CHANGES)))
+    try: rows = [int(i) for i in only.split(',') if i.strip()]
+    except ValueError: rows = []
+    if not rows or any(not 0 <= i < len(CHANGES) for i in rows):
+        raise StudyError(f"--only {only!r}: expected row numbers 0 to {len(CHANGES) - 1}, comma-separated")
+    return rows
+
+
 def ablation_plan(norms, rows, out: Path, **settings) -> list:
     """(title, recipe, folder, change, base) for each row of CHANGES and norm, the norms taking turns; a
     change that a norm's recipe already has, or that breaks its network or the rules, is left out."""
@@ -135,7 +146,8 @@ def reuse_identical_runs(plan, root: Path):
         if kept_run(folder, r): continue
         same = next((d for d in finished if d != folder and kept_run(d, r)), None)
         if same:
-            shutil.rmtree(folder, ignore_errors=True)   # an older recipe's run: none of its files may stay
+            # an older recipe's run: none of its files may stay (and nothing else is there: checked)
+            if check_run_dir(folder).exists(): shutil.rmtree(folder)
             shutil.copytree(same, folder)
             print(f"{folder.name}: the same recipe as the finished run in {same.name}, copied")
 
@@ -180,19 +192,18 @@ def main(
 ):
     "Train each norm once per change; record its accuracy and seconds beside its recipe's."
     keep_freed_memory()
-    try:
-        rows = [int(i) for i in only.split(',')] if only else range(len(CHANGES))
-        if any(not 0 <= i < len(CHANGES) for i in rows):
-            raise ValueError(f"--only {only}: the rows are 0 to {len(CHANGES) - 1}")
+    with cli_errors():   # bad values, data or folders, before any work; Ctrl-C after the rows are written
+        rows = parse_rows(only)
         given = dict(n_train=n_train, n_test=n_test, precision=precision)
         settings = dict(epochs=epochs, seed=seed, holdout=holdout,
                         **{k: v for k, v in given.items() if v is not None})
         check_jobs(jobs)
-        out = check_out(Path(out) if out else REPO_DIR / 'results')
-        plan = ablation_plan(parse_norms(norms), rows, out, **settings)   # every recipe checked first
+        names = parse_norms(norms)
+        out = Path(out) if out else REPO_DIR / 'results'
+        plan = ablation_plan(names, rows, out, **settings)   # every recipe checked first
+        check_out(out)
         cifar = load_cifar(data) if plan else None
         with locked(check_out(out / 'ablation')):
             if resume: reuse_identical_runs(plan, out / 'ablation')
-            run_plan([p[:3] for p in plan], cifar, resume, figures=False, jobs=jobs)
-            write_rows(ablation_rows(plan), out / 'ablation.csv')
-    except (ValueError, StudyError) as e: raise CliError(f"error: {e}")
+            try: run_plan([p[:3] for p in plan], cifar, resume, cell=True, jobs=jobs)
+            finally: write_rows(ablation_rows(plan), out / 'ablation.csv')

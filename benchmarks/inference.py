@@ -25,7 +25,9 @@ from fastcore.script import call_parse
 
 from normnets import NORMS, fold_batchnorm
 from normnets_data import REPO_DIR, get_dls, load_cifar
+from normnets_files import FolderError, check_out
 from normnets_learner import device_name, keep_freed_memory
+from normnets_study import cli_errors
 import normnets_plots as plots
 
 TEST_BATCH_SIZES = (1, 2, 8, 32, 256)
@@ -139,11 +141,16 @@ def main(
     matplotlib.use('Agg')
     keep_freed_memory()
     results = Path(results) if results else REPO_DIR / 'results'
-    torch.manual_seed(0)
-    models = {n: load_learner(results / n / 'model.pkl').model.to(device).float()
-              for n in NORMS if (results / n / 'model.pkl').exists()}
-    x, y = test_tensors(load_cifar(data), device)
-    df = pd.DataFrame(measure(models, x, y))
+    with cli_errors():   # a missing folder, no models in it, bad data: before any measurement
+        check_out(results, create=False)
+        found = [n for n in NORMS if (results / n / 'model.pkl').is_file()]
+        if not found:
+            raise FolderError(f"{results} holds no study model (<norm>/model.pkl): run scripts/run_all.py "
+                              "first, or pass the study's folder as --results")
+        torch.manual_seed(0)
+        models = {n: load_learner(results / n / 'model.pkl').model.to(device).float() for n in found}
+        x, y = test_tensors(load_cifar(data), device)
+        df = pd.DataFrame(measure(models, x, y))
     df['device_name'], df['torch'] = device_name(device), torch.__version__
     df.to_csv(results / 'inference.csv', index=False)
     plots.inference(df[df.kind == 'accuracy'], results / 'inference.png')

@@ -23,7 +23,8 @@ from fastcore.script import call_parse, CliError
 from normnets import MAX_EPOCHS
 from normnets_data import HOLDOUT, REPO_DIR, load_cifar
 from normnets_learner import keep_freed_memory, recipe
-from normnets_study import StudyError, check_jobs, check_out, locked, parse_norms, plan_frame, run_plan
+from normnets_files import check_out, locked
+from normnets_study import check_jobs, cli_errors, parse_norms, plan_frame, run_plan
 import normnets_plots as plots
 
 # Per optimizer: peak learning rates (a log grid around the usual values for it) and weight decays. Adam's
@@ -80,28 +81,29 @@ def main(
     search.csv/png."""
     matplotlib.use('Agg')
     keep_freed_memory()
-    try:
+    with cli_errors():   # bad values, data or folders, before any work; Ctrl-C after the table is written
         names = parse_norms(norms)
         check_jobs(jobs)
         given = dict(n_train=n_train, n_test=n_test, bs=bs, seed=seed, precision=precision)
         subset = {k: v for k, v in given.items() if v is not None}
-        out = check_out(Path(out) if out else REPO_DIR / 'results')
+        out = Path(out) if out else REPO_DIR / 'results'
         screen = screen_plan(names, epochs, out, **subset)   # every recipe validated before any work
+        check_out(out)
         cifar = load_cifar(data)
-    except ValueError as e: raise CliError(f"error: {e}")
-    try:
+        confirmed = []
         with locked(check_out(out / 'search')):
-            run_plan(screen, cifar, resume, figures=False, jobs=jobs)
-            confirmed = confirm_plan(screen, confirm, MAX_EPOCHS, out) if confirm else []
-            run_plan(confirmed, cifar, resume, figures=False, jobs=jobs)
-            df = pd.concat([plan_frame(screen, FIELDS).assign(stage='screen'),
-                            plan_frame(confirmed, FIELDS).assign(stage='confirm')])
-            df = df.rename(columns={'test_acc': 'holdout_acc'})
-            if len(df):
-                df['net'] = df.net.map(json.dumps)   # the network options, one readable cell
-                df.to_csv(out / 'search.csv', index=False)
-                plots.search(df[df.stage == 'screen'], out / 'search.png')
-                print(df.sort_values('holdout_acc', ascending=False).groupby('norm').head(3).to_string())
-    except StudyError as e: raise CliError(f"error: {e}")
+            try:
+                run_plan(screen, cifar, resume, cell=True, jobs=jobs)
+                confirmed = confirm_plan(screen, confirm, MAX_EPOCHS, out) if confirm else []
+                run_plan(confirmed, cifar, resume, cell=True, jobs=jobs)
+            finally:   # the table of every finished cell, also after a Ctrl-C
+                df = pd.concat([plan_frame(screen, FIELDS).assign(stage='screen'),
+                                plan_frame(confirmed, FIELDS).assign(stage='confirm')])
+                df = df.rename(columns={'test_acc': 'holdout_acc'})
+                if len(df):
+                    df['net'] = df.net.map(json.dumps)   # the network options, one readable cell
+                    df.to_csv(out / 'search.csv', index=False)
+                    plots.search(df[df.stage == 'screen'], out / 'search.png')
+                    print(df.sort_values('holdout_acc', ascending=False).groupby('norm').head(3).to_string())
     missing = len(screen) + len(confirmed) - len(df)
     if missing: raise CliError(f"incomplete search: {missing} cells missing (run again with --resume)")

@@ -19,11 +19,21 @@ import matplotlib
 from fastcore.script import call_parse, CliError
 
 from normnets_data import REPO_DIR, load_cifar
+from normnets_files import check_out, locked
 from normnets_learner import keep_freed_memory, recipe
-from normnets_study import StudyError, check_out, locked, parse_norms, plan_frame, run_plan
+from normnets_study import StudyError, cli_errors, parse_norms, plan_frame, run_plan
 import normnets_plots as plots
 
 SIZES = '4,16,64,256'
+
+
+def parse_sizes(text: str) -> list[int]:
+    "The batch sizes of a comma-separated list, smallest first; refused unless whole numbers of 1 or more."
+    try: sizes = sorted({int(b) for b in str(text).split(',') if b.strip()})
+    except ValueError: sizes = []
+    if not sizes or sizes[0] < 1:
+        raise StudyError(f"--sizes {text!r}: expected batch sizes of 1 or more, comma-separated (16,64,256)")
+    return sizes
 
 
 def cell_recipe(norm: str, bs: int, epochs: int, seed: int, **overrides):
@@ -48,28 +58,24 @@ def main(
     "Train every norm at every batch size; write batch_size.csv and batch_size.png."
     matplotlib.use('Agg')
     keep_freed_memory()
-    try:
-        names = parse_norms(norms)
-        bss = sorted({int(b) for b in sizes.split(',')}, reverse=True)   # the slow small batches last
+    with cli_errors():   # bad values, data or folders, before any work; Ctrl-C after the table is written
+        names, bss = parse_norms(norms), parse_sizes(sizes)[::-1]   # the slow small batches last
         subset = dict(n_train=n_train, n_test=n_test)
         base = {n: recipe(n, **subset) for n in names}
-        plan = [(f"{n} norm, batch size {b}, seed {s}",
-                 cell_recipe(n, b, epochs or base[n].epochs, s, **subset),
-                 # validated before any work
-                 None) for b in bss for s in range(seed, seed + seeds) for n in names]
+        out = Path(out) if out else REPO_DIR / 'results'
+        plan = [(f"{n} norm, batch size {b}, seed {s}", r, out / 'batch_size' / f'{n}-bs{b}-seed{s}')
+                for b in bss for s in range(seed, seed + seeds) for n in names
+                for r in [cell_recipe(n, b, epochs or base[n].epochs, s, **subset)]]   # validated here
+        check_out(out)
         cifar = load_cifar(data)
-        out = check_out(Path(out) if out else REPO_DIR / 'results')
-    except ValueError as e: raise CliError(f"error: {e}")
-    plan = [(t, r, out / 'batch_size' / f'{r.norm}-bs{r.bs}-seed{r.seed}') for t, r, _ in plan]
-    try:
         with locked(check_out(out / 'batch_size')):   # one writer of the cells; other results stay free
-            run_plan(plan, cifar, resume, figures=False)
-            df = plan_frame(plan, ['norm', 'bs', 'lr', 'epochs', 'seed'])
-            if len(df):
-                df.to_csv(out / 'batch_size.csv', index=False)
-                plots.batch_size(df, out / 'batch_size.png')
-                print(df.pivot_table(index='bs', columns='norm', values='test_acc').to_string())
-    except StudyError as e: raise CliError(f"error: {e}")
+            try: run_plan(plan, cifar, resume, cell=True)
+            finally:   # the table of every finished cell, also after a Ctrl-C
+                df = plan_frame(plan, ['norm', 'bs', 'lr', 'epochs', 'seed'])
+                if len(df):
+                    df.to_csv(out / 'batch_size.csv', index=False)
+                    plots.batch_size(df, out / 'batch_size.png')
+                    print(df.pivot_table(index='bs', columns='norm', values='test_acc').to_string())
     missing = len(plan) - len(df)
     if missing:
         raise CliError(f"incomplete grid: {missing} of {len(plan)} cells missing (run again with --resume)")

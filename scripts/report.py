@@ -3,9 +3,13 @@
     python scripts/report.py            # results/ -> README.md regions, results/*.md
     python scripts/report.py --check    # exit 1, naming them, if any region or page is stale
 """
+from pathlib import Path
+
 from fastcore.script import call_parse, CliError
 
 from normnets_data import REPO_DIR
+from normnets_files import FolderError, check_out
+from normnets_study import cli_errors
 import normnets_report as report
 
 
@@ -16,12 +20,13 @@ def main(
     check:bool=False,   # only check: fail if the files and the README or pages disagree
 ):
     "Write (or check) the README's generated regions and the pages under results/."
-    results, readme = results or REPO_DIR / 'results', readme or REPO_DIR / 'README.md'
-    try:
+    results, readme = Path(results or REPO_DIR / 'results'), Path(readme or REPO_DIR / 'README.md')
+    with cli_errors():   # a missing folder or README, result files that contradict each other
+        check_out(results, create=False)
+        if not readme.is_file(): raise FolderError(f"--readme {readme}: no such file")
         if check:
             old = report.stale(results, readme)
             if old: raise CliError("stale, run python scripts/report.py: " + '; '.join(old))
             print("README and results pages are current")
         else:
             for path in report.write_report(results, readme): print(f"wrote {path}")
-    except ValueError as e: raise CliError(f"error: {e}")   # result files that contradict each other

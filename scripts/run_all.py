@@ -7,9 +7,9 @@ summary, and for the default results/ the README's generated regions.
     python scripts/run_all.py --out results/gpu --jobs 5               # on a GPU: 5 runs at once
 
 Per variant (first seed): <out>/<norm>/ as scripts/train.py writes it. Further seeds:
-<out>/seeds/<norm>-seed<k>/. Study: summary.csv and summary.md (mean and spread over seeds), runs.csv (one row
-a run), per_class.csv, comparison.png, all written from the finished runs in the folder. A Ctrl-C keeps every
-finished run.
+<out>/seeds/<norm>-seed<k>/. Study: summary.csv and summary.md (mean and spread over seeds), findings.csv (a
+row a norm), runs.csv (a row a run), per_class.csv, comparison.png, all written from the whole finished runs
+in the folder. A Ctrl-C keeps every finished run, and exits with status 130.
 """
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from fastcore.script import call_parse, CliError
 
 from normnets_data import REPO_DIR
 from normnets_learner import keep_freed_memory
-from normnets_study import STUDY_SEEDS, run_study
+from normnets_study import STUDY_SEEDS, cli_errors, run_study
 import normnets_report as report
 
 
@@ -49,16 +49,14 @@ def main(
     matplotlib.use('Agg')
     keep_freed_memory()
     out_dir = Path(out) if out else REPO_DIR / 'results'
-    try:
+    # bad values or data, a busy, unwritable or foreign folder, files that contradict each other; Ctrl-C
+    with cli_errors():
         summary, missing = run_study(norms, seeds, seed, out_dir, data, resume, jobs, **given(
             epochs=epochs, bs=bs, lr=lr, wd=wd, opt=opt, n_train=n_train, n_test=n_test, precision=precision,
             device=device, reproducible=False if autotune else None))
-    except ValueError as e: raise CliError(f"error: {e}")  # bad values or data, a busy or unwritable folder
-    if summary is None:
-        raise CliError(f"no finished run of this study in {out_dir}: its files are left as they were")
-    if out is None and not missing:
-        try: written = report.write_report(out_dir, REPO_DIR / 'README.md')
-        except ValueError as e: raise CliError(f"error: {e}")   # result files that contradict each other
-        for path in written: print(f"wrote {path}")
+        if summary is None:
+            raise CliError(f"no finished run of this study in {out_dir}: its files are left as they were")
+        if out is None and not missing:
+            for path in report.write_report(out_dir, REPO_DIR / 'README.md'): print(f"wrote {path}")
     print('\n' + (out_dir / 'summary.md').read_text())
     if missing: raise CliError(f"incomplete study: missing {', '.join(missing)} (run again with --resume)")

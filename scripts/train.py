@@ -6,17 +6,18 @@
 Writes under --out: history.csv (one row an epoch), metrics.json (the whole recipe, final accuracies,
 parameters, versions, device, data and its md5), model.pkl (`learn.export`, for `load_learner`; float32),
 curves.png, misclassified.png, confusion.png and per_class.csv. Every option left out takes the norm's recipe
-(normnets_learner.RECIPES). Bad options are refused before any work, and an interrupted run leaves nothing
-behind.
+(normnets_learner.RECIPES). Bad options, and an --out that holds anything but an earlier run, are refused
+before any work; an interrupted run leaves nothing behind.
 """
 from pathlib import Path
 
 import matplotlib
-from fastcore.script import call_parse, CliError
+from fastcore.script import call_parse
 
 from normnets_data import REPO_DIR, load_cifar
+from normnets_files import check_out, check_run_dir, locked
 from normnets_learner import keep_freed_memory, recipe, train_run
-from normnets_study import check_out, locked
+from normnets_study import cli_errors
 
 
 def given(**options) -> dict: return {k: v for k, v in options.items() if v is not None}
@@ -42,16 +43,15 @@ def main(
     "Train one normnets variant on CIFAR-10 and write its history, metrics, exported learner and figures."
     matplotlib.use('Agg')
     keep_freed_memory()
-    try:
+    # bad values, broken rules, a folder holding other files, bad data, a busy folder; Ctrl-C
+    with cli_errors():
         r = recipe(norm, seed=seed, **given(epochs=epochs, bs=bs, lr=lr, wd=wd, opt=opt, precision=precision,
                                            device=device, n_train=n_train, n_test=n_test,
                                            reproducible=False if autotune else None))
+        out = check_run_dir(Path(out) if out else REPO_DIR / 'results' / r.norm)
         cifar = load_cifar(data)
-        out = Path(out) if out else REPO_DIR / 'results' / r.norm
         with locked(check_out(out.parent)):
             m = train_run(r, out, cifar=cifar)
-    # bad values, broken rules, bad data, a busy folder
-    except ValueError as e: raise CliError(f"error: {e}")
     print(f"{m['norm']} norm: train accuracy {m['train_acc']:.4f}, test accuracy {m['test_acc']:.4f} "
           f"({m['params']:,} parameters, {m['epochs']} epochs, {m['precision']}, {m['seconds']:.0f} s on "
           f"{m['device_name']})")

@@ -1,5 +1,6 @@
 "The data path: tiny archives and folders built here, their errors, the cache, the batch augmentation."
-import io, tarfile
+import io, os, stat, tarfile, tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,6 +107,29 @@ def test_damaged_cache_is_rebuilt(tiny_tgz, tmp_path):
     c = load_cifar(tiny_tgz, COUNTS, cache_dir=cache)
     (cache / f'cifar10-{c.fingerprint}.npz').write_bytes(b'truncated')
     np.testing.assert_array_equal(load_cifar(tiny_tgz, COUNTS, cache_dir=cache).x_train, c.x_train)
+
+
+def test_the_cache_is_readable_as_the_umask_says(tiny_tgz, tmp_path):
+    umask = os.umask(0o022)
+    try: c = load_cifar(tiny_tgz, COUNTS, cache_dir=tmp_path / 'c')
+    finally: os.umask(umask)
+    assert stat.S_IMODE((tmp_path / 'c' / f'cifar10-{c.fingerprint}.npz').stat().st_mode) == 0o644
+
+
+def test_a_cache_that_cannot_be_read_or_removed_is_bypassed_with_a_warning(tiny_tgz, tmp_path, monkeypatch):
+    """Another user's cache on a shared machine (simulated: the tests may run as root, whom permissions do not
+    stop) is neither trusted nor deleted: the data is decoded anew, and a cache folder that cannot be written
+    is only a warning."""
+    cache = tmp_path / 'c'
+    c = load_cifar(tiny_tgz, COUNTS, cache_dir=cache)
+    def refused(*args, **kwargs): raise PermissionError(13, 'Permission denied')
+    monkeypatch.setattr(np, 'load', refused)
+    monkeypatch.setattr(Path, 'unlink', refused)
+    monkeypatch.setattr(tempfile, 'mkstemp', refused)
+    with pytest.warns(UserWarning) as warned: again = load_cifar(tiny_tgz, COUNTS, cache_dir=cache)
+    np.testing.assert_array_equal(again.x_train, c.x_train)
+    messages = ' '.join(str(w.message) for w in warned)
+    assert 'cannot read the decoded cache' in messages and 'cannot write the decoded cache' in messages
 
 
 def test_dataloaders_batches_and_files(tiny_tgz, tmp_path):

@@ -10,15 +10,23 @@ from PIL import Image
 from torch import nn
 
 import ablation
+import batch_sizes
 import inference
 import search
 from normnets import NORMS, PARAM_LIMIT, count_macs, count_params, normnet
 from normnets_data import REPO_DIR
 from normnets_learner import RECIPES, recipe
 import normnets_report
-from normnets_report import (ablation_markdown, ablation_page, architecture_markdown, batch_size_markdown,
-                             batch_size_page, gpu_markdown, inference_markdown, inference_page,
-                             precision_page, search_markdown, search_page, write_report)
+from normnets_study import findings_frame
+from normnets_pages import (ablation_page, batch_size_page, gpu_page, inference_page, layer_order,
+                            precision_page, search_page)
+from normnets_report import architecture_markdown, write_report
+
+
+def md_rows(markdown: str) -> list[list[str]]:
+    "The rows of every markdown table in `markdown`, as lists of their cells' text."
+    return [[c.strip() for c in line.strip().strip('|').split('|')] for line in markdown.splitlines()
+            if line.startswith('|') and not set(line) <= set('|:- ')]
 
 
 def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
@@ -32,14 +40,12 @@ def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
     lr = df.groupby('bs').lr.first()
     assert lr[50] == pytest.approx(lr[100] / 2 ** 0.5)   # the square-root rule, the same for every norm
     with Image.open(tmp_path / 'batch_size.png') as im: assert im.format == 'PNG'
-    text = batch_size_markdown(tmp_path, 'results')
-    for norm in NORMS: assert f'**{norm} norm**' in text
-    assert '| 50 |' in batch_size_page(tmp_path) and '| 100 |' in batch_size_page(tmp_path)
-    # each variant's layer order, read from its runs, and today's recipes have not changed it
-    assert 'conv, ReLU, norm for group' in text and 'changed it since' not in text
+    table = md_rows(batch_size_page(tmp_path))
+    assert table[0][2:] == [f'{n} norm: test acc % (cost)' for n in NORMS]
+    assert [r[0] for r in table[1:]] == ['50', '100']
     # the activation a network names is the one the order shows
-    assert normnets_report.layer_order('{"act": "gelu"}') == 'conv, norm, GELU'
-    assert normnets_report.layer_order('{"act": "gelu", "norm_after_relu": true}') == 'conv, GELU, norm'
+    assert layer_order('{"act": "gelu"}') == 'conv, norm, GELU'
+    assert layer_order({"act": "gelu", "norm_after_relu": True}) == 'conv, GELU, norm'
 
 
 def trained_like(norm: str) -> nn.Module:
@@ -78,13 +84,15 @@ def test_measure_gives_every_mode_at_every_test_batch_size(tmp_path):
     df = pd.DataFrame(inference.measure(models, x, y))
     acc = df[df.kind == 'accuracy']
     assert len(acc) == (len(NORMS) + 1) * len(inference.TEST_BATCH_SIZES)
-    for mode, rows in acc.groupby('mode'):   # without batch statistics, the test batch size changes nothing
-        if mode != 'batch: batch statistics': assert rows.test_acc.nunique() == 1, mode
+    for mode, cells in acc.groupby('mode'):   # without batch statistics, the test batch size changes nothing
+        if mode != 'batch: batch statistics': assert cells.test_acc.nunique() == 1, mode
     assert set(df[df.kind == 'speed'].norm) == set(NORMS) and df.images_per_s.dropna().gt(0).all()
     df['device_name'] = 'a CPU'
     df.to_csv(tmp_path / 'inference.csv', index=False)
-    assert 'batch norm** with batch statistics' in inference_markdown(tmp_path, 'results')
-    assert all(f'\n| {bs} |' in inference_page(tmp_path) for bs in inference.TEST_BATCH_SIZES)
+    table = md_rows(inference_page(tmp_path))
+    assert 'batch: batch statistics' in table[0]
+    sizes = list(inference.TEST_BATCH_SIZES)
+    assert [int(r[0]) for r in table[1:len(sizes) + 1]] == sizes
 
 
 def test_a_tiny_search_gives_every_norm_the_same_cells_scored_on_held_out_images(tmp_path, monkeypatch):
@@ -101,10 +109,11 @@ def test_a_tiny_search_gives_every_norm_the_same_cells_scored_on_held_out_images
     m = pd.read_json(tmp_path / 'search' / confirm.run.iloc[0].split('/')[1] / 'metrics.json', typ='series')
     assert m['holdout'] == 500 and m['evaluated_on'] == '200 held-out training images'
     assert m['precision'] == 'fp32'   # pinned, so that a search can span machines
-    assert '| group | screen | conv, ReLU, norm |' in search_page(tmp_path)
-    text = search_markdown(tmp_path, 'results')   # each norm's choice, and each norm under every choice
-    assert all(f'**{n} norm** chose' in text and f'\n| {n} norm |' in text for n in NORMS)
-    assert text.count('the best may lie beyond') == len(NORMS)   # one rate per optimizer: all at an edge
+    table = md_rows(search_page(tmp_path))
+    assert ['group', 'screen', 'conv, ReLU, norm'] in [r[:3] for r in table]
+    chosen = [r for r in table if len(r) == 7 and r[0] in NORMS]   # each norm's choice at full length
+    assert sorted(r[0] for r in chosen) == sorted(NORMS) and all(r[4] == '20' for r in chosen)
+    assert all(r[-1] == 'yes' for r in chosen)   # one rate per optimizer: every choice at the grid's edge
     with Image.open(tmp_path / 'search.png') as im: assert im.format == 'PNG'
 
 
@@ -123,12 +132,11 @@ def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(
     assert df.scored_on.eq('200 held-out training images').all() and df.test_acc.between(0, 1).all()
     assert df.base.eq(ablation.recipe_label(recipe('gn'))).all()   # the recipe each row changed
     page = ablation_page(tmp_path)
-    assert '200 held-out training images' in page and page.count('| group |') == 2
-    # the README's summary names the change with its difference in points
+    assert '200 held-out training images' in page and [r[1] for r in md_rows(page)].count('group') == 2
+    # the changes-by-norms table gives the change's difference in points
     diff = 100 * (df.test_acc[1] - df.test_acc[0])
-    row_start = f"| {ablation.CHANGES[zero_init][0]} | 1 | "   # its row: the change, its epochs, its gain
-    [line] = [line for line in ablation_markdown(tmp_path, 'r').splitlines() if line.startswith(row_start)]
-    assert f"{diff:+.2f}" in line
+    unbold = [[c.strip('*') for c in r] for r in md_rows(page)]
+    assert [ablation.CHANGES[zero_init][0], '1', f"{diff:+.2f}"] in unbold
     # a rerun with --resume keeps both runs and their rows
     capsys.readouterr()
     ablation.main(**settings, resume=True)
@@ -139,7 +147,7 @@ def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(
     both = pd.read_csv(tmp_path / 'ablation.csv')
     assert both.seed.tolist() == [0, 0, 1, 1] and both.iloc[:2].equals(df)
     diffs = [100 * (both.test_acc[i + 1] - both.test_acc[i]) for i in (0, 2)]
-    assert (f"{sum(diffs) / 2:+.2f} ({diffs[0]:+.2f}, {diffs[1]:+.2f})") in ablation_markdown(tmp_path, 'r')
+    assert (f"{sum(diffs) / 2:+.2f} ({diffs[0]:+.2f}, {diffs[1]:+.2f})") in ablation_page(tmp_path)
     # once the recipe adopts the change, its 'current recipe' is the change's finished run, not trained again
     adopted_net = dict(recipe('gn').net, zero_init_residual=True)
     monkeypatch.setitem(RECIPES, 'group', dict(RECIPES['group'], net=adopted_net))
@@ -185,12 +193,25 @@ def test_every_ablation_row_keeps_every_norm_within_the_rules(tmp_path, capsys, 
 @pytest.mark.parametrize('bench, bad, message', [
     (ablation, dict(jobs=0), '--jobs 0: need at least one'),
     (ablation, dict(n_train=0), 'n_train 0: a training subset must hold at least one batch'),
-    (ablation, dict(only='99'), '--only 99: the rows are 0 to'),
+    (ablation, dict(only='99'), "--only '99': expected row numbers 0 to"),
+    (ablation, dict(only='abc'), "--only 'abc': expected row numbers"),
+    (ablation, dict(norms='zz'), "unknown norm 'zz'"),
     (search, dict(jobs=0), '--jobs 0: need at least one'),
+    (search, dict(norms='zz'), "unknown norm 'zz'"),
+    (batch_sizes, dict(sizes='0'), "--sizes '0': expected batch sizes of 1 or more"),
+    (batch_sizes, dict(sizes='-4,16'), "--sizes '-4,16': expected batch sizes"),
+    (batch_sizes, dict(sizes='abc'), "--sizes 'abc': expected batch sizes"),
 ])
 def test_benchmarks_refuse_bad_input_before_any_work(tmp_path, bench, bad, message):
-    with pytest.raises(CliError, match=message): bench.main(out=str(tmp_path), **bad)
-    assert not any(tmp_path.rglob('metrics.json'))
+    with pytest.raises(CliError, match=message): bench.main(out=str(tmp_path / 'out'), **bad)
+    assert not (tmp_path / 'out').exists()   # not even an empty folder
+
+
+def test_inference_names_a_missing_or_empty_results_folder_before_any_work(tmp_path):
+    with pytest.raises(CliError, match='does not exist'): inference.main(results=str(tmp_path / 'none'))
+    with pytest.raises(CliError, match=r'holds no study model \(<norm>/model.pkl\)'):
+        inference.main(results=str(tmp_path))
+    assert not any(tmp_path.iterdir())   # no header-only inference.csv
 
 
 def test_the_gpu_study_is_set_beside_the_cpu_study_only_where_their_recipes_match(tmp_path):
@@ -199,14 +220,13 @@ def test_the_gpu_study_is_set_beside_the_cpu_study_only_where_their_recipes_matc
     for d in (tmp_path, tmp_path / 'gpu'):
         d.mkdir(exist_ok=True)
         for f in ('summary.csv', 'runs.csv'): shutil.copy(REPO_DIR / 'results' / 'gpu' / f, d / f)
-    text = gpu_markdown(tmp_path, 'results')
-    assert text.count("+0.00 points, within the CPU seeds' spread") == len(NORMS) and 'compare' not in text
+    table = [r for r in md_rows(gpu_page(tmp_path)) if r[0] in NORMS]
+    assert [(r[4], r[5]) for r in table] == [('yes', '+0.00')] * len(NORMS)
     runs = pd.read_csv(tmp_path / 'runs.csv')
     runs.loc[runs.norm == 'batch', 'lr'] *= 2   # a CPU study of another batch norm recipe
     runs.to_csv(tmp_path / 'runs.csv', index=False)
-    text = gpu_markdown(tmp_path, 'results')
-    [line] = [line for line in text.splitlines() if 'they do not compare' in line]
-    assert line.startswith('- **batch norm**')
+    table = {r[0]: r for r in md_rows(gpu_page(tmp_path)) if r[0] in NORMS}
+    assert table['batch'][4].startswith('**no**') and table['batch'][5] == '' and table['group'][4] == 'yes'
 
 
 def test_a_change_measured_against_two_recipes_shows_the_latest_and_names_each_on_its_page(tmp_path):
@@ -216,21 +236,21 @@ def test_a_change_measured_against_two_recipes_shows_the_latest_and_names_each_o
             ('whiten', 'B'): 0.75}
     pd.DataFrame([dict(row, change=c, base=b, seed=0, test_acc=a) for (c, b), a in accs.items()]).to_csv(
         tmp_path / 'ablation.csv', index=False)
-    summary = ablation_markdown(tmp_path, 'r')   # the latest, marked, in the README's table
-    assert '| whiten | 20 | **+3.00*** |' in summary and '+1.00' not in summary
-    page = ablation_page(tmp_path)   # each on the page
-    assert 'whiten (layer, 20 epochs, +3.00, seed 0, against B)' in page
-    assert 'whiten (layer, 20 epochs, +1.00, seed 0, against A)' in page
+    table = md_rows(ablation_page(tmp_path))
+    assert ['whiten', '20', '**+3.00***'] in table and ['whiten', '20', '+1.00'] not in table   # the latest
+    changes = {(r[2], r[-2]) for r in table if r[0] == 'whiten' and len(r) > 3}   # every row, each recipe
+    assert changes == {('A', '+1.00'), ('B', '+3.00')}
 
 
 def test_the_variants_table_shows_each_network_as_its_recipe_builds_it(monkeypatch):
     monkeypatch.setitem(RECIPES, 'layer', dict(RECIPES.get('layer', {}), net=dict(c1=16, c3=16)))
-    table = architecture_markdown()
     wide = recipe('layer').model()
     assert count_params(wide) != count_params(normnet('layer'))
-    assert f'| c1=16 | {count_params(wide):,} | {count_macs(wide) / 1e6:.2f} M |' in table   # c3=16: default
+    layer = lambda: next(r for r in md_rows(architecture_markdown()) if r[0] == 'layer norm (ln)')
+    # c3=16 is the default width: only c1 shows
+    assert layer()[3:] == ['c1=16', f'{count_params(wide):,}', f'{count_macs(wide) / 1e6:.2f} M']
     monkeypatch.setitem(RECIPES, 'layer', {})
-    assert f'| as above | {count_params(normnet("layer")):,} |' in architecture_markdown()
+    assert layer()[3:5] == ['as above', f'{count_params(normnet("layer")):,}']
 
 
 def test_the_precision_page_sets_the_same_runs_side_by_side_and_refuses_others(tmp_path, monkeypatch):
@@ -239,25 +259,32 @@ def test_the_precision_page_sets_the_same_runs_side_by_side_and_refuses_others(t
     page = precision_page(tmp_path)
     for n in bf16.norm.unique():
         diff = 100 * (bf16[bf16.norm == n].test_acc.mean() - fp32[fp32.norm == n].test_acc.mean())
-        [row] = [line for line in page.splitlines() if line.startswith(f'| {n} |')]
-        assert f'| {diff:+.2f} |' in row
+        [row] = [r for r in md_rows(page) if r[0] == n]
+        assert f'{diff:+.2f}' in row
     bf16.loc[0, 'lr'] *= 2   # one run of another recipe: the two precisions no longer compare
     bf16.to_csv(tmp_path / 'precision' / 'bf16-runs.csv', index=False)
     with pytest.raises(ValueError, match='not the same runs in two precisions'): precision_page(tmp_path)
     # the report writes nothing, README included, when its files contradict each other
-    monkeypatch.setattr(normnets_report, 'regions', lambda *a: {'n_norms': '5'})   # no study in tmp_path
+    monkeypatch.setattr(normnets_report, 'regions', lambda *a: {'max_epochs': '20'})   # no study in tmp_path
     readme = tmp_path / 'README.md'
-    readme.write_text('<!--g:n_norms-->?<!--/g-->')
+    readme.write_text('<!--g:max_epochs-->?<!--/g-->')
     with pytest.raises(ValueError, match='not the same runs'): write_report(tmp_path, readme)
-    assert readme.read_text() == '<!--g:n_norms-->?<!--/g-->' and not (tmp_path / 'precision.md').exists()
+    assert readme.read_text() == '<!--g:max_epochs-->?<!--/g-->' and not (tmp_path / 'precision.md').exists()
 
 
 def test_the_findings_say_how_much_of_its_gap_to_batch_norm_each_extra_variant_closes():
-    s = pd.DataFrame(dict(norm=['batch', 'group', 'layer', 'ws-group', 'ws-layer'],
-                          test_acc=[.82, .78, .79, .80, .785], test_acc_std=[.001] * 5)).set_index('norm')
-    line, = normnets_report.gap_closed_lines(s)
-    assert line.startswith('- **Beyond the exercise.**')
-    assert ('ws-group norm 80.00 ± 0.10%, +2.00 points on group norm: 50% of its 4.00-point gap to batch norm'
-            in line)
-    assert 'ws-layer norm 78.50 ± 0.10%, -0.50 points on layer norm: -17% of its 3.00-point gap' in line
-    assert normnets_report.gap_closed_lines(s.drop(index=['group', 'layer'])) == []   # no plain norm
+    summary = pd.DataFrame(dict(norm=['batch', 'group', 'layer', 'ws-group', 'ws-layer'],
+                                test_acc=[.82, .78, .79, .80, .785], test_acc_std=[.001] * 5,
+                                train_acc=[.85] * 5, epochs_to_70=[6.] * 5, seconds=[100.] * 5,
+                                epochs=[20] * 5))
+    history = pd.DataFrame(dict(epoch=[1, 2, 3], test_acc=[.5, .7, .65]))
+    f = findings_frame(summary, {n: history for n in summary.norm}).set_index('norm')
+    assert f.gain_over_base['ws-group'] == pytest.approx(.02)
+    assert f.gap_closed['ws-group'] == pytest.approx(.5)
+    assert f.gap_closed['ws-layer'] == pytest.approx(-.005 / .03)
+    assert f[['gain_over_base', 'gap_closed']].loc[['batch', 'group', 'layer']].isna().all().all()
+    assert f.largest_drop.tolist() == pytest.approx([.05] * 5) and f.largest_drop_epoch.eq(3).all()
+    assert f.test_acc_epoch_5.eq(.65).all() and f.seconds_per_epoch.eq(5).all()
+    # no plain norm: nothing to measure an extra against
+    alone = findings_frame(summary.iloc[[0, 3]], {n: history for n in ('batch', 'ws-group')})
+    assert alone.gain_over_base.isna().all()

@@ -18,7 +18,7 @@ import normnets_learner
 from normnets import NORMS, FloatGroupNorm
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_learner import (OPTIMIZERS, RECIPES, Recipe, RuleError, WeightEMA, finite, normnet_learner,
-                              recipe, resolve_precision, saved_recipe, train_run)
+                              recipe, resolve_precision, recorded_recipe, train_run)
 
 TRAIN = [sys.executable, str(REPO_DIR / 'scripts' / 'train.py')]
 
@@ -50,6 +50,14 @@ def run(args, **kw): return subprocess.run(args, capture_output=True, text=True,
         (dict(cutout=33), 'cutout 33'),
         (dict(crop_pad=-1), 'crop_pad -1: must be 0 to 16 pixels'),
         (dict(mixup=math.nan), 'mixup nan'),
+        (dict(bs=2.5), 'bs 2.5: must be a whole number'),
+        (dict(epochs=True), 'epochs True: must be a whole number'),
+        (dict(n_test=1.5), 'n_test 1.5'),
+        (dict(seed=-1), 'seed -1: must be 0 or more'),
+        (dict(n_train=999_999), 'n_train 999999: there are 50,000 training images'),
+        (dict(holdout=5_000, n_train=46_000), 'n_train 46000: there are 45,000 training images'),
+        (dict(holdout=5_000, n_test=6_000), 'n_test 6000: must be 1 to the 5,000 images'),
+        (dict(n_test=10_001), 'n_test 10001: must be 1 to the 10,000 images'),
     ],
 )
 def test_recipe_refuses_bad_values_on_creation(change, message):
@@ -65,13 +73,13 @@ def test_every_norm_has_a_valid_recipe_and_overrides_apply():
     with pytest.raises(RuleError, match='lr -1'): dataclasses.replace(recipe('gn', device='cpu'), lr=-1)
 
 
-def test_a_saved_recipe_compares_whole():
+def test_a_recorded_recipe_compares_whole():
     r = recipe('ln', device='cpu')
     metrics = json.loads(json.dumps({**r.to_dict(), 'test_acc': 0.5}))
-    assert saved_recipe(metrics) == r.to_dict()
-    assert saved_recipe({**metrics, 'wd': 2 * r.wd}) != r.to_dict()
-    older = {k: v for k, v in metrics.items() if k != 'holdout'}   # a run from before the field existed
-    assert saved_recipe(older) == r.to_dict() and saved_recipe({**metrics, 'holdout': 5000}) != r.to_dict()
+    assert recorded_recipe(metrics) == r.to_dict()
+    assert recorded_recipe({**metrics, 'wd': 2 * r.wd}) != r.to_dict()
+    older = {k: v for k, v in metrics.items() if k != 'n_train'}   # a field missing is not its default
+    assert recorded_recipe(older) != r.to_dict() and r.n_train is None
 
 
 def test_autotuning_is_the_recipes_choice():
@@ -322,7 +330,7 @@ def test_run_writes_its_files(quick_run):
     assert len(hist) == 1 and hist.test_acc.iloc[0] == pytest.approx(m['test_acc'])
     saved = json.loads((out / 'metrics.json').read_text())
     assert (
-        saved_recipe(saved)
+        recorded_recipe(saved)
         == recipe('bn', epochs=1, bs=128, n_train=10_000, n_test=2_000, device='cpu').to_dict()
     )
     for key in ['train_acc', 'test_acc', 'params', 'seconds', 'wall_seconds', 'torch', 'fastai',

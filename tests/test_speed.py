@@ -13,7 +13,7 @@ import speed
 from normnets import count_macs, count_params, normnet
 from normnets_data import get_dls
 from normnets_learner import RECIPES, keep_freed_memory, recipe
-from normnets_report import speed_page
+from normnets_pages import speed_page
 
 
 def test_usual_net_is_the_published_49672_parameter_solution():
@@ -88,7 +88,7 @@ def test_speed_page_renders_every_measurement(tmp_path):
             )
         ],
         reference=dict(
-            norm='batch', params=46374, macs=8.88e6, precision='fp32', train_ips=2500.0, floor=0.7
+            norm='batch', params=46374, macs=8.88e6, precision='fp32', train_ips=2500.0
         ),
         usual=dict(params=49672, macs=21.1e6, precision='fp32', bs=128, train_ips=500.0),
         changes=[
@@ -106,17 +106,16 @@ def test_speed_page_renders_every_measurement(tmp_path):
     )
     (tmp_path / 'speed.json').write_text(json.dumps(s))
     page = speed_page(tmp_path / 'speed.json')
-    rows = [
-        '| normnets, batch norm | 46,374 | 8.88 M | fp32 | 256 | 2000 | 9000 | 4.00 | 0.80 | 106.6 | 107% |',
-        '| reference, batch norm | 46,374 | 8.88 M | fp32 | 256 | 2500 |  | 5.00 | 1.00 |',
-        '| usual pipeline (49,672-parameter solution) | 49,672 | 21.10 M | fp32 | 128 | 500 |',
-    ]
-    assert all(row in page for row in rows)
-    assert 'at or above 0.7x its own, measured in the same run. Lowest here: **0.80x**' in page
-    assert (
-        '| batch norm | without channels-last | 1000 | 2000 | 0.50 |' in page
-        and 'failed: no compiler' in page
-    )
+    table = [[c.strip() for c in line.strip('|').split('|')] for line in page.splitlines()
+             if line.startswith('| ')]
+    assert ['normnets, batch norm', '46,374', '8.88 M', 'fp32', '256', '2000', '9000', '4.00', '0.80',
+            '106.6', '107%'] in table
+    assert ['reference, batch norm', '46,374', '8.88 M', 'fp32', '256', '2500', '', '5.00', '1.00'] in [
+        r[:9] for r in table]
+    assert ['usual pipeline (49,672-parameter solution)', '49,672', '21.10 M', 'fp32', '128', '500'] in [
+        r[:6] for r in table]
+    assert ['batch norm', 'without channels-last', '1000', '2000', '0.50'] in table
+    assert 'failed: no compiler' in page and 'floor' not in page
     assert '**10.0 minutes**' in page and '`aten::conv`' in page
 
 
@@ -125,7 +124,7 @@ def test_keep_freed_memory_applies_on_glibc():
 
 
 def test_each_variant_is_timed_at_its_recipes_batch_size(monkeypatch):
-    "A recipe's smaller batch is more steps per epoch: the speed floor must see it, so it is timed at it."
+    "A recipe's smaller batch is more steps per epoch: its speed is timed at it."
     monkeypatch.setitem(RECIPES, 'group', dict(RECIPES['group'], bs=128))
     timed = {}
     def fake_throughput(dls, norm, steps, warmup):

@@ -1,7 +1,7 @@
 """The study end to end on a small subset of the real data for 1 epoch: every file written and well-formed, a
 README generated from it, and no run lost or mixed (interruptions, other recipes, a second writer, bad --out).
 """
-import json, os, shutil, subprocess, sys, time
+import importlib, json, os, shutil, stat, subprocess, sys, time
 
 import pandas as pd
 import pytest
@@ -13,12 +13,20 @@ import normnets_report as report
 import normnets_study
 from normnets import NORMS, Norm
 from normnets_data import REPO_DIR
-from normnets_learner import RECIPES, Recipe, recipe, saved_recipe
-from normnets_study import SUMMARY_COLUMNS, StudyError, locked, parse_norms, run_study
+from fastcore.script import CliError
+from normnets_files import RUN_FILES, FolderError, check_run_dir, damaged, locked
+from normnets_learner import RECIPES, Recipe, recipe
+from normnets_pages import TRAINING_FIELDS
+from normnets_study import SUMMARY_COLUMNS, StudyError, parse_norms, run_study
+import run_all, train
+report_script = importlib.import_module('report')   # scripts/report.py, beside normnets_report as `report`
 
 RUN_ALL = [sys.executable, str(REPO_DIR / 'scripts' / 'run_all.py')]
 TINY = dict(epochs=1, n_train=1000, n_test=300, bs=100)   # the overrides of every study here
 TINY_ARGS = ['--seeds', '1', '--epochs', '1', '--n-train', '1000', '--n-test', '300', '--bs', '100']
+
+
+def recipe_fields(metrics: dict) -> dict: return {k: metrics[k] for k in Recipe().to_dict()}
 
 
 def run(args, **kw): return subprocess.run(args, capture_output=True, text=True, timeout=600, **kw)
@@ -113,32 +121,55 @@ def test_readme_is_generated_from_the_results(study, tmp_path):
     assert report.stale(tmp_path / 'results', readme) == []
     (tmp_path / 'results' / 'summary.csv').write_text(
         (out / 'summary.csv').read_text().replace(f"{summary.test_acc[0]}", f"{summary.test_acc[0] / 2}"))
-    assert "README region 'summary'" in report.stale(tmp_path / 'results', readme)
+    assert "README region 'results'" in report.stale(tmp_path / 'results', readme)
+
+
+def md_rows(markdown: str) -> list[list[str]]:
+    "The rows of every markdown table in `markdown`, as lists of their cells' text."
+    return [[c.strip() for c in line.strip().strip('|').split('|')] for line in markdown.splitlines()
+            if line.startswith('|') and not set(line) <= set('|:- ')]
 
 
 def test_the_readme_says_which_recipes_changed_since_the_study(study, monkeypatch):
     runs = pd.read_csv(study[0] / 'runs.csv')
     for i, run in runs.iterrows():   # runs of today's recipes
         now = recipe(run.norm, device='cpu').to_dict()
-        for k in report.TRAINING_FIELDS: runs.at[i, k] = json.dumps(now[k]) if k == 'net' else now[k]
-    text = report.recipes_markdown(runs)
-    assert 'have changed' not in text and '| group | conv, ReLU, norm |' in text
-    was = recipe('batch').lr
-    monkeypatch.setitem(RECIPES, 'batch', {**RECIPES['batch'], 'lr': 2 * was})
-    changed = report.recipes_markdown(runs).split('have changed since these runs:')[1]
-    assert f'batch norm (lr `{was}` -> `{2 * was}`)' in changed and 'group' not in changed
-    monkeypatch.setitem(RECIPES, 'group', {**RECIPES['group'], 'crop_pad': 0})   # a field runs.csv may lack
-    changed = report.recipes_markdown(runs.drop(columns='crop_pad')).split('since these runs:')[1]
-    assert f'group norm (crop_pad `{Recipe.crop_pad}` -> `0`)' in changed   # missing: the default
+        for k in TRAINING_FIELDS: runs.at[i, k] = json.dumps(now[k]) if k == 'net' else now[k]
+    table = {r[0]: r for r in md_rows(report.recipes_markdown(runs))}
+    assert table['group'][1] == 'conv, ReLU, norm'
+    assert {r[-1] for n, r in table.items() if n in NORMS} == {'yes'}
+    monkeypatch.setitem(RECIPES, 'batch', {**RECIPES['batch'], 'lr': 2 * recipe('batch').lr})
+    table = {r[0]: r for r in md_rows(report.recipes_markdown(runs))}
+    assert table['batch'][-1].startswith('**no**') and table['group'][-1] == 'yes'
+
+
+def test_each_conclusion_gives_values_of_the_findings_table(study):
+    f = pd.read_csv(study[0] / 'findings.csv').set_index('norm')
+    assert list(f.index) == list(NORMS)
+    summary = pd.read_csv(study[0] / 'summary.csv').set_index('norm')
+    assert f.test_acc.tolist() == pytest.approx(summary.test_acc.tolist())   # the table is the summary's
+    text = report.conclusions(f, 'a CPU')
+    exercise = f.loc[['batch', 'group', 'layer']].test_acc.sort_values(ascending=False)
+    best, second, third = exercise.index
+    for n in (second, third):
+        assert f"{100 * (exercise[best] - exercise[n]):.2f} points above {n} norm" in text
+    assert f"{100 * (exercise[second] - exercise[third]):.2f} points apart" in text
+    for n in ('ws-group', 'ws-layer'):
+        assert f"{n} norm scores {100 * f.gain_over_base[n]:+.2f} points on {NORMS[n].base} norm" in text
+    assert f"{f.seconds_per_epoch.min():.1f} s ({f.seconds_per_epoch.idxmin()} norm)" in text
+    assert f"{f.seconds_per_epoch.max():.1f} s ({f.seconds_per_epoch.idxmax()} norm) on a CPU" in text
 
 
 def test_interrupted_rerun_keeps_the_summary_of_every_finished_run(study_copy, monkeypatch):
     before = {f: (study_copy / f).read_bytes() for f in ('summary.csv', 'runs.csv', 'per_class.csv')}
     def interrupted(*args, **kw): raise KeyboardInterrupt
     monkeypatch.setattr(normnets_study, 'train_run', interrupted)   # Ctrl-C in the first run
-    summary, missing = run_study(None, 1, 0, study_copy, **TINY)
-    assert summary.norm.tolist() == list(NORMS) and missing == []
-    assert {f: (study_copy / f).read_bytes() for f in before} == before
+    with pytest.raises(KeyboardInterrupt): run_study(None, 1, 0, study_copy, **TINY)   # raised again...
+    assert {f: (study_copy / f).read_bytes() for f in before} == before   # ...after the summary
+    # and the command exits as an interrupted command does, though every run of the study is there
+    with pytest.raises(SystemExit) as stopped:
+        run_all.main(out=str(study_copy), seeds=1, **TINY)
+    assert stopped.value.code == 130
 
 
 def test_runs_of_another_recipe_are_named_not_mixed(study_copy, monkeypatch):
@@ -146,16 +177,14 @@ def test_runs_of_another_recipe_are_named_not_mixed(study_copy, monkeypatch):
     def interrupted(*args, **kw): raise KeyboardInterrupt
     monkeypatch.setattr(normnets_study, 'train_run', interrupted)
     # another study, stopped at once
-    summary, missing = run_study(None, 1, 0, study_copy, **{**TINY, 'wd': 0.001})
-    assert summary is None and len(missing) == len(NORMS)
+    with pytest.raises(KeyboardInterrupt): run_study(None, 1, 0, study_copy, **{**TINY, 'wd': 0.001})
     # its folder's files left as they were
     assert {f: (study_copy / f).read_bytes() for f in before} == before
     # A run of another recipe beside the study's: the summary names it and keeps it out of the numbers.
+    shutil.copytree(study_copy / 'batch', study_copy / 'seeds' / 'batch-seed7')
     m = json.loads((study_copy / 'batch' / 'metrics.json').read_text())
-    (study_copy / 'seeds' / 'batch-seed7').mkdir(parents=True)
-    (study_copy / 'seeds' / 'batch-seed7' / 'metrics.json').write_text(
-        json.dumps({**m, 'seed': 7, 'lr': 0.5})
-    )
+    (study_copy / 'seeds' / 'batch-seed7' / 'metrics.json').write_text(json.dumps({**m, 'seed': 7,
+                                                                                  'lr': 0.5}))
     summary, _ = normnets_study.summarize(study_copy, TINY)
     assert summary.seeds.eq(1).all() and 'seeds/batch-seed7' in (study_copy / 'summary.md').read_text()
 
@@ -173,7 +202,7 @@ def test_runs_trained_at_once_are_the_runs_trained_one_by_one(tmp_path):
     for norm in ('batch', 'group'):
         one_by_one, at_once = (json.loads((tmp_path / d / norm / 'metrics.json').read_text())
                                for d in ('one_by_one', 'at_once'))
-        assert saved_recipe(at_once) == saved_recipe(one_by_one)
+        assert recipe_fields(at_once) == recipe_fields(one_by_one)
         assert (at_once['test_acc'], at_once['train_loss']) == pytest.approx(
             (one_by_one['test_acc'], one_by_one['train_loss']), abs=1e-6)
     assert set(pd.read_csv(tmp_path / 'at_once' / 'summary.csv').norm) == {'batch', 'group'}
@@ -200,24 +229,28 @@ def test_a_second_writer_is_refused(tmp_path):
         r = run(RUN_ALL + TINY_ARGS + ['--out', str(tmp_path)])
         assert (
             r.returncode != 0
-            and 'in use by another normnets study' in r.stderr
+            and 'in use by another normnets command' in r.stderr
             and 'Traceback' not in r.stderr
         )
-        with pytest.raises(StudyError, match='in use'):
+        with pytest.raises(FolderError, match='in use'):
             with locked(tmp_path): pass
     with locked(tmp_path): pass   # free again once the first writer is done
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--norms', 'bn,batch'], 'names batch more than once'),
-    (['--epochs', '25'], 'the rules allow 1 to 20 epochs'),
-    (['--bs', '0'], 'batch size 0: must be at least 1'),
-    (['--jobs', '0'], '--jobs 0: need at least one'),
+    (dict(norms='bn,batch'), 'names batch more than once'),
+    (dict(epochs=25), 'the rules allow 1 to 20 epochs'),
+    (dict(bs=0), 'batch size 0: must be at least 1'),
+    (dict(jobs=0), '--jobs 0: need at least one'),
 ])
 def test_run_all_refuses_bad_input_before_any_work(tmp_path, args, message):
-    r = run(RUN_ALL + ['--out', str(tmp_path / 's')] + args)
-    assert r.returncode != 0 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    with pytest.raises(CliError, match=message): run_all.main(out=str(tmp_path / 's'), **args)
     assert not (tmp_path / 's').exists()
+
+
+def test_run_all_says_so_in_one_line_without_a_traceback(tmp_path):
+    r = run(RUN_ALL + ['--out', str(tmp_path / 's'), '--norms', 'bn,batch'])
+    assert r.returncode == 1 and 'names batch more than once' in r.stderr and 'Traceback' not in r.stderr
 
 
 def test_run_all_refuses_an_output_folder_it_cannot_write(tmp_path):
@@ -254,3 +287,100 @@ def test_a_registered_norm_joins_the_study_with_nothing_else_changed(tmp_path, m
     readme.write_text((REPO_DIR / 'README.md').read_text())
     report.write_report(out, readme)
     assert 'instance norm (in)' in readme.read_text() and 'results/instance/curves.png' in readme.read_text()
+
+
+# ---------------------------------------------------------------- nothing lost: a run deletes only a run
+
+TRAIN_TINY = dict(norm='bn', n_train=500, n_test=200, bs=100, epochs=1)
+
+
+def test_train_refuses_a_folder_of_other_files_and_leaves_them(tmp_path):
+    folder = tmp_path / 'that' / 'folder'
+    (folder / 'notes').mkdir(parents=True)
+    (folder / 'notes' / 'thesis.txt').write_text('three years of work')
+    (folder / 'mydata.csv').write_text('a,b\n1,2\n')
+    with pytest.raises(CliError, match=r'holds files that no run writes \(mydata.csv, notes/\)'):
+        train.main(**TRAIN_TINY, out=str(folder))
+    assert (folder / 'notes' / 'thesis.txt').read_text() == 'three years of work'
+    assert sorted(p.name for p in folder.iterdir()) == ['mydata.csv', 'notes']
+    # an existing file: refused before any work, no lock left beside it
+    with pytest.raises(CliError, match='is a file'): train.main(**TRAIN_TINY, out=str(folder / 'mydata.csv'))
+    assert sorted(p.name for p in folder.iterdir()) == ['mydata.csv', 'notes']
+
+
+def test_a_run_replaces_a_run_and_is_readable_as_the_umask_says(study_copy):
+    train.main(**TRAIN_TINY, out=str(study_copy / 'batch'))
+    m = json.loads((study_copy / 'batch' / 'metrics.json').read_text())
+    assert m['n_train'] == 500 and sorted(m['files']) == sorted(RUN_FILES)
+    assert damaged(study_copy / 'batch') is None
+    umask = os.umask(0); os.umask(umask)
+    assert stat.S_IMODE((study_copy / 'batch').stat().st_mode) == 0o777 & ~umask   # not 700
+
+
+@pytest.mark.parametrize('file, damage', [
+    ('model.pkl', 'delete'), ('history.csv', 'delete'), ('metrics.json', 'truncate'),
+    ('curves.png', 'truncate')])
+def test_resume_trains_a_damaged_run_again_and_names_the_file(study_copy, capsys, file, damage):
+    f = study_copy / 'batch' / file
+    if damage == 'delete': f.unlink()
+    else: f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+    summary, missing = run_study('bn', 1, 0, study_copy, resume=True, **TINY)
+    out = capsys.readouterr().out
+    assert f"the run in {study_copy / 'batch'} is damaged ({file} " in out
+    assert 'kept the finished run' not in out
+    assert damaged(study_copy / 'batch') is None and missing == [] and 'batch' in set(summary.norm)
+
+
+def test_the_summary_names_damaged_runs_and_describes_the_folder_as_it_is(study_copy):
+    metrics = study_copy / 'group' / 'metrics.json'
+    metrics.write_text(metrics.read_text()[:500])   # truncated
+    (study_copy / 'layer' / 'history.csv').unlink()
+    summary, missing = normnets_study.summarize(study_copy, TINY, [(0, n) for n in NORMS])
+    assert not {'group', 'layer'} & set(summary.norm) and missing == ['group (seed 0)', 'layer (seed 0)']
+    assert not {'group', 'layer'} & set(pd.read_csv(study_copy / 'runs.csv').norm)
+    md = (study_copy / 'summary.md').read_text()
+    assert 'group (metrics.json unreadable' in md and 'layer (history.csv missing)' in md
+
+
+def test_a_run_is_whole_only_with_every_file_it_wrote(study_copy):
+    run = study_copy / 'group'
+    assert damaged(run) is None
+    (run / 'misclassified.csv').write_text('')
+    assert damaged(run).startswith('misclassified.csv unreadable')
+    (run / 'model.pkl').write_bytes(b'not a model')
+    assert damaged(run).startswith(('misclassified.csv', 'model.pkl'))
+    assert damaged(study_copy / 'nowhere') == 'metrics.json missing'
+    assert check_run_dir(run) == run   # a run's files: a run may replace it
+    (run / 'keep.txt').write_text('mine')
+    with pytest.raises(FolderError, match=r'keep\.txt'): check_run_dir(run)
+
+
+def test_run_all_refuses_a_run_folder_of_other_files_before_any_work(study_copy, capsys):
+    (study_copy / 'layer' / 'thesis.txt').write_text('mine')
+    before = (study_copy / 'summary.csv').read_bytes()
+    with pytest.raises(CliError, match='thesis.txt'): run_all.main(out=str(study_copy), seeds=1, **TINY)
+    assert '=== run' not in capsys.readouterr().out
+    assert (study_copy / 'layer' / 'thesis.txt').read_text() == 'mine'
+    assert (study_copy / 'summary.csv').read_bytes() == before
+
+
+def test_report_links_results_outside_the_readme_folder_and_names_a_missing_readme(study, tmp_path):
+    shutil.copytree(study[0], tmp_path / 'a' / 'results')
+    (tmp_path / 'b').mkdir()
+    readme = tmp_path / 'b' / 'README.md'
+    readme.write_text((REPO_DIR / 'README.md').read_text())
+    report.write_report(tmp_path / 'a' / 'results', readme)
+    assert '](../a/results/comparison.png)' in readme.read_text()
+    with pytest.raises(CliError, match='no such file'):
+        report_script.main(results=str(tmp_path / 'a' / 'results'), readme=str(tmp_path / 'none.md'))
+    with pytest.raises(CliError, match='does not exist'):
+        report_script.main(results=str(tmp_path / 'nowhere'), readme=str(readme))
+
+
+def test_ctrl_c_in_train_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kw): raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'train_run', interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(norm='bn', n_train=500, n_test=200, bs=100, epochs=1, out=str(tmp_path / 'run'))
+    assert stopped.value.code == 130 and 'Interrupted' in capsys.readouterr().err
+    assert not (tmp_path / 'run').exists()

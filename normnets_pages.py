@@ -1,0 +1,327 @@
+"""The pages under results/, each a few tables of one result file, and the formatting that every table of
+the report shares. `PAGES` names them; `pages(results)` makes every page its data allows, and
+`scripts/report.py` writes and checks them beside the README's regions (`normnets_report`).
+"""
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from normnets import ACTIVATIONS, NORMS, PASS_ACCURACY
+from normnets_learner import recipe
+
+__all__ = ['md', 'pct', 'mean_std', 'num', 'norm_order', 'provenance', 'layer_order', 'is_current', 'PAGES',
+           'pages']
+
+BAR = f'{PASS_ACCURACY:.0%}'
+# The recipe fields that say how a run trains (not on what machine): the recipes table shows them, and a
+# result of other values than today's RECIPES says so.
+TRAINING_FIELDS = ['opt', 'lr', 'wd', 'bs', 'label_smoothing', 'crop_pad', 'epochs', 'net', 'exempt_gn_scale',
+                   'ema', 'lookahead', 'cutout', 'mixup', 'whiten_c1']
+
+
+
+# ---------------------------------------------------------------- formatting
+
+def md(df: pd.DataFrame) -> str: return df.to_markdown(index=False, disable_numparse=True) + '\n'
+
+
+def pct(x, digits=2) -> str: return '' if pd.isna(x) else f'{100 * x:.{digits}f}'
+
+
+def mean_std(mean, std) -> str: return pct(mean) + (f' ± {pct(std)}' if pd.notna(std) else '')
+
+
+def num(x, fmt='{:g}') -> str: return '' if pd.isna(x) else fmt.format(x)
+
+
+def norm_order(names) -> list:
+    return sorted(names, key=lambda n: list(NORMS).index(n) if n in NORMS else len(NORMS))
+
+
+def read(f: Path) -> pd.DataFrame | None: return pd.read_csv(f) if f.exists() else None
+
+
+def provenance(runs: pd.DataFrame) -> str:
+    first, seeds = runs.iloc[0], sorted(runs.seed.unique())
+    wall = runs[runs.seed == seeds[0]].wall_seconds.sum() / 60
+    return (f"{len(runs)} runs ({runs.norm.nunique()} variants x {len(seeds)} seeds, {first.epochs} epochs) "
+            f"of `scripts/run_all.py` on {first.device_name}, {first.precision}, torch {first.torch}, fastai "
+            f"{first.fastai}, on {first.data} (md5 `{first.data_md5}`); the first seed's runs took "
+            f"{wall:.0f} minutes, data to last file.")
+
+
+def layer_order(net) -> str:
+    "Where the norm sits in each layer of a network with these options (a dict, or JSON as runs record it)."
+    options = json.loads(net) if isinstance(net, str) else net
+    act = type(ACTIVATIONS[options.get('act', 'relu')]()).__name__
+    return f'conv, {act}, norm' if options.get('norm_after_relu') else f'conv, norm, {act}'
+
+
+def is_current(run: pd.Series) -> bool:
+    "Whether a run (a row of runs.csv) trained with its norm's recipe in the code today."
+    now = recipe(run.norm, device='cpu', precision='fp32').to_dict()
+    return all((json.loads(run.net) if k == 'net' else run[k]) == now[k] for k in TRAINING_FIELDS)
+
+
+def findings_table(f: pd.DataFrame) -> str:
+    return md(pd.DataFrame({
+        'norm': f.index, 'test acc %': [mean_std(m, s) for m, s in zip(f.test_acc, f.test_acc_std)],
+        f'epochs to {BAR}': f.epochs_to_70.map(lambda e: num(round(e, 1))),
+        'test acc % after epoch 5': f.test_acc_epoch_5.map(pct),
+        'largest fall between epochs (points)': f.largest_drop.map(pct),
+        'at epoch': f.largest_drop_epoch.map(lambda e: num(e, '{:.0f}')),
+        'train minus test (points)': f.train_minus_test.map(pct),
+        's an epoch': f.seconds_per_epoch.map('{:.1f}'.format),
+        'gain over its exercise norm (points)': f.gain_over_base.map(lambda g: num(100 * g, '{:+.2f}')),
+        'share of the gap to the best closed %': f.gap_closed.map(lambda g: pct(g, 0))}))
+
+
+# ---------------------------------------------------------------- pages under results/
+
+def study_page(results: Path) -> str | None:
+    "study.md: the findings per norm, every run, and the accuracy per class."
+    runs, findings = read(results / 'runs.csv'), read(results / 'findings.csv')
+    if runs is None or findings is None: return None
+    per_class = pd.read_csv(results / 'per_class.csv')
+    table = pd.DataFrame({
+        'norm': runs.norm, 'seed': runs.seed, 'train acc %': runs.train_acc.map(pct),
+        'test acc %': runs.test_acc.map(pct), 'test acc % with flip TTA': runs.tta_test_acc.map(pct),
+        f'epochs to {BAR}': runs.epochs_to_70.map(num), 'train s': runs.seconds.map('{:.0f}'.format),
+        'folder': runs.run.map(lambda r: f'`{r}`')})
+    return (f"# The study\n\n{provenance(runs)}\n\n## Findings\n\nMeans over seeds; the epoch-by-epoch "
+            "values (after epoch 5, largest fall) are the first seed's.\n\n"
+            f"{findings_table(findings.set_index('norm'))}\n## Every run\n\n{md(table)}\n"
+            "## Test accuracy per class (%)\n\n"
+            + md(per_class.set_index('class').map(lambda x: pct(x, 1)).reset_index()))
+
+
+def ablation_frame(results: Path) -> pd.DataFrame | None:
+    """ablation.csv with each row's `base_acc` (the accuracy of the recipe it changed, same variant, length,
+    seed and scoring) and `diff` (points gained by the change); None before any row."""
+    df = read(results / 'ablation.csv')
+    if df is None: return None
+    key = ['norm', 'epochs', 'seed', 'precision', 'scored_on', 'base']
+    base = df[df.change == 'current recipe'].set_index(key).test_acc
+    df['base_acc'] = pd.Series([base.get(k) for k in df[key].itertuples(index=False, name=None)], dtype=float)
+    df['diff'] = 100 * (df.test_acc - df.base_acc)
+    return df
+
+
+def ablation_matrix(df: pd.DataFrame) -> str:
+    """A row a change and length, a column a norm: the points the change gained over the recipe it changed,
+    the mean over its seeds (each seed's in brackets where several), bold where more than half a point. A
+    change measured against several recipes of a norm shows the latest, marked *."""
+    changed = df[(df.change != 'current recipe') & df['diff'].notna()].reset_index()
+    cell_key = ['change', 'epochs', 'norm']
+    g = changed.groupby([*cell_key, 'base'], sort=False).agg(
+        mean=('diff', 'mean'), diffs=('diff', list), latest=('index', 'max')).reset_index()
+    g['recipes'] = g.groupby(cell_key).base.transform('size')
+    g = g.sort_values('latest').drop_duplicates(cell_key, keep='last')
+    def cell(r) -> str:
+        seeds = f" ({', '.join(f'{d:+.2f}' for d in r.diffs)})" if len(r.diffs) > 1 else ''
+        text = f"{r.mean:+.2f}{seeds}"
+        return (f"**{text}**" if round(r.mean, 2) > 0.5 else text) + ('*' if r.recipes > 1 else '')
+    g['cell'] = [cell(r) for r in g.itertuples()]
+    first_seen = changed.groupby('change')['index'].min()
+    rows = sorted(set(zip(g.change, g.epochs)), key=lambda ce: (first_seen[ce[0]], ce[1]))
+    table = g.pivot(index=['change', 'epochs'], columns='norm', values='cell').reindex(rows)
+    return md(table[norm_order(table.columns)].rename(columns=lambda n: f'{n} norm').reset_index())
+
+
+def ablation_page(results: Path) -> str | None:
+    "ablation.md: the changes scored on held-out images as changes by norms, then every row."
+    df = ablation_frame(results)
+    if df is None: return None
+    held_out = df[df.scored_on != 'the test set']
+    table = pd.DataFrame({
+        'change': df.change, 'norm': df.norm, 'recipe changed': df.base, 'epochs': df.epochs, 'seed': df.seed,
+        'precision': df.precision, 'scored on': df.scored_on, 'params': df.params.map('{:,.0f}'.format),
+        'acc % (recipe)': df.base_acc.map(pct), 'acc % (with the change)': df.test_acc.map(pct),
+        'difference (points)': df['diff'].map(lambda d: num(d, '{:+.2f}')),
+        'train s': df.seconds.map('{:.0f}'.format)})
+    return ("# Ablation\n\nOne change of a norm's recipe at a time (`benchmarks/ablation.py`), on "
+            f"{df.device.iloc[-1]}, data md5 `{df.data_md5.iloc[-1]}`. A recipe keeps a change that gains "
+            "more than half a point at the rules' full length, on the mean of two seeds.\n\n"
+            "## Held-out images\n\n"
+            "Points gained over the recipe changed, mean over the seeds run (each seed's in brackets); bold: "
+            "more than half a point; *: the latest of several recipes of the norm.\n\n"
+            + (ablation_matrix(held_out) if len(held_out) else '') + f"\n## Every row\n\n{md(table)}")
+
+
+def search_page(results: Path) -> str | None:
+    "search.md: each norm's chosen cell, the best cells of each stage, and every cell."
+    df = read(results / 'search.csv')
+    if df is None: return None
+    df = df.sort_values(['stage', 'holdout_acc'], ascending=[True, False])
+    cells = lambda d: md(pd.DataFrame({
+        'norm': d.norm, 'stage': d.stage, 'layer order': d.net.map(layer_order), 'optimizer': d.opt,
+        'peak lr': d.lr.map(num), 'weight decay': d.wd.map(num), 'epochs': d.epochs,
+        'held-out acc %': d.holdout_acc.map(pct), 'train acc %': d.train_acc.map(pct),
+        'train s': d.seconds.map('{:.0f}'.format)}))
+    screen = df[df.stage == 'screen']
+    edges = screen.groupby('opt').lr.agg(['min', 'max'])
+    chosen = df.groupby('norm', sort=False).head(1)   # the best at full length: 'confirm' sorts first
+    edge = [r.lr in (edges['min'][r.opt], edges['max'][r.opt]) for r in chosen.itertuples()]
+    return (f"# Recipe search\n\n`benchmarks/search.py` on {df.device_name.iloc[0]}, seed {df.seed.iloc[0]}: "
+            "each cell trains on the training images but a held-out set and is scored on it; the test set "
+            "plays no part.\n\n![held-out accuracy against peak learning rate](search.png)\n\n## Chosen\n\n"
+            + md(pd.DataFrame({'norm': chosen.norm, 'optimizer': chosen.opt, 'peak lr': chosen.lr.map(num),
+                               'weight decay': chosen.wd.map(num), 'epochs': chosen.epochs,
+                               'held-out acc %': chosen.holdout_acc.map(pct),
+                               'rate at the edge of the grid': ['yes' if e else 'no' for e in edge]}))
+            + f"\n## Best cell of each norm and stage\n\n{cells(df.groupby(['norm', 'stage']).head(1))}"
+            f"\n## Every cell\n\n{cells(df)}")
+
+
+def batch_size_page(results: Path) -> str | None:
+    "batch_size.md: test accuracy and cost of every cell of the batch-size grid."
+    df = read(results / 'batch_size.csv')
+    if df is None: return None
+    grid = df.groupby(['norm', 'bs']).agg(test_acc=('test_acc', 'mean'), seconds=('seconds', 'mean'),
+                                          lr=('lr', 'first')).reset_index()
+    cells = grid.assign(cell=[f"{pct(a)} ({s / 60:.1f} min)" for a, s in zip(grid.test_acc, grid.seconds)])
+    table = cells.pivot(index='bs', columns='norm', values='cell')[norm_order(grid.norm.unique())]
+    table = table.rename(columns=lambda n: f'{n} norm: test acc % (cost)')
+    table.insert(0, 'peak lr', grid.groupby('bs').lr.first().map('{:.2g}'.format))
+    return (f"# Batch size\n\n`scripts/batch_sizes.py` on {df.device_name.iloc[0]}: each norm's recipe at "
+            f"each batch size for {'/'.join(map(str, sorted(df.epochs.unique())))} epochs a cell, seeds "
+            f"{', '.join(map(str, sorted(df.seed.unique())))}, peak lr x sqrt(batch size / the recipe's).\n\n"
+            "![test accuracy against batch size](batch_size.png)\n\n"
+            + md(table.reset_index().rename(columns={'bs': 'batch size'})))
+
+
+def inference_page(results: Path) -> str | None:
+    "inference.md: test accuracy of each study variant by test batch size and mode, and inference speed."
+    df = read(results / 'inference.csv')
+    if df is None: return None
+    acc, speed = df[df.kind == 'accuracy'], df[df.kind == 'speed']
+    table = acc.pivot(index='test_bs', columns='mode', values='test_acc').map(pct)
+    return (f"# Inference\n\n`benchmarks/inference.py` on {df.device_name.dropna().iloc[0]}, each study "
+            "variant's first-seed model. Batch norm also with each test batch's statistics, as a model left "
+            "in training mode.\n\n![accuracy against test batch size](inference.png)\n\n## Test accuracy (%) "
+            "by test batch size\n\n" + md(table.reset_index().rename(columns={'test_bs': 'test batch size'}))
+            + "\n## Speed: as trained, and changed\n\n" + md(pd.DataFrame({
+                'norm': speed.norm, 'change': speed['mode'],
+                'images/s as trained': speed.images_per_s.map('{:.0f}'.format),
+                'images/s changed': speed.changed_per_s.map('{:.0f}'.format),
+                'speed-up': (speed.changed_per_s / speed.images_per_s).map('{:.2f}x'.format)})))
+
+
+def precision_page(results: Path) -> str | None:
+    "precision.md: the same runs in float32 and in bfloat16 mixed precision, per variant."
+    kept = {p: results / 'precision' / f'{p}-runs.csv' for p in ('fp32', 'bf16')}
+    if not all(f.exists() for f in kept.values()): return None
+    fp32, bf16 = (pd.read_csv(f) for f in kept.values())
+    shared = ['norm', 'seed', 'epochs', 'opt', 'bs', 'lr', 'wd', 'label_smoothing']
+    same_runs = lambda df: df[shared].sort_values(shared).reset_index(drop=True)
+    if not same_runs(fp32).equals(same_runs(bf16)):
+        raise ValueError(f"{kept['fp32']} and {kept['bf16']}: not the same runs in two precisions")
+    spread = lambda r: mean_std(r.test_acc.mean(), r.test_acc.std(ddof=1) if len(r) > 1 else None)
+    epoch_s = lambda r: (r.seconds / r.epochs).mean()
+    rows = [{'norm': n, 'recipe':
+             f"{b.opt.iloc[0]}, lr {b.lr.iloc[0]:g}, wd {b.wd.iloc[0]:g}, bs {b.bs.iloc[0]}",
+             'runs': len(b), 'test acc % float32': spread(a), 'test acc % bfloat16': spread(b),
+             'difference (points)': f"{100 * (b.test_acc.mean() - a.test_acc.mean()):+.2f}",
+             's / epoch float32': f"{epoch_s(a):.1f}", 's / epoch bfloat16': f"{epoch_s(b):.1f}",
+             'speed-up': f"{epoch_s(a) / epoch_s(b):.2f}x"}
+            for n in norm_order(bf16.norm.unique())
+            for a, b in [(fp32[fp32.norm == n], bf16[bf16.norm == n])]]
+    return ("# The study in float32 and in bfloat16\n\nThe same runs in both precisions on "
+            f"{bf16.device_name.iloc[0]}, with the recipes of then (the recipe column). Seconds come from "
+            "two separate studies; [speed.md](speed.md) measures speed side by side.\n\n"
+            + md(pd.DataFrame(rows)))
+
+
+def speed_page(f: Path) -> str | None:
+    "A speed page from benchmarks/speed.py's measurements (`f`: its speed.json)."
+    if not f.exists(): return None
+    s = json.loads(f.read_text())
+    peaks, usual, ref = s['matmul_gflops'], s['usual'], s.get('reference')   # the GPU's has no reference
+    rows = pd.DataFrame(
+        [dict({'bs': s['bs']}, **r, network=f"normnets, {r['norm']} norm") for r in s['variants']]
+        + ([dict({'bs': s['bs']}, **ref, network=f"reference, {ref['norm']} norm")] if ref else [])
+        + [dict(usual, network=f"usual pipeline ({usual['params']:,}-parameter solution)")])
+    gflops = 6 * rows.macs * rows.train_ips / 1e9
+    table = pd.DataFrame({
+        'network': rows.network, 'parameters': rows.params.map('{:,}'.format),
+        'MACs / image': rows.macs.map(lambda m: f'{m / 1e6:.2f} M'), 'precision': rows.precision,
+        'batch size': rows.bs, 'train images/s': rows.train_ips.map('{:.0f}'.format),
+        'inference images/s': rows.infer_ips.map(lambda x: num(x, '{:.0f}')),
+        'x usual': (rows.train_ips / usual['train_ips']).map('{:.2f}'.format),
+        **({'x reference': (rows.train_ips / ref['train_ips']).map('{:.2f}'.format)} if ref else {}),
+        'train GFLOP/s': gflops.map('{:.1f}'.format),
+        'of the matmul peak': [f"{100 * g / peaks[p]:.0f}%" for g, p in zip(gflops, rows.precision)]})
+    as_run, c = {v['norm']: v['train_ips'] for v in s['variants']}, pd.DataFrame(s['changes'])
+    changes = pd.DataFrame({
+        'variant': c.norm.map(lambda n: f'{n} norm'), 'change': c.change,
+        'train images/s': [num(x, '{:.0f}') or f'failed: {e}' for x, e in zip(c.train_ips, c.error)],
+        'as run': [f'{as_run[n]:.0f}' for n in c.norm],
+        'relative to as run': [num(x / as_run[n], '{:.2f}') for x, n in zip(c.train_ips, c.norm)]})
+    prof, study = s['profile'], s['study']
+    ops = pd.DataFrame(prof['top_ops'])
+    top = max(peaks, key=lambda p: p != 'fp32')   # the training precision's peak
+    return (f"# Speed on {s['device_name']}\n\n`benchmarks/speed.py`: torch {s['torch']}, {s['threads']} "
+            f"threads, {s['steps']} timed training steps after {s['warmup']} of warm-up, all in one run; "
+            f"normnets trains in {s['precision']} here. The reference is normnets' network and recipe before "
+            "the recipe search."
+            "\n\n" + md(pd.DataFrame({
+                'matmul peak (4096 x 4096)': [f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()]}))
+            + f"\nProjected study ({len(s['variants'])} variants x {study['epochs']} epochs x "
+            f"{study['seeds']} seeds, evaluation included): **{study['seconds'] / 60:.1f} minutes**.\n\n"
+            + md(table)
+            + "\n## One change at a time\n\nThe last row measures a variant as run once more: its distance "
+            "from 1.00 is the run's own noise.\n\n" + md(changes)
+            + f"\n## Where the time goes\n\ntorch.profiler over {prof['steps']} training steps of "
+            f"{prof['norm']} norm (self time, forward and backward): "
+            + ', '.join(f'{kind} {100 * x:.0f}%' for kind, x in prof['shares'].items())
+            + f". The convolutions run at {prof['conv_gflops']:.0f} GFLOP/s, "
+            f"{100 * prof['conv_gflops'] / peaks[top]:.0f}% of the {top} matmul peak.\n\n" + md(pd.DataFrame({
+                'operator': ops.op.map(lambda o: f'`{o}`'), 'calls': ops.calls,
+                'ms / step': ops.ms_per_step.map('{:.2f}'.format),
+                'share': ops.share.map(lambda x: pct(x, 1))})))
+
+
+def gpu_page(results: Path) -> str | None:
+    "gpu.md: the study on a GPU beside the CPU study, per norm, and whether their recipes are the same."
+    gpu = results / 'gpu'
+    summary, runs = read(gpu / 'summary.csv'), read(gpu / 'runs.csv')
+    if summary is None: return None
+    cpu, cpu_runs = pd.read_csv(results / 'summary.csv').set_index('norm'), pd.read_csv(results / 'runs.csv')
+    first = lambda r, n: r[r.norm == n].iloc[0]
+    same = {n: all(first(runs, n)[k] == first(cpu_runs, n)[k] for k in TRAINING_FIELDS) for n in summary.norm}
+    parallel = gpu / 'parallel_study.json'
+    parallel = json.loads(parallel.read_text()) if parallel.exists() else None
+    return (f"# The study on a GPU\n\n{provenance(runs)}"
+            + (f" {parallel['processes']} processes at once ({parallel['runs_per_process']} runs each) took "
+               f"**{parallel['wall_seconds']:.0f} s** from first start to last finish." if parallel else '')
+            + " [gpu/speed.md](gpu/speed.md) profiles a step.\n\n![the GPU study](gpu/comparison.png)\n\n"
+            + md(pd.DataFrame({
+                'norm': summary.norm,
+                'GPU test acc %': [mean_std(m, s) for m, s in zip(summary.test_acc, summary.test_acc_std)],
+                'GPU train s a run': summary.seconds.map('{:.0f}'.format),
+                'CPU test acc %': [mean_std(cpu.test_acc[n], cpu.test_acc_std[n]) for n in summary.norm],
+                'same recipe': summary.norm.map(lambda n: 'yes' if same[n] else '**no**: not comparable'),
+                'GPU minus CPU (points)': [f"{100 * (g - cpu.test_acc[n]):+.2f}" if same[n] else ''
+                                           for n, g in zip(summary.norm, summary.test_acc)]})))
+
+
+# (title, what it holds, how it is made) of each page: the README links them as a table
+PAGES = {'study.md': ('Every run', 'findings per norm, each run, accuracy per class', study_page),
+         'ablation.md': ('Ablation', 'one change of a recipe at a time, held-out', ablation_page),
+         'search.md': ('Recipe search', 'optimizer, peak lr and weight decay, held-out', search_page),
+         'batch_size.md': ('Batch size', 'every variant at several training batch sizes', batch_size_page),
+         'inference.md': ('Inference', 'batch statistics at test time, folding, speed', inference_page),
+         'precision.md': ('Precision', 'the study in float32 and in bfloat16', precision_page),
+         'speed.md': ('Speed', 'images/s, share of the peak, profile',
+                      lambda r: speed_page(r / 'speed.json')),
+         'gpu.md': ('GPU', 'the study on a GPU beside the CPU study', gpu_page),
+         'gpu/speed.md': ('GPU speed', 'the speed benchmark on a GPU',
+                          lambda r: speed_page(r / 'gpu' / 'speed.json'))}
+
+
+def pages(results: Path) -> dict:
+    "Every page under results/ that its data allows: {file name: text}."
+    return {name: text for name, (*_, make) in PAGES.items() if (text := make(results)) is not None}
+
+
