@@ -25,8 +25,8 @@ from torch import nn
 
 __all__ = ['PARAM_LIMIT', 'MAX_EPOCHS', 'PASS_ACCURACY', 'WIDTHS', 'GN_GROUPS', 'SKIPS', 'ACTIVATIONS',
            'Norm', 'NORMS', 'register_norm', 'norm_name', 'FloatGroupNorm', 'LayerNorm2d', 'WSConv2d',
-           'ConvNormAct', 'NormNet', 'normnet', 'init_whitening', 'architecture_id', 'count_params',
-           'count_macs', 'fold_batchnorm']
+           'ConvNormAct', 'NormNet', 'normnet', 'fuse', 'unfuse', 'init_whitening', 'architecture_id',
+           'count_params', 'count_macs', 'fold_batchnorm']
 
 # The exercise's rules.
 PARAM_LIMIT = 50_000   # every variant has fewer parameters
@@ -64,9 +64,10 @@ class FloatGroupNorm(nn.GroupNorm):
 
 
 class LayerNorm2d(FloatGroupNorm):
-    "Layer norm over all of (C, H, W) per sample, with a per-channel affine: GroupNorm with one group."
-    def __init__(self, num_channels: int, eps: float = 1e-5):
-        super().__init__(1, num_channels, eps=eps)
+    """Layer norm over all of (C, H, W) per sample, with a per-channel affine: GroupNorm with one group, or
+    one a copy in a fused network of several (`copies`, each of num_channels / copies channels)."""
+    def __init__(self, num_channels: int, copies: int = 1, eps: float = 1e-5):
+        super().__init__(copies, num_channels, eps=eps)
 
 
 class WSConv2d(nn.Conv2d):
@@ -88,7 +89,8 @@ class Norm:
     the convolution it follows, and for an extra beyond the exercise's three, the exercise norm it changes."""
     name: str
     alias: str
-    # layer(channels, groups) -> module; `groups` is group norm's group count
+    # layer(channels, groups, copies) -> the norm of `copies` networks' `channels` each, side by side (the
+    # channels of copy k are the k-th block); `groups` is group norm's group count
     layer: Callable[..., nn.Module]
     over: str
     conv: type[nn.Conv2d] = nn.Conv2d
@@ -113,14 +115,14 @@ def register_norm(name: str, alias: str, layer: Callable[..., nn.Module], over: 
     return NORMS[name]
 
 
-register_norm(
-    'batch', 'bn', lambda c, groups: nn.BatchNorm2d(c), 'each channel over the batch and the image (N, H, W)'
-)
-register_norm('group', 'gn', lambda c, groups: FloatGroupNorm(groups, c),
+# Each norm keeps the copies of a fused network apart: batch norm's statistics are per channel anyway, group
+# norm's groups never straddle two copies' channels, and layer norm takes one group a copy.
+register_norm('batch', 'bn', lambda c, groups, copies: nn.BatchNorm2d(c * copies),
+              'each channel over the batch and the image (N, H, W)')
+register_norm('group', 'gn', lambda c, groups, copies: FloatGroupNorm(groups * copies, c * copies),
               'each sample over groups of channels and the image (C/G, H, W)')
-register_norm(
-    'layer', 'ln', lambda c, groups: LayerNorm2d(c), 'each sample over all channels and the image (C, H, W)'
-)
+register_norm('layer', 'ln', lambda c, groups, copies: LayerNorm2d(c * copies, copies),
+              'each sample over all channels and the image (C, H, W)')
 # Beyond the exercise: the per-sample norms after weight-standardized convolutions.
 for plain in ('group', 'layer'):
     register_norm(f'ws-{plain}', f'ws{NORMS[plain].alias}', NORMS[plain].layer,
@@ -142,15 +144,17 @@ def norm_name(norm: str) -> str:
 class ConvNormAct(nn.Sequential):
     """Conv (no bias: the norm's shift replaces it), then an optional max-pool, then norm and activation
     (`act`, ReLU by default), or with `norm_after_relu` activation and norm, the order of the exercise's
-    published solutions."""
+    published solutions. With `copies` > 1, that many side by side: a grouped conv and a norm per copy."""
     def __init__(self, c_in: int, c_out: int, norm: str, kernel_size: int = 3, pool: bool = False,
-                 gn_groups: int = GN_GROUPS, norm_after_relu: bool = False, act: str = 'relu'):
+                 gn_groups: int = GN_GROUPS, norm_after_relu: bool = False, act: str = 'relu',
+                 copies: int = 1):
         entry = NORMS[norm]
-        layers = [entry.conv(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)]
+        layers = [entry.conv(c_in * copies, c_out * copies, kernel_size, padding=kernel_size // 2, bias=False,
+                             groups=copies)]
         # Pooling before the norm, as in ResNet-9: max-pool commutes with ReLU,
         # and the norm then runs on a quarter of the values.
         if pool: layers.append(nn.MaxPool2d(2))
-        norm_act = [entry.layer(c_out, gn_groups), ACTIVATIONS[act]()]
+        norm_act = [entry.layer(c_out, gn_groups, copies), ACTIVATIONS[act]()]
         super().__init__(*layers, *(norm_act[::-1] if norm_after_relu else norm_act))
         self.norm_after_relu = norm_after_relu
 
@@ -159,18 +163,30 @@ class ConvNormAct(nn.Sequential):
 
 
 class NormNet(nn.Module):
-    "C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10, skips C3->C5 and C7->C9 (or around each layer: `SKIPS`)."
+    """C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10, skips C3->C5 and C7->C9 (or around each layer: `SKIPS`).
+
+    With `copies` K > 1 it is K networks side by side, trained as one (horizontal fusion, as HFTA: Wang et
+    al., MLSys 2021): every convolution grouped (`groups=K`), every norm per copy, input (B, K*3, H, W) with
+    copy k's images in channels 3k to 3k+2, output (B, K, 10). One small network leaves most of a GPU idle,
+    waiting for its many small kernels to launch; K copies launch the same kernels, each K times larger.
+    `fuse` and `unfuse` go between K plain networks and one fused."""
     def __init__(self, norm: str = 'batch', c1=12, c2=24, c3=16, c4=24, c6=32, c7=32,
                  gn_groups: int = GN_GROUPS, norm_after_relu: bool = False, zero_init_residual: bool = False,
-                 skips: str = 'branch', act: str = 'relu', n_classes: int = 10):
+                 skips: str = 'branch', act: str = 'relu', n_classes: int = 10, copies: int = 1):
         super().__init__()
         if skips not in SKIPS: raise ValueError(f"skips {skips!r}: expected one of {', '.join(SKIPS)}")
         if act not in ACTIVATIONS: raise ValueError(f"act {act!r}: expected one of {', '.join(ACTIVATIONS)}")
+        if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+            raise ValueError(f"copies {copies!r}: a whole number of networks, at least 1")
         self.norm = norm = norm_name(norm)
-        self.skips = skips
+        self.skips, self.copies = skips, copies
+        # what builds one copy: `unfuse` builds the plain network from it
+        self.options = dict(c1=c1, c2=c2, c3=c3, c4=c4, c6=c6, c7=c7, gn_groups=gn_groups,
+                            norm_after_relu=norm_after_relu, zero_init_residual=zero_init_residual,
+                            skips=skips, act=act, n_classes=n_classes)
         def unit(c_in, c_out, **kw):
             return ConvNormAct(c_in, c_out, norm, gn_groups=gn_groups, norm_after_relu=norm_after_relu,
-                               act=act, **kw)
+                               act=act, copies=copies, **kw)
         self.C1 = unit(3, c1)
         self.C2 = unit(c1, c2)
         self.c3 = unit(c2, c3, kernel_size=1, pool=True)   # c3 + P1
@@ -182,7 +198,7 @@ class NormNet(nn.Module):
         self.C8 = unit(c7, c7)
         self.C9 = unit(c7, c7)
         self.gap = nn.AdaptiveAvgPool2d(1)
-        self.C10 = nn.Conv2d(c7, n_classes, 1)
+        self.C10 = nn.Conv2d(c7 * copies, n_classes * copies, 1, groups=copies)
         # Each residual branch (C4 C5, C8 C9; or each of those layers) starts as nothing: its last norm scale
         # at 0, so that at first the network is the shallow path through the skips, and the branches grow in.
         if zero_init_residual:
@@ -200,7 +216,8 @@ class NormNet(nn.Module):
         x = self.c3(self.C2(self.C1(x)))
         x = self.residual(self.C3(x), self.C4, self.C5)   # skip 1: C3 added to C5 (by default)
         x = self.residual(self.C7(self.c6(x)), self.C8, self.C9)   # skip 2: C7 added to C9 (by default)
-        return self.C10(self.gap(x)).flatten(1)
+        x = self.C10(self.gap(x)).flatten(1)
+        return x if self.copies == 1 else x.unflatten(1, (self.copies, -1))   # (B, K, 10)
 
     def extra_repr(self) -> str:
         # Only a changed placement shows, so the default network keeps the fingerprint (`architecture_id`)
@@ -210,8 +227,35 @@ class NormNet(nn.Module):
 
 def normnet(norm: str = 'batch', **kwargs) -> NormNet:
     """The network with `norm` (a name or alias in `NORMS`); `kwargs` override `WIDTHS`, `gn_groups`,
-    `norm_after_relu`, `zero_init_residual`, `skips` or `act`."""
+    `norm_after_relu`, `zero_init_residual`, `skips` or `act`, and `copies` fuses that many."""
     return NormNet(norm, **{**WIDTHS, **kwargs})
+
+
+def fuse(models) -> NormNet:
+    """Plain networks of one norm and one set of options as one fused network, copy k holding `models[k]`'s
+    weights and statistics: trained on copy k's batches, copy k is `models[k]` trained on them."""
+    models = list(models)
+    if not models: raise ValueError("fuse: no network given")
+    first = models[0]
+    for m in models:
+        if m.copies != 1: raise ValueError(f"fuse: a network of {m.copies} copies; fuse plain networks")
+        if (m.norm, m.options) != (first.norm, first.options):
+            raise ValueError(f"fuse: the networks differ ({first.norm} norm, {first.options}; {m.norm} norm, "
+                             f"{m.options}): only networks of one norm and one set of options fuse")
+    fused = NormNet(first.norm, **first.options, copies=len(models)).to(next(first.parameters()).device)
+    states = [m.state_dict() for m in models]
+    fused.load_state_dict({name: torch.cat([s[name] for s in states]) if value.dim() else value
+                           for name, value in states[0].items()})   # a 0-dim value: batch norm's step count
+    return fused
+
+
+def unfuse(model: NormNet, k: int) -> NormNet:
+    "Copy `k` of a fused network as the plain network, with its weights and statistics, in the same mode."
+    if not 0 <= k < model.copies: raise IndexError(f"copy {k} of a network of {model.copies}")
+    plain = NormNet(model.norm, **model.options).to(next(model.parameters()).device)
+    plain.load_state_dict({name: value.chunk(model.copies)[k].clone() if value.dim() else value.clone()
+                           for name, value in model.state_dict().items()})
+    return plain.train(model.training)
 
 
 @torch.no_grad()

@@ -260,16 +260,28 @@ def crop_flip(
 
 class RandomCropFlip(DisplayedTransform):
     """Random crop with `pad` pixels of zero padding and a random horizontal flip, on a whole uint8 batch at
-    once."""
+    once. With a `seed`, drawn from a generator of its own: the crops and flips of a run are then the same
+    whatever else draws random numbers, such as the other runs trained beside it (normnets_fused)."""
     split_idx, order = 0, 5   # training only; before IntToFloatTensor, so it moves bytes, not floats
-    def __init__(self, pad: int = 4): self.pad = pad
+    def __init__(self, pad: int = 4, seed: int | None = None):
+        self.pad, self.seed, self._rng = pad, seed, None
+
+    def generator(self, device) -> torch.Generator | None:
+        if self.seed is None: return None
+        if self._rng is None or self._rng.device != device:
+            self._rng = torch.Generator(device).manual_seed(self.seed)
+        return self._rng
 
     def encodes(self, x: TensorImage):
         n, dev = len(x), x.device
-        dy, dx = torch.randint(0, 2 * self.pad + 1, (2, n), device=dev)
-        flip = torch.rand(n, device=dev) < 0.5
+        rng = self.generator(dev)
+        dy, dx = torch.randint(0, 2 * self.pad + 1, (2, n), device=dev, generator=rng)
+        flip = torch.rand(n, device=dev, generator=rng) < 0.5
         # Plain tensors inside: each op on a TensorImage passes through fastai's Python __torch_function__.
         return TensorImage(crop_flip(x.as_subclass(torch.Tensor), dy, dx, flip, self.pad))
+
+    def __getstate__(self):   # an exported learner carries the transform, not its generator (not picklable)
+        return {**self.__dict__, '_rng': None}
 
 
 def cutout_mask(h: int, w: int, size: int, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
@@ -365,7 +377,7 @@ def get_dls(data=None, bs: int = BS, n_train: int = None, n_test: int = None, se
     # Normalize with the training images' channel statistics.
     std, mean = torch.std_mean(torch.from_numpy(x_train).reshape(-1, 3).float() / 255, dim=0)
     batch_tfms = [
-        RandomCropFlip(crop_pad),
+        RandomCropFlip(crop_pad, seed),
         IntToFloatTensor(),
         Normalize.from_stats(mean.tolist(), std.tolist(), cuda=False),
         *([Cutout(cutout)] if cutout else []),

@@ -43,6 +43,7 @@ import normnets_plots as plots
 
 __all__ = ['PRECISIONS', 'NesterovSGD', 'OPTIMIZERS', 'RECIPES', 'Recipe', 'recipe', 'RuleError',
            'resolve_device', 'resolve_precision', 'native_bf16', 'normnet_learner', 'recipe_dls', 'train_run',
+           'write_run', 'history_frame', 'EpochSeconds',
            'recorded_recipe', 'seed_run', 'with_lookahead', 'WeightEMA',
            'device_name', 'keep_freed_memory', 'autocast_of', 'flip_tta_accuracy']
 
@@ -440,22 +441,28 @@ def finite(o):
 
 
 def train_run(r: Recipe, out, data=None, cifar=None, cell: bool = False) -> dict:
-    """Train the recipe's variant and write its folder `out`: history.csv, metrics.json (results, the recipe,
-    the versions, device, data and the files written), model.pkl (`learn.export`, float32, for
-    `load_learner`), curves.png, misclassified.png/.csv, confusion.png and per_class.csv; a `cell` of a grid
-    writes only history.csv and metrics.json. `out` may hold a run, which is replaced, and nothing else
-    (checked before training). Everything is written to a temporary folder beside `out` and moved into place
-    at the end, so an interrupted run leaves nothing behind. Returns the metrics."""
+    """Train the recipe's variant and write its folder `out` (`write_run`), which may hold a run, replaced,
+    and nothing else (checked before training). Returns the metrics."""
     start, out = time.perf_counter(), check_run_dir(out)
     seed_run(r)
     dls = recipe_dls(r, data, cifar)
     learn = normnet_learner(dls, r)
     timer = EpochSeconds()
     learn.fit_one_cycle(r.epochs, cbs=timer)
+    return write_run(learn, r, out, history_frame(learn, timer.seconds), start, cell)
 
+
+def write_run(learn: Learner, r: Recipe, out: Path, hist: pd.DataFrame, start: float, cell: bool = False,
+              **recorded) -> dict:
+    """Write the folder `out` of a trained run: history.csv (`hist`), metrics.json (results, the recipe, the
+    versions, device, data, the files written and `recorded`), model.pkl (`learn.export`, float32, for
+    `load_learner`), curves.png, misclassified.png/.csv, confusion.png and per_class.csv; a `cell` of a grid
+    writes only history.csv and metrics.json. Everything is written to a temporary folder beside `out` and
+    moved into place at the end, so an interrupted run leaves nothing behind. `start`: when the run began, on
+    `time.perf_counter`'s clock. Returns the metrics."""
+    dls = learn.dls
     tmp = private_tmp_dir(out)
     try:
-        hist = history_frame(learn, timer.seconds)
         hist.to_csv(tmp / 'history.csv', index=False)
         title = f"{r.norm} norm"
         per_class = None
@@ -477,7 +484,7 @@ def train_run(r: Recipe, out, data=None, cifar=None, cell: bool = False) -> dict
             tta_test_acc=flip_tta_accuracy(learn),  # reported beside the plain score, never instead of it
             best_test_acc=float(hist.test_acc.max()),
             epochs_to_70=int(passed[0]) + 1 if len(passed) else None,
-            seconds=float(sum(timer.seconds)),
+            seconds=float(hist.seconds.sum()),
             per_class_test_acc=per_class,
             device_name=device_name(dls.device),
             torch=torch.__version__,
@@ -487,6 +494,7 @@ def train_run(r: Recipe, out, data=None, cifar=None, cell: bool = False) -> dict
             n_test_images=len(dls.valid_ds),
             evaluated_on=f'{len(dls.valid_ds)} held-out training images' if r.holdout else 'the test set',
             **dls.cifar.describe(),
+            **recorded,
         )
         if not cell:
             # The exported learner runs in float32, on any machine; `learn.to_bf16()` on a GPU brings mixed

@@ -268,8 +268,9 @@ def speed_page(f: Path) -> str | None:
             "\n\n" + md(pd.DataFrame({
                 'matmul peak (4096 x 4096)': [f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()]}))
             + f"\nProjected study ({len(s['variants'])} variants x {study['epochs']} epochs x "
-            f"{study['seeds']} seeds, evaluation included): **{study['seconds'] / 60:.1f} minutes**.\n\n"
-            + md(table)
+            f"{study['seeds']} seeds, evaluation included): **{study['seconds'] / 60:.1f} minutes** one run "
+            "at a time" + (f", **{study['fused_seconds'] / 60:.1f} minutes** with each variant's seeds fused"
+                           if 'fused_seconds' in study else '') + ".\n\n" + md(table) + fused_table(s)
             + "\n## One change at a time\n\nThe last row measures a variant as run once more: its distance "
             "from 1.00 is the run's own noise.\n\n" + md(changes)
             + f"\n## Where the time goes\n\ntorch.profiler over {prof['steps']} training steps of "
@@ -280,6 +281,19 @@ def speed_page(f: Path) -> str | None:
                 'operator': ops.op.map(lambda o: f'`{o}`'), 'calls': ops.calls,
                 'ms / step': ops.ms_per_step.map('{:.2f}'.format),
                 'share': ops.share.map(lambda x: pct(x, 1))})))
+
+
+def fused_table(s: dict) -> str:
+    "Runs fused into one network against one run alone, as speed.json measured them (older ones did not)."
+    if 'fused' not in s: return ''
+    f = pd.DataFrame(s['fused'])
+    return ("\n## Runs fused into one network\n\nEach variant's recipe, its runs (seeds 0, 1, ...) trained "
+            "as one fused network (`normnets_fused`), against one run alone in the same benchmark run.\n\n"
+            + md(pd.DataFrame({'variant': f.norm.map(lambda n: f'{n} norm'), 'runs fused': f.copies,
+                               'batch size a run': f.bs,
+                               'train images/s, all runs': f.train_ips.map('{:.0f}'.format),
+                               'one run alone': f.alone_ips.map('{:.0f}'.format),
+                               'x alone': (f.train_ips / f.alone_ips).map('{:.2f}'.format)})))
 
 
 def gpu_page(results: Path) -> str | None:

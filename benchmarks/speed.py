@@ -14,6 +14,8 @@ Measured in one run, on one machine (the GPU if there is one, else the CPU), wit
    inputs and for weights) as a fraction of it.
 4. What the speed choices are worth: each row of `CHANGES` changes one thing against a variant as run.
 5. A torch.profiler breakdown of the batch-norm variant's training step, and the projected time of the study.
+6. Fusion: each variant's runs trained as one fused network (`FUSED_COPIES` at a time) against one run alone,
+   and the study's projected time with each variant's seeds fused.
 Writes the measurements to results/speed.json (results/gpu/speed.json on a GPU); `scripts/report.py` turns
 them into results/speed.md.
 """
@@ -31,6 +33,7 @@ from torchvision import transforms
 from normnets import NORMS, FloatGroupNorm, normnet, count_macs, count_params
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_files import FolderError, check_out
+from normnets_fused import fused_learner
 from normnets_learner import device_name, keep_freed_memory, normnet_learner, recipe, seed_run
 from normnets_study import STUDY_SEEDS, cli_errors
 
@@ -276,6 +279,39 @@ def measure_variants(dls_of, steps, warmup) -> list[dict]:
     return rows
 
 
+# How many runs are fused in one network: the study's seeds of a variant, and a row of the recipe search (the
+# cells of one optimizer, which share the batch size: 8 of GRID today, 18 in a grid of 6 rates x 3 decays).
+FUSED_COPIES = (STUDY_SEEDS, 8)
+
+
+def fused_throughput(cifar, device, norm, copies, steps, warmup) -> float:
+    """Training images/s, summed over `copies` runs of `norm`'s recipe (seeds 0, 1, ...) trained as one fused
+    network through the real fastai loop (normnets_fused), each with its own `DataLoaders`."""
+    learners = []
+    for seed in range(copies):
+        r = recipe(norm, seed=seed, device=str(device))
+        seed_run(r)
+        learners.append(normnet_learner(get_dls(cifar=cifar, bs=r.bs, seed=seed, device=device), r))
+    learn, timer = fused_learner(learners), StepTimer(warmup, steps)
+    epochs = -(-(warmup + steps) // len(learn.dls.train))
+    with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(epochs, 1., cbs=timer)
+    return copies * timer.images / timer.seconds
+
+
+def measure_fused(cifar, device, variants: list, steps, warmup) -> list[dict]:
+    """Each variant's runs fused `FUSED_COPIES` at a time, against the same variant trained alone in this
+    run (`variants`): images/s over all copies, at the same number of images per measurement."""
+    rows, alone = [], {v['norm']: v['train_ips'] for v in variants}
+    for copies in FUSED_COPIES:
+        for norm in NORMS:
+            ips = fused_throughput(cifar, device, norm, copies, max(4, steps // copies), warmup)
+            rows.append(dict(norm=norm, copies=copies, bs=recipe(norm).bs, train_ips=ips,
+                             alone_ips=alone[norm]))
+            print(f"{norm} norm, {copies} runs fused: {ips:.0f} training images/s "
+                  f"({ips / alone[norm]:.2f}x one run alone)", flush=True)
+    return rows
+
+
 def measure_changes(dls, cifar, steps, warmup, precision, default_allocator_ips) -> list[dict]:
     """What each speed choice is worth: images/s with one thing changed, and the variant as run (the last row
     again)."""
@@ -367,6 +403,9 @@ def measure(cifar, device, steps, warmup) -> dict:
     ref_ips, ref = learner_throughput(dls_of(REFERENCE_BS), REFERENCE_NORM, steps, warmup, **REFERENCE_RECIPE)
     print(f"reference: {ref_ips:.0f} training images/s", flush=True)
     variants = measure_variants(dls_of, steps, warmup)
+    fused = measure_fused(cifar, device, variants, steps, warmup)
+    by_seeds = pd.DataFrame(variants).set_index('norm').assign(
+        train_ips=pd.DataFrame([f for f in fused if f['copies'] == STUDY_SEEDS]).set_index('norm').train_ips)
     return dict(
         device_name=device_name(device),
         device=device.type,
@@ -386,10 +425,13 @@ def measure(cifar, device, steps, warmup) -> dict:
         ),
         changes=measure_changes(dls, cifar, steps, warmup, precision, default_ips),
         profile=measure_profile(dls),
+        fused=fused,
         study=dict(
             seeds=STUDY_SEEDS,
             epochs=r.epochs,
             seconds=projected_study_seconds(pd.DataFrame(variants), STUDY_SEEDS, r.epochs),
+            # each variant's seeds trained as one fused network; evaluation as above
+            fused_seconds=projected_study_seconds(by_seeds, STUDY_SEEDS, r.epochs),
         ),
     )
 

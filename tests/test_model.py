@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from normnets import (NORMS, PARAM_LIMIT, FloatGroupNorm, LayerNorm2d, WSConv2d, architecture_id, count_macs,
-                      count_params, fold_batchnorm, init_whitening, normnet, norm_name, register_norm)
+                      count_params, fold_batchnorm, fuse, init_whitening, normnet, norm_name, register_norm,
+                      unfuse)
 
 NAMES = [n for e in NORMS.values() for n in (e.name, e.alias)]
 
@@ -221,3 +222,47 @@ def test_gelu_replaces_every_relu_and_nothing_else():
 def test_zero_initialized_residuals_around_each_layer_start_as_nothing():
     model = normnet('gn', skips='layer', zero_init_residual=True)
     assert all(model.get_submodule(name).norm.weight.eq(0).all() for name in ('C4', 'C5', 'C8', 'C9'))
+
+
+# ---------------------------------------------------------------- several copies as one network
+
+def seeded_copies(norm: str, seeds=(0, 1), **options) -> list:
+    copies = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        copies.append(normnet(norm, **options))
+    return copies
+
+
+@pytest.mark.parametrize('norm', list(NORMS))
+def test_a_fused_network_is_its_copies_side_by_side(norm):
+    """Copy k of a fused network computes what plain network k computes on copy k's images, in training mode
+    (batch statistics: each copy's own) and in eval mode, and unfuse gives it back, statistics included."""
+    net_options = dict(norm_after_relu=norm != 'batch')
+    plain = seeded_copies(norm, (0, 1, 2), **net_options)
+    fused = fuse(plain)
+    assert fused.copies == 3 and count_params(fused) == sum(map(count_params, plain))
+    xs = [torch.randn(8, 3, 32, 32) for _ in plain]
+    for train in (True, False):
+        fused.train(train); [p.train(train) for p in plain]
+        out = fused(torch.cat(xs, 1))
+        assert out.shape == (8, 3, 10)
+        for k, (p, x) in enumerate(zip(plain, xs)):
+            torch.testing.assert_close(out[:, k], p(x), rtol=1e-4, atol=1e-5)
+    for k, p in enumerate(plain):   # the batch norms saw the training batches: their statistics come back
+        back = unfuse(fused, k)
+        assert back.options == p.options
+        assert architecture_id(back) == architecture_id(normnet(norm, **net_options))
+        for (name, a), b in zip(back.state_dict().items(), p.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=name)
+        assert not back.training
+
+
+def test_only_copies_of_one_network_fuse():
+    with pytest.raises(ValueError, match='the networks differ'):
+        fuse([normnet('bn'), normnet('bn', c1=16)])
+    with pytest.raises(ValueError, match='the networks differ'): fuse([normnet('bn'), normnet('gn')])
+    with pytest.raises(ValueError, match='no network'): fuse([])
+    with pytest.raises(ValueError, match='copies 0'): normnet('bn', copies=0)
+    with pytest.raises(IndexError, match='copy 2 of a network of 2'): unfuse(fuse(seeded_copies('bn')), 2)
+    with pytest.raises(ValueError, match='fuse plain networks'): fuse([fuse(seeded_copies('bn'))])

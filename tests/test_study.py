@@ -273,7 +273,7 @@ def test_a_registered_norm_joins_the_study_with_nothing_else_changed(tmp_path, m
         Norm(
             'instance',
             'in',
-            lambda c, groups: nn.InstanceNorm2d(c, affine=True),
+            lambda c, groups, copies: nn.InstanceNorm2d(c * copies, affine=True),
             'each sample and channel over the image (H, W)',
         ),
     )
