@@ -10,7 +10,7 @@ decay (the optimizer scales each copy's rows), its own loss (the fused loss is t
 copy's gradient is its own run's), metrics and history. At the end each copy is unfused and written as the
 folder a separate run writes (`write_run`), which records the runs it trained with in `fused_with`.
 """
-import time
+import json, time
 from functools import partial
 from pathlib import Path
 
@@ -25,12 +25,14 @@ from fastai.metrics import accuracy
 from fastai.optimizer import Optimizer, average_grad, average_sqr_grad, debias, step_stat
 
 from normnets import fuse, unfuse
+from normnets_data import REPO_DIR
 from normnets_files import check_run_dir
 from normnets_learner import (DeviceAvgLoss, DeviceAvgMetric, DeviceAvgSmoothLoss, DeviceMixedPrecision,
-                              EpochSeconds, RuleError, SparseProgress, normnet_learner, recipe_dls, seed_run,
-                              write_run)
+                              EpochSeconds, RuleError, SparseProgress, device_name, normnet_learner,
+                              recipe_dls, seed_run, train_run, write_run)
 
-__all__ = ['FusedDL', 'FusedLoss', 'FUSED_OPTIMIZERS', 'check_fusable', 'fused_learner', 'train_fused']
+__all__ = ['FusedDL', 'FusedLoss', 'FUSED_OPTIMIZERS', 'check_fusable', 'fusable_groups',
+           'fusion_measured_faster', 'fused_learner', 'train_fused']
 
 # Recipe fields each copy may have of its own: the rest must be the same for all (one network, one batch size,
 # as many batches an epoch, one schedule, one precision, one device).
@@ -51,6 +53,34 @@ def check_fusable(recipes: list) -> list:
         tricks = [t for t in TRICKS if getattr(r, t)]
         if tricks: raise RuleError(f"{', '.join(tricks)}: not trained fused; train the runs one by one")
     return recipes
+
+
+def fusable_groups(runs: list) -> list[list]:
+    """The (title, recipe, folder) `runs` grouped into those that can train as one network, in their order;
+    a run that cannot be fused with any (a training trick) is a group of its own."""
+    groups = {}
+    for i, run in enumerate(runs):
+        r = run[1]
+        same = {k: v for k, v in r.to_dict().items() if k not in PER_COPY}
+        key = i if any(getattr(r, t) for t in TRICKS) else json.dumps(same, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+# Where benchmarks/speed.py writes what it measured, on a CPU and on a GPU.
+SPEED_FILES = (REPO_DIR / 'results' / 'speed.json', REPO_DIR / 'results' / 'gpu' / 'speed.json')
+
+
+def fusion_measured_faster(device: str, copies: int, files=SPEED_FILES) -> bool:
+    """Whether benchmarks/speed.py, run on this kind of machine (the same device name), measured every variant
+    faster with `copies` runs fused than with one run alone. Unmeasured: no."""
+    name = device_name(device)
+    for f in files:
+        s = json.loads(f.read_text()) if f.exists() else {}
+        if s.get('device_name') == name and s.get('fused'):
+            rows = [row for row in s['fused'] if row['copies'] == copies] or s['fused']
+            return all(row['train_ips'] > row['alone_ips'] for row in rows)
+    return False
 
 
 # ---------------------------------------------------------------- data: K loaders in lockstep
@@ -207,6 +237,7 @@ def train_fused(recipes: list, outs: list, data=None, cifar=None, cell: bool = F
     check_fusable(recipes)
     if len(outs) != len(recipes):
         raise RuleError(f"{len(recipes)} runs to fuse, {len(outs)} folders for them")
+    if len(recipes) == 1: return [train_run(recipes[0], outs[0], data, cifar, cell)]   # nothing to fuse with
     outs = [check_run_dir(Path(o)) for o in outs]
     start, learners = time.perf_counter(), []
     for r in recipes:

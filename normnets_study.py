@@ -17,12 +17,14 @@ from fastcore.script import CliError
 from normnets import NORMS, architecture_id, norm_name
 from normnets_data import load_cifar
 from normnets_files import check_out, check_run_dir, damaged, locked, read_json
-from normnets_learner import Recipe, recipe, recorded_recipe, train_run
+from normnets_fused import fusable_groups, fusion_measured_faster, train_fused
+from normnets_learner import Recipe, device_name, recipe, recorded_recipe, train_run
 import normnets_plots as plots
 import normnets_report as report
 
-__all__ = ['STUDY_SEEDS', 'StudyError', 'cli_errors', 'parse_norms', 'check_jobs', 'run_dir', 'kept_run',
-           'plan_frame', 'find_runs', 'findings_frame', 'summarize', 'run_plan', 'run_parallel', 'run_study']
+__all__ = ['STUDY_SEEDS', 'StudyError', 'cli_errors', 'parse_fuse', 'parse_norms', 'check_jobs', 'run_dir',
+           'kept_run', 'plan_frame', 'find_runs', 'findings_frame', 'summarize', 'run_plan', 'run_parallel',
+           'run_fused', 'run_study']
 
 STUDY_SEEDS = 3   # runs per variant in the committed study: the spread is part of the result
 SUMMARY_COLUMNS = ['norm', 'params', 'epochs', 'seeds', 'train_acc', 'train_acc_std', 'best_test_acc',
@@ -54,6 +56,15 @@ def parse_norms(text: str | None) -> list[str]:
     if repeated: raise StudyError(f"--norms {text!r} names {', '.join(repeated)} more than once")
     if not names: raise StudyError("--norms is empty")
     return names
+
+
+FUSE = {'auto': None, 'yes': True, 'no': False}   # the --fuse options: None, where speed.py found it faster
+
+
+def parse_fuse(text: str) -> bool | None:
+    "--fuse as `run_study` and `run_plan` take it; a clear error for anything else."
+    if text not in FUSE: raise StudyError(f"--fuse {text!r}: expected one of {', '.join(FUSE)}")
+    return FUSE[text]
 
 
 def check_jobs(jobs: int):
@@ -182,12 +193,13 @@ def summarize(out: Path, overrides: dict, plan: list = ()) -> tuple[pd.DataFrame
     return summary, missing
 
 
-def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: int = 1):
+def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: int = 1, fuse: bool = False):
     """Train each (title, recipe, folder) of `plan` in order, or keep its whole finished run with `resume`,
     printing progress with the time left; `cell`: grid cells (`train_run`); `jobs` > 1 trains that many at
-    once (`run_parallel`). Every folder is checked before the first run. Ctrl-C or a kill stops after the
-    finished runs, which stay on disk, and is raised again as KeyboardInterrupt for the caller to summarize
-    and exit on."""
+    once (`run_parallel`); `fuse` trains the runs that can train as one network as one (`run_fused`). Every
+    folder is checked before the first run. Ctrl-C or a kill stops after the finished runs, which stay on
+    disk, and is raised again as KeyboardInterrupt for the caller to summarize and exit on."""
+    if fuse and jobs > 1: raise StudyError("--fuse and --jobs: choose one way of training runs together")
     for _, _, d in plan: check_run_dir(d)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C
     kept = [kept_run(d, r) if resume else None for _, r, d in plan]
@@ -199,6 +211,7 @@ def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: 
     trained, train_seconds = 0, 0.0
     try:
         if jobs > 1 and left > 1: return run_parallel(plan, kept, cifar, cell, jobs)
+        if fuse: return run_fused(plan, kept, cifar, cell)
         for i, ((title, r, d), m) in enumerate(zip(plan, kept)):
             eta = f", about {train_seconds / trained * left / 60:.0f} min left" if trained else ''
             print(f"\n=== run {i + 1}/{len(plan)}: {title}, {r.epochs} epochs{eta} ===", flush=True)
@@ -214,6 +227,25 @@ def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: 
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run_fused(plan: list, kept: list, cifar, cell: bool):
+    """`run_plan`'s runs to train, those that can train as one network fused (`train_fused`), each group as
+    one; progress with the time left after each group."""
+    for (title, _, d), m in zip(plan, kept):
+        if m: print(f"kept the finished run in {d}: {title}, test accuracy {m['test_acc']:.4f}")
+    groups = fusable_groups([run for run, m in zip(plan, kept) if m is None])
+    start, done = time.perf_counter(), 0
+    for i, group in enumerate(groups):
+        left = sum(map(len, groups[i:]))
+        eta = f", about {(time.perf_counter() - start) / done * left / 60:.0f} min left" if done else ''
+        titles, recipes, folders = ([run[j] for run in group] for j in range(3))
+        print(f"\n=== {len(group)} run(s) as one network ({i + 1}/{len(groups)}): {'; '.join(titles)}, "
+              f"{recipes[0].epochs} epochs{eta} ===", flush=True)
+        metrics = train_fused(recipes, folders, cifar=cifar, cell=cell)
+        for title, m in zip(titles, metrics):
+            print(f"{title}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
+        done += len(group)
 
 
 def start_worker(threads: int):
@@ -260,10 +292,13 @@ def run_parallel(plan: list, kept: list, cifar, cell: bool, jobs: int):
 
 
 def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='results', data=None,
-              resume: bool = False, jobs: int = 1, **overrides) -> tuple[pd.DataFrame | None, list]:
+              resume: bool = False, jobs: int = 1, fuse: bool | None = None,
+              **overrides) -> tuple[pd.DataFrame | None, list]:
     """Train every norm of `norms` (default: all registered) with its recipe and `overrides`, for `seeds`
     seeds from `first_seed`, into `out`; then summarize the folder. Every input is checked before any work.
-    `resume` keeps whole runs already in `out` whose whole recipe matches; `jobs` trains that many at once.
+    `resume` keeps whole runs already in `out` whose whole recipe matches; `jobs` trains that many at once;
+    `fuse` trains each norm's seeds as one network (None: where benchmarks/speed.py measured that faster on
+    this kind of machine).
     Ctrl-C or a kill stops after the finished runs, which are kept and summarized, and the KeyboardInterrupt
     is raised again. Returns the summary and the missing runs."""
     norms = parse_norms(norms if norms is None or isinstance(norms, str) else ','.join(norms))
@@ -277,8 +312,14 @@ def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='re
     plan = [(f"{n} norm, seed {s}", dataclasses.replace(recipes[n], seed=s), run_dir(out, n, s, first_seed))
             for s, n in seed_norms]
     for _, _, d in plan: check_run_dir(d)
+    first = recipes[norms[0]]
+    if fuse is None: fuse = jobs == 1 and seeds > 1 and fusion_measured_faster(first.device, seeds)
+    print(f"Plan: {len(plan)} runs ({len(norms)} variants x {seeds} seeds, {first.epochs} epochs) on "
+          f"{device_name(first.device)}, {first.precision}, "
+          + (f"each variant's {seeds} seeds trained as one network" if fuse else
+             f"{jobs} runs at a time" if jobs > 1 else "one run at a time"), flush=True)
     cifar = load_cifar(data)   # bad data fails here too, and it is decoded only once
     with locked(out):
-        try: run_plan(plan, cifar, resume, jobs=jobs)
+        try: run_plan(plan, cifar, resume, jobs=jobs, fuse=fuse)
         finally: summarized = summarize(out, overrides, seed_norms)   # also after a Ctrl-C, raised again
     return summarized

@@ -3,6 +3,7 @@
     python benchmarks/search.py --epochs 4 --resume            # screen: every cell of GRID, short runs
     python benchmarks/search.py --confirm 3 --resume           # then the best 3 of each norm at full length
     python benchmarks/search.py --confirm 2 --jobs 8           # both on a GPU, 8 cells at once
+    python benchmarks/search.py --fuse yes                     # a norm's cells of an optimizer as one network
 
 Every registered norm gets the same cells: each optimizer of `GRID` at each of its peak learning rates and
 weight decays, with the rest of the norm's recipe. A cell trains on the training images but `HOLDOUT` of them
@@ -24,7 +25,8 @@ from normnets import MAX_EPOCHS
 from normnets_data import HOLDOUT, REPO_DIR, load_cifar
 from normnets_learner import keep_freed_memory, recipe
 from normnets_files import check_out, locked
-from normnets_study import check_jobs, cli_errors, parse_norms, plan_frame, run_plan
+from normnets_fused import fusion_measured_faster
+from normnets_study import check_jobs, cli_errors, parse_fuse, parse_norms, plan_frame, run_plan
 import normnets_plots as plots
 
 # Per optimizer: peak learning rates (a log grid around the usual values for it) and weight decays. Adam's
@@ -76,26 +78,29 @@ def main(
     precision: str = None,  # pin every cell's precision (fp32, bf16), so one search can span machines
     resume: bool = False,  # keep cells already finished with the same recipe
     jobs: int = 1,         # cells trained at once, each in a process of its own (a GPU: several; a CPU: 1)
+    fuse: str = 'auto',    # yes: a norm's cells of an optimizer as one network; no; auto: as speed.py found
 ):
     """Search each norm's optimizer, peak learning rate and weight decay with the same budget; write
     search.csv/png."""
     matplotlib.use('Agg')
     keep_freed_memory()
     with cli_errors():   # bad values, data or folders, before any work; Ctrl-C after the table is written
-        names = parse_norms(norms)
+        names, fuse = parse_norms(norms), parse_fuse(fuse)
         check_jobs(jobs)
         given = dict(n_train=n_train, n_test=n_test, bs=bs, seed=seed, precision=precision)
         subset = {k: v for k, v in given.items() if v is not None}
         out = Path(out) if out else REPO_DIR / 'results'
         screen = screen_plan(names, epochs, out, **subset)   # every recipe validated before any work
         check_out(out)
+        row = len(GRID[screen[0][1].opt]['lr']) * len(GRID[screen[0][1].opt]['wd'])   # the cells fused as one
+        if fuse is None: fuse = jobs == 1 and fusion_measured_faster(screen[0][1].device, row)
         cifar = load_cifar(data)
         confirmed = []
         with locked(check_out(out / 'search')):
             try:
-                run_plan(screen, cifar, resume, cell=True, jobs=jobs)
+                run_plan(screen, cifar, resume, cell=True, jobs=jobs, fuse=fuse)
                 confirmed = confirm_plan(screen, confirm, MAX_EPOCHS, out) if confirm else []
-                run_plan(confirmed, cifar, resume, cell=True, jobs=jobs)
+                run_plan(confirmed, cifar, resume, cell=True, jobs=jobs, fuse=fuse)
             finally:   # the table of every finished cell, also after a Ctrl-C
                 df = pd.concat([plan_frame(screen, FIELDS).assign(stage='screen'),
                                 plan_frame(confirmed, FIELDS).assign(stage='confirm')])

@@ -5,6 +5,7 @@ summary, and for the default results/ the README's generated regions.
     python scripts/run_all.py --data ../shared/data/cifar10-jpeg.tgz --resume
     python scripts/run_all.py --norms bn,gn --epochs 5 --seeds 1 --out /tmp/study
     python scripts/run_all.py --out results/gpu --jobs 5               # on a GPU: 5 runs at once
+    python scripts/run_all.py --fuse yes                # each variant's seeds trained as one fused network
 
 Per variant (first seed): <out>/<norm>/ as scripts/train.py writes it. Further seeds:
 <out>/seeds/<norm>-seed<k>/. Study: summary.csv and summary.md (mean and spread over seeds), findings.csv (a
@@ -18,7 +19,7 @@ from fastcore.script import call_parse, CliError
 
 from normnets_data import REPO_DIR
 from normnets_learner import keep_freed_memory
-from normnets_study import STUDY_SEEDS, cli_errors, run_study
+from normnets_study import STUDY_SEEDS, cli_errors, parse_fuse, run_study
 import normnets_report as report
 
 
@@ -44,6 +45,7 @@ def main(
     device: str = None,  # auto (the GPU if there is one), cpu, cuda or cuda:N
     autotune: bool = False,  # cuDNN picks its fastest kernels (GPU): faster, runs no longer repeat exactly
     jobs: int = 1,  # runs trained at once, each in a process of its own (a GPU: one a variant; a CPU: 1)
+    fuse: str = 'auto',  # yes: each variant's seeds as one network; no; auto: where speed.py found it faster
 ):
     "Train every variant with its recipe, the same data and seeds, and write the study's tables and figures."
     matplotlib.use('Agg')
@@ -51,7 +53,8 @@ def main(
     out_dir = Path(out) if out else REPO_DIR / 'results'
     # bad values or data, a busy, unwritable or foreign folder, files that contradict each other; Ctrl-C
     with cli_errors():
-        summary, missing = run_study(norms, seeds, seed, out_dir, data, resume, jobs, **given(
+        fuse = parse_fuse(fuse)
+        summary, missing = run_study(norms, seeds, seed, out_dir, data, resume, jobs, fuse, **given(
             epochs=epochs, bs=bs, lr=lr, wd=wd, opt=opt, n_train=n_train, n_test=n_test, precision=precision,
             device=device, reproducible=False if autotune else None))
         if summary is None:

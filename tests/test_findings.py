@@ -118,6 +118,19 @@ def test_a_tiny_search_gives_every_norm_the_same_cells_scored_on_held_out_images
     with Image.open(tmp_path / 'search.png') as im: assert im.format == 'PNG'
 
 
+def test_a_fused_search_trains_the_cells_of_an_optimizer_as_one_network(tmp_path, monkeypatch):
+    grid = {'adam': dict(lr=(5e-3, 1e-2), wd=(0.05, 0.01)), 'sgd': dict(lr=(0.1,), wd=(5e-4,))}
+    monkeypatch.setattr(search, 'GRID', grid)
+    monkeypatch.setattr(search, 'HOLDOUT', 500)
+    search.main(norms='ln', epochs=1, n_train=400, n_test=200, bs=100, precision='fp32', fuse='yes',
+                out=str(tmp_path))
+    df = pd.read_csv(tmp_path / 'search.csv')
+    assert len(df) == 5 and df.holdout_acc.between(0, 1).all()
+    metrics = {r.run: json.loads((tmp_path / r.run / 'metrics.json').read_text()) for r in df.itertuples()}
+    assert [len(m.get('fused_with', [])) for m in metrics.values() if m['opt'] == 'adam'] == [4] * 4
+    assert [m.get('fused_with') for m in metrics.values() if m['opt'] == 'sgd'] == [None]   # a cell alone
+
+
 def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(tmp_path, capsys,
                                                                                 monkeypatch):
     row = {c: i for i, (c, _) in enumerate(ablation.CHANGES)}
@@ -199,6 +212,7 @@ def test_every_ablation_row_keeps_every_norm_within_the_rules(tmp_path, capsys, 
     (ablation, dict(norms='zz'), "unknown norm 'zz'"),
     (search, dict(jobs=0), '--jobs 0: need at least one'),
     (search, dict(norms='zz'), "unknown norm 'zz'"),
+    (search, dict(fuse='maybe'), "--fuse 'maybe': expected one of auto, yes, no"),
     (batch_sizes, dict(sizes='0'), "--sizes '0': expected batch sizes of 1 or more"),
     (batch_sizes, dict(sizes='-4,16'), "--sizes '-4,16': expected batch sizes"),
     (batch_sizes, dict(sizes='abc'), "--sizes 'abc': expected batch sizes"),

@@ -1,7 +1,8 @@
 """Runs trained as one fused network: each copy is its separate run (its data, initial weights, learning rate
 and weight decay), and is written out as the run folder a separate run writes."""
-import dataclasses
+import dataclasses, json
 
+import pandas as pd
 import pytest
 import torch
 from fastai.learner import Learner
@@ -9,9 +10,11 @@ from fastai.learner import Learner
 from normnets import NORMS, fuse, normnet, unfuse
 from normnets_data import load_cifar
 from normnets_files import RUN_FILES, damaged
-from normnets_fused import FUSED_OPTIMIZERS, check_fusable, fused_learner, train_fused
-from normnets_learner import OPTIMIZERS, RuleError, normnet_learner, recipe, recipe_dls, seed_run
+from fastcore.script import CliError
+from normnets_fused import FUSED_OPTIMIZERS, check_fusable, fused_learner, fusion_measured_faster, train_fused
+from normnets_learner import OPTIMIZERS, RuleError, device_name, normnet_learner, recipe, recipe_dls, seed_run
 from normnets_study import kept_run, summarize
+import run_all
 
 TINY = dict(epochs=1, n_train=200, n_test=100, bs=100, precision='fp32', device='cpu')
 
@@ -114,3 +117,34 @@ def test_runs_that_cannot_train_as_one_are_refused_before_any_work(tmp_path, cif
     with pytest.raises(RuleError, match='2 runs to fuse, 1 folders'):
         train_fused([bn, dataclasses.replace(bn, seed=1)], [tmp_path / 'one'], cifar=cifar)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_fused_study_is_the_study_of_separate_runs_and_resume_keeps_it(tmp_path, capsys):
+    out, tiny = tmp_path / 'results', dict(epochs=1, n_train=200, n_test=100, bs=100)
+    run_all.main(norms='bn,ln', seeds=2, fuse='yes', out=str(out), **tiny)
+    printed = capsys.readouterr().out
+    assert "each variant's 2 seeds trained as one network" in printed
+    assert printed.count('as one network (') == 2
+    runs = pd.read_csv(out / 'runs.csv')
+    assert len(runs) == 4 and set(runs.norm) == {'batch', 'layer'}
+    assert [json.loads((out / d / 'metrics.json').read_text())['fused_with'] for d in ('batch', 'layer')] == [
+        ['batch', 'batch-seed1'], ['layer', 'layer-seed1']]
+    assert all(damaged(d) is None for d in [out / 'batch', out / 'layer', *(out / 'seeds').iterdir()])
+    run_all.main(norms='bn,ln', seeds=2, fuse='yes', out=str(out), resume=True, **tiny)
+    assert capsys.readouterr().out.count('kept the finished run') == 4
+    with pytest.raises(CliError, match="--fuse 'maybe'"): run_all.main(fuse='maybe', out=str(tmp_path / 'x'))
+    with pytest.raises(CliError, match='--fuse and --jobs'):
+        run_all.main(norms='bn', seeds=2, fuse='yes', jobs=2, out=str(tmp_path / 'y'), **tiny)
+
+
+def test_fusion_is_the_default_only_where_the_speed_benchmark_measured_it_faster(tmp_path):
+    here = device_name('cpu')
+    def measured(name, fused, alone):
+        f = tmp_path / f'{len(list(tmp_path.iterdir()))}.json'
+        f.write_text(json.dumps(dict(device_name=name, fused=[dict(norm='batch', copies=3, train_ips=fused,
+                                                                   alone_ips=alone)])))
+        return f
+    assert fusion_measured_faster('cpu', 3, [measured(here, 1500., 1000.)])
+    assert not fusion_measured_faster('cpu', 3, [measured(here, 700., 1000.)])
+    assert not fusion_measured_faster('cpu', 3, [measured('another CPU', 1500., 1000.)])   # not this kind
+    assert not fusion_measured_faster('cpu', 3, [tmp_path / 'none.json'])   # never measured
