@@ -52,6 +52,9 @@ def check_fusable(recipes: list) -> list:
                             + '; '.join(f"{k} {first[k]!r} and {v!r}" for k, v in other.items()) + ')')
         tricks = [t for t in TRICKS if getattr(r, t)]
         if tricks: raise RuleError(f"{', '.join(tricks)}: not trained fused; train the runs one by one")
+    if recipes[0].opt not in FUSED_OPTIMIZERS:
+        fusable = ', '.join(FUSED_OPTIMIZERS)
+        raise RuleError(f"optimizer {recipes[0].opt!r}: not trained fused (only {fusable})")
     return recipes
 
 
