@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 from fastai.callback.core import Callback, CancelFitException
+from fastai.optimizer import OptimWrapper
 from fastcore.script import call_parse
 from PIL import Image
 from torchvision import transforms
@@ -185,6 +186,14 @@ def matmul_gflops(device, dtype=torch.float32, n=4096, reps=10) -> float:
 def without_channels_last(learn): learn.remove_cb(learn.channels_last)
 
 
+def torch_optimizer(opt, **options):
+    """A tweak: the learner's optimizer replaced by PyTorch's `opt` through fastai's `OptimWrapper` (fastai's
+    loops over the parameters in Python, several kernels each; `foreach` steps them all in a few kernels).
+    PyTorch's optimizers decay every parameter: fastai exempts batch norm's and the biases."""
+    def tweak(learn): learn.opt_func = functools.partial(OptimWrapper, opt=opt, **options)
+    return tweak
+
+
 def compiled(learn):
     "The model through `torch.compile`; its compilation falls in the warm-up steps."
     learn.model = torch.compile(learn.model)
@@ -245,6 +254,12 @@ CHANGES = [
         dict(net=ALIGNED_WIDTHS),
     ),
     ('batch', 'torch.compile (after its compilation)', lambda dev, p: True, dict(tweak=compiled)),
+    ('batch', "PyTorch's SGD, nesterov, foreach (OptimWrapper)", lambda dev, p: True,
+     dict(tweak=torch_optimizer(torch.optim.SGD, momentum=0.9, nesterov=True, foreach=True))),
+    ('group', "PyTorch's AdamW, foreach (OptimWrapper)", lambda dev, p: True,
+     dict(tweak=torch_optimizer(torch.optim.AdamW, foreach=True))),
+    ('group', "PyTorch's AdamW, fused (OptimWrapper)", lambda dev, p: dev == 'cuda',
+     dict(tweak=torch_optimizer(torch.optim.AdamW, fused=True))),
 ]
 
 # Operator name fragments of each kind of work, for the profile's summary.
