@@ -13,14 +13,13 @@ from PIL import Image
 try: import fcntl
 except ImportError: fcntl = None   # Windows: no folder lock
 
-__all__ = ['FolderError', 'RUN_FILES', 'CELL_FILES', 'check_out', 'check_run_dir', 'locked', 'read_json',
+__all__ = ['FolderError', 'RUN_FILES', 'check_out', 'check_run_dir', 'locked', 'read_json',
            'damaged', 'private_tmp_dir', 'replace_run_dir', 'readable_mode']
 
-# What a run of the study writes (train_run), and a cell of a grid (search, ablation, batch size): only the
-# history and metrics, which are what the grids are read for.
+# Every file a run writes (`write_run`; a cell of a grid writes only the first two): a run's folder holds
+# nothing else.
 RUN_FILES = ('history.csv', 'metrics.json', 'model.pkl', 'curves.png', 'misclassified.png',
              'misclassified.csv', 'confusion.png', 'per_class.csv')
-CELL_FILES = ('history.csv', 'metrics.json')
 
 
 class FolderError(ValueError):

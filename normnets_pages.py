@@ -10,8 +10,8 @@ import pandas as pd
 from normnets import ACTIVATIONS, NORMS, PASS_ACCURACY
 from normnets_learner import recipe
 
-__all__ = ['md', 'pct', 'mean_std', 'num', 'norm_order', 'provenance', 'layer_order', 'is_current', 'PAGES',
-           'pages']
+__all__ = ['md', 'pct', 'mean_std', 'spread', 'num', 'norm_order', 'provenance', 'layer_order', 'is_current',
+           'PAGES', 'pages']
 
 BAR = f'{PASS_ACCURACY:.0%}'
 # The recipe fields that say how a run trains (not on what machine): the recipes table shows them, and a
@@ -30,6 +30,11 @@ def pct(x, digits=2) -> str: return '' if pd.isna(x) else f'{100 * x:.{digits}f}
 
 
 def mean_std(mean, std) -> str: return pct(mean) + (f' ± {pct(std)}' if pd.notna(std) else '')
+
+
+def spread(df: pd.DataFrame, col: str) -> list[str]:
+    "Column `col` of `df` beside its `<col>_std` as 'mean ± std' in %, a cell a row."
+    return [mean_std(m, s) for m, s in zip(df[col], df[f'{col}_std'])]
 
 
 def num(x, fmt='{:g}') -> str: return '' if pd.isna(x) else fmt.format(x)
@@ -66,7 +71,7 @@ def is_current(run: pd.Series) -> bool:
 
 def findings_table(f: pd.DataFrame) -> str:
     return md(pd.DataFrame({
-        'norm': f.index, 'test acc %': [mean_std(m, s) for m, s in zip(f.test_acc, f.test_acc_std)],
+        'norm': f.index, 'test acc %': spread(f, 'test_acc'),
         f'epochs to {BAR}': f.epochs_to_70.map(lambda e: num(round(e, 1))),
         'test acc % after epoch 5': f.test_acc_epoch_5.map(pct),
         'largest fall between epochs (points)': f.largest_drop.map(pct),
@@ -217,11 +222,11 @@ def precision_page(results: Path) -> str | None:
     same_runs = lambda df: df[shared].sort_values(shared).reset_index(drop=True)
     if not same_runs(fp32).equals(same_runs(bf16)):
         raise ValueError(f"{kept['fp32']} and {kept['bf16']}: not the same runs in two precisions")
-    spread = lambda r: mean_std(r.test_acc.mean(), r.test_acc.std(ddof=1) if len(r) > 1 else None)
+    over_runs = lambda r: mean_std(r.test_acc.mean(), r.test_acc.std(ddof=1) if len(r) > 1 else None)
     epoch_s = lambda r: (r.seconds / r.epochs).mean()
     rows = [{'norm': n, 'recipe':
              f"{b.opt.iloc[0]}, lr {b.lr.iloc[0]:g}, wd {b.wd.iloc[0]:g}, bs {b.bs.iloc[0]}",
-             'runs': len(b), 'test acc % float32': spread(a), 'test acc % bfloat16': spread(b),
+             'runs': len(b), 'test acc % float32': over_runs(a), 'test acc % bfloat16': over_runs(b),
              'difference (points)': f"{100 * (b.test_acc.mean() - a.test_acc.mean()):+.2f}",
              's / epoch float32': f"{epoch_s(a):.1f}", 's / epoch bfloat16': f"{epoch_s(b):.1f}",
              'speed-up': f"{epoch_s(a) / epoch_s(b):.2f}x"}
@@ -312,7 +317,7 @@ def gpu_page(results: Path) -> str | None:
             + " [gpu/speed.md](gpu/speed.md) profiles a step.\n\n![the GPU study](gpu/comparison.png)\n\n"
             + md(pd.DataFrame({
                 'norm': summary.norm,
-                'GPU test acc %': [mean_std(m, s) for m, s in zip(summary.test_acc, summary.test_acc_std)],
+                'GPU test acc %': spread(summary, 'test_acc'),
                 'GPU train s a run': summary.seconds.map('{:.0f}'.format),
                 'CPU test acc %': [mean_std(cpu.test_acc[n], cpu.test_acc_std[n]) for n in summary.norm],
                 'same recipe': summary.norm.map(lambda n: 'yes' if same[n] else '**no**: not comparable'),

@@ -18,7 +18,8 @@ import torch
 from normnets import NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY, WIDTHS
 from normnets import normnet, count_params, count_macs
 from normnets_learner import recipe
-from normnets_pages import BAR, PAGES, is_current, layer_order, md, mean_std, num, pages, pct, provenance
+from normnets_pages import (BAR, PAGES, is_current, layer_order, md, mean_std, num, pages, pct, provenance,
+                            spread)
 
 __all__ = ['summary_markdown', 'conclusions', 'regions', 'fill', 'stale', 'write_report']
 
@@ -31,8 +32,7 @@ def results_table(summary: pd.DataFrame) -> pd.DataFrame:
     "A row a norm: parameters, test and train accuracy (mean ± std over seeds), epochs to 70%, seconds."
     return pd.DataFrame({
         'norm': summary.norm, 'parameters': summary.params.map('{:,}'.format), 'seeds': summary.seeds,
-        'test acc %': [mean_std(m, s) for m, s in zip(summary.test_acc, summary.test_acc_std)],
-        'train acc %': [mean_std(m, s) for m, s in zip(summary.train_acc, summary.train_acc_std)],
+        'test acc %': spread(summary, 'test_acc'), 'train acc %': spread(summary, 'train_acc'),
         'test acc % with flip TTA': summary.tta_test_acc.map(pct),
         f'epochs to {BAR}': summary.epochs_to_70.map(lambda e: num(round(e, 1) if pd.notna(e) else e)),
         'train s a run': summary.seconds.map('{:.0f}'.format)})
