@@ -22,11 +22,12 @@ def main(
     "Write (or check) the README's generated regions and the pages under results/."
     results, readme = Path(results or REPO_DIR / 'results'), Path(readme or REPO_DIR / 'README.md')
     with cli_errors():   # a missing folder or README, result files that contradict each other
-        check_out(results, create=False)
+        if not results.is_dir(): raise FolderError(f"--results {results}: no such folder")
         if not readme.is_file(): raise FolderError(f"--readme {readme}: no such file")
-        if check:
+        if check:   # reads only: a read-only checkout can be checked
             old = report.stale(results, readme)
             if old: raise CliError("stale, run python scripts/report.py: " + '; '.join(old))
             print("README and results pages are current")
         else:
+            check_out(results, create=False)
             for path in report.write_report(results, readme): print(f"wrote {path}")

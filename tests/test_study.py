@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import normnets_report as report
-import normnets_study
+import normnets_files, normnets_study
 from normnets import NORMS, Norm
 from normnets_data import REPO_DIR
 from fastcore.script import CliError
@@ -373,8 +373,22 @@ def test_report_links_results_outside_the_readme_folder_and_names_a_missing_read
     assert '](../a/results/comparison.png)' in readme.read_text()
     with pytest.raises(CliError, match='no such file'):
         report_script.main(results=str(tmp_path / 'a' / 'results'), readme=str(tmp_path / 'none.md'))
-    with pytest.raises(CliError, match='does not exist'):
+    with pytest.raises(CliError, match='no such folder'):
         report_script.main(results=str(tmp_path / 'nowhere'), readme=str(readme))
+
+
+def test_report_check_only_reads(study, tmp_path, monkeypatch, capsys):
+    "--check works on results it cannot write (a read-only checkout); writing them is refused, clearly."
+    shutil.copytree(study[0], tmp_path / 'results')
+    readme = tmp_path / 'README.md'
+    readme.write_text((REPO_DIR / 'README.md').read_text())
+    report.write_report(tmp_path / 'results', readme)
+    def read_only(*args, **kwargs): raise PermissionError(13, 'Permission denied')
+    monkeypatch.setattr(normnets_files.tempfile, 'TemporaryFile', read_only)   # as an unwritable folder
+    report_script.main(results=str(tmp_path / 'results'), readme=str(readme), check=True)
+    assert 'current' in capsys.readouterr().out
+    with pytest.raises(CliError, match='cannot be written to'):
+        report_script.main(results=str(tmp_path / 'results'), readme=str(readme))
 
 
 def test_ctrl_c_in_train_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
