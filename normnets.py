@@ -170,6 +170,8 @@ class NormNet(nn.Module):
     copy k's images in channels 3k to 3k+2, output (B, K, 10). One small network leaves most of a GPU idle,
     waiting for its many small kernels to launch; K copies launch the same kernels, each K times larger.
     `fuse` and `unfuse` go between K plain networks and one fused."""
+    copies = 1   # a network pickled before fusion existed (a committed model.pkl) lacks the attribute
+
     def __init__(self, norm: str = 'batch', c1=12, c2=24, c3=16, c4=24, c6=32, c7=32,
                  gn_groups: int = GN_GROUPS, norm_after_relu: bool = False, zero_init_residual: bool = False,
                  skips: str = 'branch', act: str = 'relu', n_classes: int = 10, copies: int = 1):

@@ -386,3 +386,26 @@ def test_device_flag_trains_where_asked(tmp_path):
     assert m['device'] == 'cpu' and m['reproducible'] is False
 
 
+
+
+@pytest.fixture(scope='module')
+def test_batches():
+    "2,000 test images, 200 of each class (the test set is stored class by class)."
+    x, y = next(iter(get_dls(cifar=load_cifar(), device='cpu').valid.new(bs=10_000)))
+    pick = torch.cat([torch.nonzero(y == c)[:200, 0] for c in range(10)])
+    return x[pick], y[pick]
+
+
+@pytest.mark.parametrize('norm', list(NORMS))
+def test_the_committed_models_load_and_score_as_recorded(norm, test_batches):
+    """Each committed study model loads with load_learner under today's code (a pickle from before a change
+    of the network class still works) and scores 2,000 test images (every class) as its run recorded the test
+    set, within three standard errors."""
+    f = REPO_DIR / 'results' / norm / 'model.pkl'
+    if not f.exists(): pytest.skip(f"no committed model for {norm} norm")
+    learn = load_learner(f)
+    learn.model.eval()
+    x, y = test_batches
+    with torch.no_grad(): acc = (learn.model(x).argmax(1) == y).float().mean().item()
+    recorded = json.loads((f.parent / 'metrics.json').read_text())['test_acc']
+    assert acc == pytest.approx(recorded, abs=3 * math.sqrt(recorded * (1 - recorded) / len(y)))
