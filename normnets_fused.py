@@ -233,7 +233,7 @@ def copy_history(learn: Learner, k: int, seconds: list) -> pd.DataFrame:
                          'test_acc': values[f'valid_accuracy_{k}'], 'seconds': [s / copies for s in seconds]})
 
 
-def train_fused(recipes: list, outs: list, data=None, cifar=None, cell: bool = False) -> list[dict]:
+def train_fused(recipes: list, outs: list, data=None, cifar=None, cell: bool = False, cbs=()) -> list[dict]:
     """Train `recipes` as one fused network and write copy k as the run folder `outs[k]`, as `train_run`
     writes a run, with `fused_with` naming the runs' folders. Every recipe and folder is checked before any
     work. A run's seconds are its share of the fused run's. Returns each run's metrics."""
@@ -247,7 +247,7 @@ def train_fused(recipes: list, outs: list, data=None, cifar=None, cell: bool = F
         seed_run(r)   # the initial weights, data order, crops and flips of the run trained alone
         learners.append(normnet_learner(recipe_dls(r, data, cifar), r))
     learn, timer = fused_learner(learners), EpochSeconds()
-    learn.fit_one_cycle(recipes[0].epochs, 1., cbs=timer)
+    learn.fit_one_cycle(recipes[0].epochs, 1., cbs=[timer, *cbs])
     share, written = (time.perf_counter() - start) / len(recipes), []
     for k, (plain, r, out) in enumerate(zip(learners, recipes, outs)):
         plain.model = unfuse(learn.model, k)

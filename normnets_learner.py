@@ -42,10 +42,11 @@ from normnets_files import check_run_dir, private_tmp_dir, replace_run_dir
 import normnets_plots as plots
 
 __all__ = ['PRECISIONS', 'NesterovSGD', 'OPTIMIZERS', 'RECIPES', 'Recipe', 'recipe', 'RuleError',
-           'resolve_device', 'resolve_precision', 'native_bf16', 'normnet_learner', 'recipe_dls', 'train_run',
-           'write_run', 'history_frame', 'EpochSeconds',
-           'recorded_recipe', 'seed_run', 'with_lookahead', 'WeightEMA',
-           'device_name', 'keep_freed_memory', 'autocast_of', 'flip_tta_accuracy']
+           'OPTIMIZER_SETTINGS', 'TRAINING_FIELDS', 'recipe_label', 'at_batch_size', 'recorded_recipe',
+           'resolve_device', 'resolve_precision', 'native_bf16', 'device_name', 'keep_freed_memory',
+           'normnet_learner', 'with_lookahead', 'WeightEMA', 'autocast_of', 'seed_run', 'recipe_dls',
+           'FirstStepsEstimate', 'EpochSeconds', 'history_frame', 'flip_tta_accuracy',
+           'with_batch_statistics', 'batch_statistics_accuracy', 'train_run', 'write_run']
 
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 # Images in CIFAR-10's training and test sets: what a recipe's subsets and held-out set are drawn from.
@@ -179,6 +180,29 @@ def recipe(norm: str, **overrides) -> Recipe:
     "The recipe of `norm` (RECIPES over Recipe's defaults), with `overrides` on top."
     norm = norm_name(norm)
     return Recipe(norm=norm, **{**copy.deepcopy(RECIPES.get(norm, {})), **overrides})
+
+
+OPTIMIZER_SETTINGS = ('opt', 'lr', 'wd')   # what benchmarks/search.py chooses for each norm
+# The recipe fields that say how a run trains (not on what machine, seed or data subset): a result whose runs
+# recorded other values than today's recipe says so (normnets_pages.recipe_gaps).
+TRAINING_FIELDS = ('opt', 'lr', 'wd', 'bs', 'label_smoothing', 'crop_pad', 'epochs', 'net', 'exempt_gn_scale',
+                   'ema', 'lookahead', 'cutout', 'mixup', 'whiten_c1')
+
+
+def recipe_label(r: Recipe) -> str:
+    """The settings a norm's recipe chose (e.g. 'sgd, lr 0.4, wd 0.0001, crop_pad 2', or 'adam, lr 0.01, wd
+    0.01, bs 128, crop_pad 2, norm_after_relu true'): what an ablation row changes one thing of."""
+    chosen = sorted(k for k in RECIPES.get(r.norm, {}) if k not in (*OPTIMIZER_SETTINGS, 'net'))
+    other = ''.join(f", {k} {getattr(r, k)}" for k in chosen)
+    net = ''.join(f", {k} {json.dumps(v)}" for k, v in sorted(r.net.items()))
+    return f"{r.opt}, lr {r.lr:g}, wd {r.wd:g}{other}{net}"
+
+
+def at_batch_size(r: Recipe, bs: int) -> Recipe:
+    """`r` at batch size `bs`, its peak learning rate scaled by sqrt(bs / r.bs): the gradient's noise grows
+    as the batch shrinks, and the square root keeps the step's noise about the same (one rule for every
+    norm)."""
+    return dataclasses.replace(r, bs=bs, lr=r.lr * math.sqrt(bs / r.bs))
 
 
 # ---------------------------------------------------------------- the hardware
@@ -389,6 +413,28 @@ def recipe_dls(r: Recipe, data=None, cifar=None):
                    cifar=cifar, holdout=r.holdout, crop_pad=r.crop_pad, cutout=r.cutout)
 
 
+class FirstStepsEstimate(Callback):
+    """After the first training steps, print how long this fit's training will take at that pace, and `fits`
+    such fits (`unit`: what they are): a plan's estimate long before its first run ends. The first `skip`
+    steps (allocation, autotuning) are not timed."""
+    def __init__(self, fits: int, unit: str = 'runs', skip: int = 3, steps: int = 20):
+        self.fits, self.unit, self.skip, self.steps = fits, unit, skip, steps
+
+    def before_fit(self): self.done = 0
+
+    def after_batch(self):
+        if not self.training: return
+        self.done += 1
+        if self.done in (self.skip, self.skip + self.steps) and self.dls.device.type == 'cuda':
+            torch.cuda.synchronize()   # kernels run behind the Python that launches them
+        if self.done == self.skip: self.start = time.perf_counter()
+        if self.done == self.skip + self.steps:
+            run = (time.perf_counter() - self.start) / self.steps * self.n_iter * self.n_epoch
+            plan = f", about {run * self.fits / 60:.0f} min for the {self.fits} {self.unit} at this pace"
+            print(f"\nEstimated from the first steps: {run / 60:.1f} min of training for this one"
+                  + (plan if self.fits > 1 else '') + " (evaluation not included)", flush=True)
+
+
 class EpochSeconds(Callback):
     """Wall-clock seconds of each epoch (training and validation); fastai's Recorder keeps only a formatted
     string."""
@@ -432,6 +478,28 @@ def flip_tta_accuracy(learn: Learner) -> float:
     return int(correct) / len(learn.dls.valid_ds)
 
 
+def with_batch_statistics(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode whose batch norms normalize with each batch's statistics (momentum 0:
+    the running averages are left as they were), as a model left in training mode would."""
+    model = copy.deepcopy(model).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d): m.train(); m.momentum = 0.0
+    return model
+
+
+@torch.no_grad()
+def batch_statistics_accuracy(learn: Learner, bs: int) -> float | None:
+    """Test accuracy of a batch-norm network scored with the statistics of each test batch of `bs` images (not
+    its running averages), in the test set's fixed order: how it would score if it normalized at test time as
+    it trained. None for a network without batch norm, which has no running averages to choose."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in learn.model.modules()): return None
+    model, correct, n = with_batch_statistics(learn.model), 0, 0
+    for x, y in learn.dls.valid.new(bs=bs, shuffle=False, drop_last=False):
+        with autocast_of(learn): correct = correct + (model(x).argmax(-1) == y).sum()
+        n += len(y)
+    return int(correct) / n
+
+
 def finite(o):
     "`o` with every NaN or infinity replaced by None, so that metrics.json stays valid JSON (a diverged run)."
     if isinstance(o, dict): return {k: finite(v) for k, v in o.items()}
@@ -440,15 +508,15 @@ def finite(o):
     return o
 
 
-def train_run(r: Recipe, out, data=None, cifar=None, cell: bool = False) -> dict:
+def train_run(r: Recipe, out, data=None, cifar=None, cell: bool = False, cbs=()) -> dict:
     """Train the recipe's variant and write its folder `out` (`write_run`), which may hold a run, replaced,
-    and nothing else (checked before training). Returns the metrics."""
+    and nothing else (checked before training); `cbs`: more callbacks of the fit. Returns the metrics."""
     start, out = time.perf_counter(), check_run_dir(out)
     seed_run(r)
     dls = recipe_dls(r, data, cifar)
     learn = normnet_learner(dls, r)
     timer = EpochSeconds()
-    learn.fit_one_cycle(r.epochs, cbs=timer)
+    learn.fit_one_cycle(r.epochs, cbs=[timer, *cbs])
     return write_run(learn, r, out, history_frame(learn, timer.seconds), start, cell)
 
 
@@ -482,6 +550,8 @@ def write_run(learn: Learner, r: Recipe, out: Path, hist: pd.DataFrame, start: f
             test_acc=hist.test_acc.iloc[-1],
             test_loss=hist.test_loss.iloc[-1],  # the last epoch's test pass
             tta_test_acc=flip_tta_accuracy(learn),  # reported beside the plain score, never instead of it
+            # batch norm with each test batch's statistics, batches of the training size (None without it)
+            batch_stats_test_acc=batch_statistics_accuracy(learn, r.bs),
             best_test_acc=float(hist.test_acc.max()),
             epochs_to_70=int(passed[0]) + 1 if len(passed) else None,
             seconds=float(hist.seconds.sum()),

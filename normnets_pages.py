@@ -8,17 +8,12 @@ from pathlib import Path
 import pandas as pd
 
 from normnets import ACTIVATIONS, NORMS, PASS_ACCURACY
-from normnets_learner import recipe
+from normnets_learner import TRAINING_FIELDS, Recipe, at_batch_size, recipe, recipe_label
 
-__all__ = ['md', 'pct', 'mean_std', 'spread', 'num', 'norm_order', 'provenance', 'layer_order', 'is_current',
-           'PAGES', 'pages']
+__all__ = ['md', 'pct', 'mean_std', 'spread', 'num', 'norm_order', 'provenance', 'layer_order', 'recipe_gaps',
+           'today_cell', 'recipes_markdown', 'PAGES', 'pages']
 
 BAR = f'{PASS_ACCURACY:.0%}'
-# The recipe fields that say how a run trains (not on what machine): the recipes table shows them, and a
-# result of other values than today's RECIPES says so.
-TRAINING_FIELDS = ['opt', 'lr', 'wd', 'bs', 'label_smoothing', 'crop_pad', 'epochs', 'net', 'exempt_gn_scale',
-                   'ema', 'lookahead', 'cutout', 'mixup', 'whiten_c1']
-
 
 
 # ---------------------------------------------------------------- formatting
@@ -63,10 +58,42 @@ def layer_order(net) -> str:
     return f'conv, {act}, norm' if options.get('norm_after_relu') else f'conv, norm, {act}'
 
 
-def is_current(run: pd.Series) -> bool:
-    "Whether a run (a row of runs.csv) trained with its norm's recipe in the code today."
-    now = recipe(run.norm, device='cpu', precision='fp32').to_dict()
-    return all((json.loads(run.net) if k == 'net' else run[k]) == now[k] for k in TRAINING_FIELDS)
+# ---------------------------------------------------------------- today's recipes or not
+
+def recipe_gaps(run, varied=(), today: Recipe | None = None) -> list[str]:
+    """Where the recipe a run recorded (a row of a result table, or a dict) differs from `today` (default: its
+    norm's recipe in the code today) in TRAINING_FIELDS, leaving out `varied` (what its section changes on
+    purpose): e.g. ['lr 0.01 (today 0.4)', 'not recorded: crop_pad, net']. Empty: a run of today's recipe."""
+    now = (today or recipe(run['norm'], device='cpu', precision='fp32')).to_dict()
+    gaps, unknown = [], []
+    for k in TRAINING_FIELDS:
+        if k in varied: continue
+        value = run.get(k)
+        if value is None or (not isinstance(value, (dict, str)) and pd.isna(value)):
+            unknown.append(k)
+            continue
+        if k == 'net' and isinstance(value, str): value = json.loads(value)
+        if value != now[k]:
+            show = lambda v: json.dumps(v) if k == 'net' else f'{v:g}' if isinstance(v, float) else str(v)
+            gaps.append(f"{k} {show(value)} (today {show(now[k])})")
+    return gaps + ([f"not recorded: {', '.join(unknown)}"] if unknown else [])
+
+
+def today_cell(run, varied=(), today: Recipe | None = None) -> str:
+    "'yes' for a run of today's recipe (see `recipe_gaps`), else '**no**: ' and how it differs."
+    gaps = recipe_gaps(run, varied, today)
+    return '**no**: ' + ', '.join(gaps) if gaps else 'yes'
+
+
+def recipes_markdown(runs: pd.DataFrame) -> str:
+    "Each norm's recipe as its first run recorded it (`runs`: rows of runs.csv), and whether it is today's."
+    first = runs.groupby('norm', sort=False).first().reset_index()
+    return md(pd.DataFrame({
+        'norm': first.norm, 'layer order': first.net.map(layer_order), 'optimizer': first.opt,
+        'peak lr': first.lr.map(num), 'weight decay': first.wd.map(num), 'batch size': first.bs,
+        'label smoothing': first.label_smoothing.map(num), 'crop padding': first.crop_pad,
+        'epochs': first.epochs, 'precision': first.precision,
+        "today's recipe": [today_cell(r) for _, r in first.iterrows()]}))
 
 
 def findings_table(f: pd.DataFrame) -> str:
@@ -97,7 +124,7 @@ def study_page(results: Path) -> str | None:
     return (f"# The study\n\n{provenance(runs)}\n\n## Findings\n\nMeans over seeds; the epoch-by-epoch "
             "values (after epoch 5, largest fall) are the first seed's.\n\n"
             f"{findings_table(findings.set_index('norm'))}\n## Every run\n\n{md(table)}\n"
-            "## Test accuracy per class (%)\n\n"
+            f"## Recipes\n\n{recipes_markdown(runs)}\n## Test accuracy per class (%)\n\n"
             + md(per_class.set_index('class').map(lambda x: pct(x, 1)).reset_index()))
 
 
@@ -151,49 +178,101 @@ def ablation_page(results: Path) -> str | None:
             "## Held-out images\n\n"
             "Points gained over the recipe changed, mean over the seeds run (each seed's in brackets); bold: "
             "more than half a point; *: the latest of several recipes of the norm.\n\n"
-            + (ablation_matrix(held_out) if len(held_out) else '') + f"\n## Every row\n\n{md(table)}")
+            + (ablation_matrix(held_out) if len(held_out) else '') + f"\n## Recipes\n\n{ablation_recipes(df)}"
+            f"\n## Every row\n\n{md(table)}")
+
+
+def ablation_recipes(df: pd.DataFrame) -> str:
+    "Each norm's recipe today, and how many of its rows changed that recipe rather than an older one."
+    names = norm_order(df.norm.unique())
+    today = {n: recipe_label(recipe(n)) for n in names}
+    of_today = df.base == df.norm.map(today)
+    return md(pd.DataFrame({
+        'norm': names, "today's recipe": [f'`{today[n]}`' for n in names],
+        "rows that changed today's recipe": [int(of_today[df.norm == n].sum()) for n in names],
+        'rows that changed an older one': [int((~of_today)[df.norm == n].sum()) for n in names]}))
 
 
 def search_page(results: Path) -> str | None:
     "search.md: each norm's chosen cell, the best cells of each stage, and every cell."
     df = read(results / 'search.csv')
     if df is None: return None
-    df = df.sort_values(['stage', 'holdout_acc'], ascending=[True, False])
+    df = df.sort_values(['stage', 'holdout_acc'], ascending=[True, False])   # 'confirm' sorts first
     cells = lambda d: md(pd.DataFrame({
         'norm': d.norm, 'stage': d.stage, 'layer order': d.net.map(layer_order), 'optimizer': d.opt,
-        'peak lr': d.lr.map(num), 'weight decay': d.wd.map(num), 'epochs': d.epochs,
+        'peak lr': d.lr.map(num), 'weight decay': d.wd.map(num), 'epochs': d.epochs, 'seed': d.seed,
         'held-out acc %': d.holdout_acc.map(pct), 'train acc %': d.train_acc.map(pct),
         'train s': d.seconds.map('{:.0f}'.format)}))
     screen = df[df.stage == 'screen']
     edges = screen.groupby('opt').lr.agg(['min', 'max'])
-    chosen = df.groupby('norm', sort=False).head(1)   # the best at full length: 'confirm' sorts first
+    # each norm's choice: the cell of the best mean over its seeds, of the last stage it reached
+    last = df[df.stage == df.groupby('norm').stage.transform('min')]
+    cell = ['norm', 'opt', 'lr', 'wd', 'epochs']
+    means = last.groupby(cell, sort=False).agg(
+        holdout_acc=('holdout_acc', 'mean'), holdout_acc_std=('holdout_acc', 'std'), seeds=('seed', 'size'),
+        first=('holdout_acc', 'idxmax')).reset_index()
+    chosen = means.sort_values('holdout_acc', ascending=False).groupby('norm', sort=False).head(1)
     edge = [r.lr in (edges['min'][r.opt], edges['max'][r.opt]) for r in chosen.itertuples()]
-    return (f"# Recipe search\n\n`benchmarks/search.py` on {df.device_name.iloc[0]}, seed {df.seed.iloc[0]}: "
-            "each cell trains on the training images but a held-out set and is scored on it; the test set "
-            "plays no part.\n\n![held-out accuracy against peak learning rate](search.png)\n\n## Chosen\n\n"
+    return (f"# Recipe search\n\n`benchmarks/search.py` on {df.device_name.iloc[0]}, seed {df.seed.min()} "
+            "(confirmed cells also at the seeds after it): each cell trains on the training images but a "
+            "held-out set and is scored on it; the test set plays no part.\n\n"
+            "![held-out accuracy against peak learning rate](search.png)\n\n## Chosen\n\n"
             + md(pd.DataFrame({'norm': chosen.norm, 'optimizer': chosen.opt, 'peak lr': chosen.lr.map(num),
                                'weight decay': chosen.wd.map(num), 'epochs': chosen.epochs,
-                               'held-out acc %': chosen.holdout_acc.map(pct),
-                               'rate at the edge of the grid': ['yes' if e else 'no' for e in edge]}))
+                               'seeds': chosen.seeds, 'held-out acc %': spread(chosen, 'holdout_acc'),
+                               'rate at the edge of the grid': ['yes' if e else 'no' for e in edge],
+                               "today's recipe": [today_cell(df.loc[i]) for i in chosen['first']]}))
             + f"\n## Best cell of each norm and stage\n\n{cells(df.groupby(['norm', 'stage']).head(1))}"
             f"\n## Every cell\n\n{cells(df)}")
 
 
 def batch_size_page(results: Path) -> str | None:
-    "batch_size.md: test accuracy and cost of every cell of the batch-size grid."
+    "batch_size.md: test accuracy (mean ± std over seeds) and cost of every cell of the batch-size grid."
     df = read(results / 'batch_size.csv')
     if df is None: return None
-    grid = df.groupby(['norm', 'bs']).agg(test_acc=('test_acc', 'mean'), seconds=('seconds', 'mean'),
-                                          lr=('lr', 'first')).reset_index()
-    cells = grid.assign(cell=[f"{pct(a)} ({s / 60:.1f} min)" for a, s in zip(grid.test_acc, grid.seconds)])
-    table = cells.pivot(index='bs', columns='norm', values='cell')[norm_order(grid.norm.unique())]
+    if 'batch_stats_test_acc' not in df: df['batch_stats_test_acc'] = float('nan')   # grids from before it
+    grid = df.groupby(['norm', 'bs']).agg(
+        test_acc=('test_acc', 'mean'), test_acc_std=('test_acc', 'std'), seconds=('seconds', 'mean'),
+        seeds=('seed', 'size'), batch_stats=('batch_stats_test_acc', 'mean')).reset_index()
+    grid['cell'] = [f"{c} ({s / 60:.1f} min)" for c, s in zip(spread(grid, 'test_acc'), grid.seconds)]
+    table = grid.pivot(index='bs', columns='norm', values='cell')[norm_order(grid.norm.unique())]
     table = table.rename(columns=lambda n: f'{n} norm: test acc % (cost)')
-    table.insert(0, 'peak lr', grid.groupby('bs').lr.first().map('{:.2g}'.format))
+    bn = grid[(grid.norm == 'batch') & grid.batch_stats.notna()].set_index('bs').batch_stats
+    if len(bn): table['batch norm, test-batch statistics: test acc %'] = bn.map(pct)
     return (f"# Batch size\n\n`scripts/batch_sizes.py` on {df.device_name.iloc[0]}: each norm's recipe at "
             f"each batch size for {'/'.join(map(str, sorted(df.epochs.unique())))} epochs a cell, seeds "
-            f"{', '.join(map(str, sorted(df.seed.unique())))}, peak lr x sqrt(batch size / the recipe's).\n\n"
+            f"{', '.join(map(str, sorted(df.seed.unique())))} (mean ± std where several), the peak lr scaled "
+            "by sqrt(batch size / the recipe's). Batch norm's test-batch statistics: each test batch, of the "
+            "training batch size, normalized with its own statistics instead of the running averages.\n\n"
             "![test accuracy against batch size](batch_size.png)\n\n"
-            + md(table.reset_index().rename(columns={'bs': 'batch size'})))
+            + md(table.reset_index().rename(columns={'bs': 'batch size'}))
+            + ''.join(f"\n{line}\n" for line in [batch_norm_behind(grid)] if line)
+            + f"\n## Recipes\n\n{batch_size_recipes(df)}")
+
+
+def batch_norm_behind(grid: pd.DataFrame) -> str:
+    "Where batch norm's mean falls behind the better of group and layer norm in the grid, in points."
+    acc = grid.pivot(index='bs', columns='norm', values='test_acc')
+    if not {'batch', 'group', 'layer'} <= set(acc.columns): return ''
+    gap = (acc[['group', 'layer']].max(axis=1) - acc['batch']).dropna()
+    behind = gap[gap > 0]
+    if not len(behind):
+        return (f"Batch norm stays ahead of group and layer norm at every batch size measured, by "
+                f"{pct(-gap.max())} points at the least (batch size {gap.idxmax()}).")
+    return ("Batch norm falls behind the better of group and layer norm at batch size "
+            + ', '.join(f"{b} (by {pct(g)} points)" for b, g in behind.items()) + '.')
+
+
+def batch_size_recipes(df: pd.DataFrame) -> str:
+    "Whether each norm's cells are today's recipe at their batch size (`at_batch_size`), and how many are."
+    rows = []
+    for n in norm_order(df.norm.unique()):
+        cells = df[df.norm == n]
+        today = pd.Series([today_cell(r, today=at_batch_size(recipe(n), r.bs)) for _, r in cells.iterrows()])
+        behind = today[today != 'yes']
+        rows.append({'norm': n, 'cells': len(cells), "cells of today's recipe": len(cells) - len(behind),
+                     'the others differ in (first of them)': behind.iloc[0] if len(behind) else ''})
+    return md(pd.DataFrame(rows))
 
 
 def inference_page(results: Path) -> str | None:
@@ -210,7 +289,10 @@ def inference_page(results: Path) -> str | None:
                 'norm': speed.norm, 'change': speed['mode'],
                 'images/s as trained': speed.images_per_s.map('{:.0f}'.format),
                 'images/s changed': speed.changed_per_s.map('{:.0f}'.format),
-                'speed-up': (speed.changed_per_s / speed.images_per_s).map('{:.2f}x'.format)})))
+                'speed-up': (speed.changed_per_s / speed.images_per_s).map('{:.2f}x'.format)}))
+            + "\n## Models\n\n" + md(pd.DataFrame({
+                'norm': (first := df.groupby('norm', sort=False).first().reset_index()).norm,
+                "today's recipe": [today_cell(r) for _, r in first.iterrows()]})))
 
 
 def precision_page(results: Path) -> str | None:
@@ -229,7 +311,7 @@ def precision_page(results: Path) -> str | None:
              'runs': len(b), 'test acc % float32': over_runs(a), 'test acc % bfloat16': over_runs(b),
              'difference (points)': f"{100 * (b.test_acc.mean() - a.test_acc.mean()):+.2f}",
              's / epoch float32': f"{epoch_s(a):.1f}", 's / epoch bfloat16': f"{epoch_s(b):.1f}",
-             'speed-up': f"{epoch_s(a) / epoch_s(b):.2f}x"}
+             'speed-up': f"{epoch_s(a) / epoch_s(b):.2f}x", "today's recipe": today_cell(b.iloc[0])}
             for n in norm_order(bf16.norm.unique())
             for a, b in [(fp32[fp32.norm == n], bf16[bf16.norm == n])]]
     return ("# The study in float32 and in bfloat16\n\nThe same runs in both precisions on "
@@ -256,7 +338,8 @@ def speed_page(f: Path) -> str | None:
         'x usual': (rows.train_ips / usual['train_ips']).map('{:.2f}'.format),
         **({'x reference': (rows.train_ips / ref['train_ips']).map('{:.2f}'.format)} if ref else {}),
         'train GFLOP/s': gflops.map('{:.1f}'.format),
-        'of the matmul peak': [f"{100 * g / peaks[p]:.0f}%" for g, p in zip(gflops, rows.precision)]})
+        'of the matmul peak': [f"{100 * g / peaks[p]:.0f}%" for g, p in zip(gflops, rows.precision)],
+        "today's recipe": [today_cell(v) for v in s['variants']] + [''] * (len(rows) - len(s['variants']))})
     as_run, c = {v['norm']: v['train_ips'] for v in s['variants']}, pd.DataFrame(s['changes'])
     changes = pd.DataFrame({
         'variant': c.norm.map(lambda n: f'{n} norm'), 'change': c.change,
@@ -309,18 +392,22 @@ def gpu_page(results: Path) -> str | None:
     cpu, cpu_runs = pd.read_csv(results / 'summary.csv').set_index('norm'), pd.read_csv(results / 'runs.csv')
     first = lambda r, n: r[r.norm == n].iloc[0]
     same = {n: all(first(runs, n)[k] == first(cpu_runs, n)[k] for k in TRAINING_FIELDS) for n in summary.norm}
-    parallel = gpu / 'parallel_study.json'
-    parallel = json.loads(parallel.read_text()) if parallel.exists() else None
-    return (f"# The study on a GPU\n\n{provenance(runs)}"
-            + (f" {parallel['processes']} processes at once ({parallel['runs_per_process']} runs each) took "
-               f"**{parallel['wall_seconds']:.0f} s** from first start to last finish." if parallel else '')
+    study = json.loads((gpu / 'study.json').read_text()) if (gpu / 'study.json').exists() else None
+    wall = ''
+    if study:
+        kept = study['runs'] - study['trained']
+        before = f" ({kept} of its {study['runs']} runs kept from before)" if kept else ''
+        wall = (f" The whole study, {study['how']}, took **{study['wall_seconds']:.0f} s** of wall time, "
+                f"data to last file{before}.")
+    return (f"# The study on a GPU\n\n{provenance(runs)}{wall}"
             + " [gpu/speed.md](gpu/speed.md) profiles a step.\n\n![the GPU study](gpu/comparison.png)\n\n"
             + md(pd.DataFrame({
                 'norm': summary.norm,
                 'GPU test acc %': spread(summary, 'test_acc'),
                 'GPU train s a run': summary.seconds.map('{:.0f}'.format),
                 'CPU test acc %': [mean_std(cpu.test_acc[n], cpu.test_acc_std[n]) for n in summary.norm],
-                'same recipe': summary.norm.map(lambda n: 'yes' if same[n] else '**no**: not comparable'),
+                'same recipe as the CPU study': summary.norm.map(lambda n: 'yes' if same[n] else '**no**'),
+                "today's recipe": [today_cell(first(runs, n)) for n in summary.norm],
                 'GPU minus CPU (points)': [f"{100 * (g - cpu.test_acc[n]):+.2f}" if same[n] else ''
                                            for n, g in zip(summary.norm, summary.test_acc)]})))
 

@@ -96,20 +96,25 @@ def comparison(histories: dict, path):
 
 
 def batch_size(df: pd.DataFrame, path):
-    "Test accuracy against training batch size (log axis), one line per norm; mean over seeds."
+    """Test accuracy against training batch size (log axis), one line per norm: the mean over seeds, and the
+    seeds' spread (one standard deviation) where there are several; batch norm also with the statistics of
+    each test batch (dashed)."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    scores = {'test_acc': ('-', '')}
+    if 'batch_stats_test_acc' in df and df.batch_stats_test_acc.notna().any():
+        scores['batch_stats_test_acc'] = ('--', ', test-batch statistics')
     for norm, g in df.groupby('norm', sort=False):
-        g = g.groupby('bs').test_acc.mean()
-        ax.plot(g.index, g.values, marker='o', color=norm_color(norm), label=f'{norm} norm')
+        for col, (ls, what) in scores.items():
+            if g[col].isna().all(): continue
+            acc = g.groupby('bs')[col].agg(['mean', 'std'])
+            ax.errorbar(acc.index, acc['mean'], yerr=acc['std'].fillna(0), marker='o', capsize=3, ls=ls,
+                        color=norm_color(norm), label=f'{norm} norm{what}')
     ax.set_xscale('log', base=2)
     ax.set_xticks(sorted(df.bs.unique()), [str(b) for b in sorted(df.bs.unique())])
     epochs = '/'.join(map(str, sorted(df.epochs.unique())))
-    ax.set(
-        xlabel='training batch size',
-        ylabel='test accuracy',
-        title=f'test accuracy by batch size ({epochs} epochs)',
-    )
-    ax.grid(alpha=0.3); ax.legend()
+    ax.set(xlabel='training batch size', ylabel='test accuracy',
+           title=f'test accuracy by batch size ({epochs} epochs)')
+    ax.grid(alpha=0.3); ax.legend(fontsize=8)
     _save(fig, path)
 
 

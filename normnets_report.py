@@ -18,8 +18,8 @@ import torch
 from normnets import NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY, WIDTHS
 from normnets import normnet, count_params, count_macs
 from normnets_learner import recipe
-from normnets_pages import (BAR, PAGES, is_current, layer_order, md, mean_std, num, pages, pct, provenance,
-                            spread)
+from normnets_pages import (BAR, PAGES, layer_order, md, mean_std, num, pages, pct, provenance,
+                            recipes_markdown, spread)
 
 __all__ = ['summary_markdown', 'conclusions', 'regions', 'fill', 'stale', 'write_report']
 
@@ -79,17 +79,6 @@ def conclusions(f: pd.DataFrame, device: str) -> str:
     lines.append(f"An epoch takes {f.seconds_per_epoch[fast]:.1f} s ({fast} norm) to "
                  f"{f.seconds_per_epoch[slow]:.1f} s ({slow} norm) on {device}.")
     return ''.join(f"- {line}\n" for line in lines)
-
-
-def recipes_markdown(runs: pd.DataFrame) -> str:
-    "Each norm's recipe as its runs recorded it, and whether it is the recipe in the code today."
-    first = runs.groupby('norm', sort=False).first().reset_index()
-    return md(pd.DataFrame({
-        'norm': first.norm, 'layer order': first.net.map(layer_order), 'optimizer': first.opt,
-        'peak lr': first.lr.map(num), 'weight decay': first.wd.map(num), 'batch size': first.bs,
-        'label smoothing': first.label_smoothing.map(num), 'crop padding': first.crop_pad,
-        'epochs': first.epochs, 'precision': first.precision,
-        "today's recipe": ['yes' if is_current(r) else '**no**: rerun it' for _, r in first.iterrows()]}))
 
 
 def describe_layer(name, m) -> str:

@@ -18,7 +18,8 @@ from normnets import NORMS, architecture_id, norm_name
 from normnets_data import load_cifar
 from normnets_files import check_out, check_run_dir, damaged, locked, read_json
 from normnets_fused import fusable_groups, fusion_measured_faster, train_fused
-from normnets_learner import Recipe, device_name, recipe, recorded_recipe, train_run
+from normnets_learner import (TRAINING_FIELDS, FirstStepsEstimate, Recipe, device_name, recipe,
+                              recorded_recipe, train_run)
 import normnets_plots as plots
 import normnets_report as report
 
@@ -90,24 +91,20 @@ def kept_run(d: Path, r: Recipe) -> dict | None:
     return m if _matches(m, r) else None
 
 
-def plan_frame(plan: list, fields: list) -> pd.DataFrame:
-    """One row per finished run of `plan` ((title, recipe, folder) triples): the recipe's `fields`, its
-    accuracies, seconds, device and data, and its folder as <parent>/<name>."""
+def plan_frame(plan: list, scores: tuple = ()) -> pd.DataFrame:
+    """One row per finished run of `plan` ((title, recipe, folder) triples): its norm, the recipe's
+    TRAINING_FIELDS ('net' as JSON) and seed, its accuracies and the metrics named in `scores`, seconds,
+    device and data, and its folder as <parent>/<name>."""
     rows = []
     for _, r, d in plan:
         m = kept_run(d, r)
         if m:
-            rows.append(
-                {
-                    **{k: getattr(r, k) for k in fields},
-                    'train_acc': m['train_acc'],
-                    'test_acc': m['test_acc'],
-                    'seconds': m['seconds'],
-                    'device_name': m['device_name'],
-                    'data_md5': m['data_md5'],
-                    'run': f'{d.parent.name}/{d.name}',
-                }
-            )
+            recipe_fields = {k: json.dumps(r.net) if k == 'net' else getattr(r, k) for k in TRAINING_FIELDS}
+            rows.append({'norm': r.norm, **recipe_fields, 'seed': r.seed,
+                         'train_acc': m['train_acc'], 'test_acc': m['test_acc'],
+                         **{k: m.get(k) for k in scores}, 'seconds': m['seconds'],
+                         'device_name': m['device_name'], 'data_md5': m['data_md5'],
+                         'run': f'{d.parent.name}/{d.name}'})
     return pd.DataFrame(rows)
 
 
@@ -218,7 +215,8 @@ def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: 
             if m: print(f"kept the finished run in {d}")
             else:
                 start = time.perf_counter()
-                m = train_run(r, d, cifar=cifar, cell=cell)
+                first = [FirstStepsEstimate(left)] if not trained else []
+                m = train_run(r, d, cifar=cifar, cell=cell, cbs=first)
                 trained, left = trained + 1, left - 1
                 train_seconds += time.perf_counter() - start
             print(f"{title}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
@@ -242,7 +240,8 @@ def run_fused(plan: list, kept: list, cifar, cell: bool):
         titles, recipes, folders = ([run[j] for run in group] for j in range(3))
         print(f"\n=== {len(group)} run(s) as one network ({i + 1}/{len(groups)}): {'; '.join(titles)}, "
               f"{recipes[0].epochs} epochs{eta} ===", flush=True)
-        metrics = train_fused(recipes, folders, cifar=cifar, cell=cell)
+        first = [FirstStepsEstimate(len(groups), 'groups of runs')] if not i else []
+        metrics = train_fused(recipes, folders, cifar=cifar, cell=cell, cbs=first)
         for title, m in zip(titles, metrics):
             print(f"{title}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
         done += len(group)
@@ -314,12 +313,18 @@ def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='re
     for _, _, d in plan: check_run_dir(d)
     first = recipes[norms[0]]
     if fuse is None: fuse = jobs == 1 and seeds > 1 and fusion_measured_faster(first.device, seeds)
+    how = (f"each variant's {seeds} seeds trained as one network" if fuse else
+           f"{jobs} runs at a time" if jobs > 1 else "one run at a time")
     print(f"Plan: {len(plan)} runs ({len(norms)} variants x {seeds} seeds, {first.epochs} epochs) on "
-          f"{device_name(first.device)}, {first.precision}, "
-          + (f"each variant's {seeds} seeds trained as one network" if fuse else
-             f"{jobs} runs at a time" if jobs > 1 else "one run at a time"), flush=True)
+          f"{device_name(first.device)}, {first.precision}, {how}", flush=True)
+    start = time.perf_counter()
     cifar = load_cifar(data)   # bad data fails here too, and it is decoded only once
     with locked(out):
+        trained = sum(not (resume and kept_run(d, r)) for _, r, d in plan)
         try: run_plan(plan, cifar, resume, jobs=jobs, fuse=fuse)
         finally: summarized = summarize(out, overrides, seed_norms)   # also after a Ctrl-C, raised again
+        # the study's own wall time, data to last file, and how it ran (the GPU page shows it)
+        (out / 'study.json').write_text(json.dumps(dict(
+            runs=len(plan), trained=trained, how=how, device_name=device_name(first.device),
+            precision=first.precision, wall_seconds=time.perf_counter() - start), indent=2) + '\n')
     return summarized

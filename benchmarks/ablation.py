@@ -14,7 +14,7 @@ the same recipe from another row's folder: a change a recipe has since adopted i
 each row goes to <out>/ablation.csv with the recipe it changed, beside the rows before it.
 `scripts/report.py` turns the table into results/ablation.md.
 """
-import json, shutil
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,11 +24,9 @@ from fastcore.script import call_parse
 from normnets import NORMS
 from normnets_data import HOLDOUT, REPO_DIR, load_cifar
 from normnets_files import check_out, check_run_dir, locked
-from normnets_learner import RECIPES, Recipe, keep_freed_memory, recipe
-from normnets_study import StudyError, check_jobs, cli_errors, kept_run, parse_norms, run_plan
-
-
-OPTIMIZER_SETTINGS = ('opt', 'lr', 'wd')   # what benchmarks/search.py chose for each norm
+from normnets_fused import fusable_groups, fusion_measured_faster
+from normnets_learner import OPTIMIZER_SETTINGS, RECIPES, Recipe, keep_freed_memory, recipe, recipe_label
+from normnets_study import StudyError, check_jobs, cli_errors, kept_run, parse_fuse, parse_norms, run_plan
 
 
 def base_changes(r: Recipe) -> dict:
@@ -97,15 +95,6 @@ def changed(base, fields):
     if callable(fields): fields = fields(base)
     if 'net' in fields: fields = {**fields, 'net': {**base.net, **fields['net']}}
     return replace(base, **fields)
-
-
-def recipe_label(r: Recipe) -> str:
-    """The settings a norm's recipe chose, which a row changes one thing of (e.g. 'sgd, lr 0.4, wd 0.0001', or
-    'adam, lr 0.01, wd 0.01, bs 128, norm_after_relu true')."""
-    chosen = sorted(k for k in RECIPES.get(r.norm, {}) if k not in (*OPTIMIZER_SETTINGS, 'net'))
-    other = ''.join(f", {k} {getattr(r, k)}" for k in chosen)
-    net = ''.join(f", {k} {json.dumps(v)}" for k, v in sorted(r.net.items()))
-    return f"{r.opt}, lr {r.lr:g}, wd {r.wd:g}{other}{net}"
 
 
 def parse_rows(only: str | None) -> list[int]:
@@ -189,6 +178,8 @@ def main(
     out: str = None,           # results folder (default: results/): its ablation/ and ablation.csv
     resume: bool = False,      # keep runs already finished with the same recipe
     jobs: int = 1,             # runs trained at once, each in a process of its own (a GPU: several; a CPU: 1)
+    fuse: str = 'auto',        # yes: rows that differ only in lr, wd or crops as one network; no; auto: where
+                               # benchmarks/speed.py measured fusion faster on this kind of machine
 ):
     "Train each norm once per change; record its accuracy and seconds beside its recipe's."
     keep_freed_memory()
@@ -198,12 +189,16 @@ def main(
         settings = dict(epochs=epochs, seed=seed, holdout=holdout,
                         **{k: v for k, v in given.items() if v is not None})
         check_jobs(jobs)
-        names = parse_norms(norms)
+        names, fuse = parse_norms(norms), parse_fuse(fuse)
         out = Path(out) if out else REPO_DIR / 'results'
         plan = ablation_plan(names, rows, out, **settings)   # every recipe checked first
+        runs = [p[:3] for p in plan]
+        if fuse is None and runs:
+            widest = max(map(len, fusable_groups(runs)))
+            fuse = jobs == 1 and fusion_measured_faster(runs[0][1].device, widest)
         check_out(out)
         cifar = load_cifar(data) if plan else None
         with locked(check_out(out / 'ablation')):
             if resume: reuse_identical_runs(plan, out / 'ablation')
-            try: run_plan([p[:3] for p in plan], cifar, resume, cell=True, jobs=jobs)
+            try: run_plan(runs, cifar, resume, cell=True, jobs=jobs, fuse=fuse)
             finally: write_rows(ablation_rows(plan), out / 'ablation.csv')

@@ -13,7 +13,7 @@ For each variant's first-seed model of the study (results/<norm>/model.pkl):
    inference costs.
 Writes results/inference.csv and results/inference.png.
 """
-import copy, time
+import copy, json, time
 from pathlib import Path
 
 import matplotlib
@@ -25,8 +25,8 @@ from fastcore.script import call_parse
 
 from normnets import NORMS, fold_batchnorm
 from normnets_data import REPO_DIR, get_dls, load_cifar
-from normnets_files import FolderError, check_out
-from normnets_learner import device_name, keep_freed_memory
+from normnets_files import FolderError, check_out, read_json
+from normnets_learner import TRAINING_FIELDS, device_name, keep_freed_memory, with_batch_statistics
 from normnets_study import cli_errors
 import normnets_plots as plots
 
@@ -40,15 +40,6 @@ def test_tensors(cifar, device) -> tuple:
     xs, ys = zip(*[(x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)) for x, y in dls.valid])
     order = torch.randperm(len(dls.valid_ds), generator=torch.Generator().manual_seed(0))
     return torch.cat(xs)[order], torch.cat(ys)[order]
-
-
-def with_batch_statistics(model: nn.Module) -> nn.Module:
-    """A copy of `model` in eval mode whose batch norms normalize with each batch's statistics (momentum 0:
-    the running averages are left as they were)."""
-    model = copy.deepcopy(model).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d): m.train(); m.momentum = 0.0
-    return model
 
 
 class AffineOnly(nn.Module):
@@ -151,6 +142,10 @@ def main(
         models = {n: load_learner(results / n / 'model.pkl').model.to(device).float() for n in found}
         x, y = test_tensors(load_cifar(data), device)
         df = pd.DataFrame(measure(models, x, y))
+    # each model's recipe as its run recorded it, so that the page can say whether it is today's
+    recipes = pd.DataFrame([{'norm': n, **{k: m.get(k) for k in TRAINING_FIELDS}}
+                            for n in found for m in [read_json(results / n / 'metrics.json')]])
+    df = df.merge(recipes.assign(net=recipes.net.map(json.dumps)), on='norm', how='left')
     df['device_name'], df['torch'] = device_name(device), torch.__version__
     df.to_csv(results / 'inference.csv', index=False)
     plots.inference(df[df.kind == 'accuracy'], results / 'inference.png')

@@ -1,19 +1,20 @@
 """Recipe search: the same budget for every normalization, chosen on held-out training images.
 
-    python benchmarks/search.py --epochs 4 --resume            # screen: every cell of GRID, short runs
-    python benchmarks/search.py --confirm 3 --resume           # then the best 3 of each norm at full length
-    python benchmarks/search.py --confirm 2 --jobs 8           # both on a GPU, 8 cells at once
-    python benchmarks/search.py --fuse yes                     # a norm's cells of an optimizer as one network
+    python benchmarks/search.py --resume                 # every cell of GRID at the rules' full length
+    python benchmarks/search.py --confirm 3 --resume     # then the best 3 of each norm at 2 more seeds
+    python benchmarks/search.py --epochs 4 --confirm 2   # a quick screen, the best 2 at full length
 
 Every registered norm gets the same cells: each optimizer of `GRID` at each of its peak learning rates and
 weight decays, with the rest of the norm's recipe. A cell trains on the training images but `HOLDOUT` of them
 and is scored on those (`Recipe.holdout`): the test set plays no part in any choice. The screen runs every
-cell for --epochs; --confirm k reruns the k best screen cells of each norm for the rules' full length. Cells
-go to <out>/search/<norm>-<opt>-lr<lr>-wd<wd>-e<epochs>/; the table to <out>/search.csv and the figure to
-<out>/search.png, both written from every finished cell, also after a Ctrl-C. The cells are ordered so that
-every norm has finished the same cells whenever the search stops.
+cell for --epochs (the rules' full length unless told); --confirm k runs the k best screen cells of each norm
+at full length for the screen's seed and --seeds more, and a norm's choice is the confirmed cell of the best
+mean. A norm's cells of one optimizer train as one fused network where benchmarks/speed.py measured fusion
+faster on this kind of machine (--fuse). Cells go to <out>/search/<norm>-<opt>-lr<lr>-wd<wd>-e<epochs>/
+(-s<seed> after the first seed); the table to <out>/search.csv and the figure to <out>/search.png, both
+written from every finished cell, also after a Ctrl-C. The cells are ordered so that every norm has finished
+the same cells whenever the search stops.
 """
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,15 +30,17 @@ from normnets_fused import fusion_measured_faster
 from normnets_study import check_jobs, cli_errors, parse_fuse, parse_norms, plan_frame, run_plan
 import normnets_plots as plots
 
-# Per optimizer: peak learning rates (a log grid around the usual values for it) and weight decays. Adam's
+# Per optimizer: peak learning rates, a log grid of factor-2 steps around the usual values for it, and weight
+# decays. The 4-epoch search chose rates at its grid's edges (batch norm's largest for both optimizers), so
+# this grid reaches a step past them on both sides, and past the weight decays chosen at the edges. Adam's
 # weight decay is decoupled (fastai's default); SGD's is L2, added to the gradient, as PyTorch's SGD does.
-GRID = {'adam': dict(lr=(2.5e-3, 5e-3, 1e-2, 2e-2), wd=(0.05, 0.01)),
-        'sgd': dict(lr=(0.05, 0.1, 0.2, 0.4), wd=(5e-4, 1e-4))}
-FIELDS = ['norm', 'opt', 'lr', 'wd', 'epochs', 'seed', 'net']
+GRID = {'adam': dict(lr=(1.25e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2), wd=(0.1, 0.05, 0.01, 0.002)),
+        'sgd': dict(lr=(0.025, 0.05, 0.1, 0.2, 0.4, 0.8), wd=(5e-4, 1e-4, 2e-5))}
 
 
-def cell_dir(out: Path, r) -> Path:
-    return out / 'search' / f'{r.norm}-{r.opt}-lr{r.lr:g}-wd{r.wd:g}-e{r.epochs}'
+def cell_dir(out: Path, r, first_seed: int = 0) -> Path:
+    seed = f'-s{r.seed}' if r.seed != first_seed else ''
+    return out / 'search' / f'{r.norm}-{r.opt}-lr{r.lr:g}-wd{r.wd:g}-e{r.epochs}{seed}'
 
 
 def screen_plan(norms, epochs, out, **overrides) -> list:
@@ -51,24 +54,26 @@ def screen_plan(norms, epochs, out, **overrides) -> list:
             for r in [recipe(n, opt=opt, lr=lr, wd=wd, epochs=epochs, holdout=HOLDOUT, **overrides)]]
 
 
-def confirm_plan(screen, k: int, epochs: int, out) -> list:
-    "The `k` best finished screen cells of each norm by held-out accuracy, at `epochs` epochs."
-    df = plan_frame(screen, FIELDS)
+def confirm_plan(screen, k: int, seeds: int, out) -> list:
+    """The `k` best finished screen cells of each norm by held-out accuracy, at the rules' full length, for
+    the screen's seed and `seeds` more (a screen of full length holds the first of them already)."""
+    df = plan_frame(screen)
     if not len(df): return []
     best = df.sort_values('test_acc', ascending=False).groupby('norm', sort=False).head(k)
     by_run = {f'{d.parent.name}/{d.name}': r for _, r, d in screen}
-    return [
-        (f"{r.norm} norm, {r.opt}, peak lr {r.lr:g}, weight decay {r.wd:g} (confirm)", r, cell_dir(out, r))
-        for run in best.run
-        for r in [replace(by_run[run], epochs=epochs)]
-    ]
+    return [(f"{r.norm} norm, {r.opt}, peak lr {r.lr:g}, weight decay {r.wd:g}, seed {r.seed} (confirm)", r,
+             cell_dir(out, r, first.seed))
+            for run in best.run for first in [by_run[run]]
+            for seed in range(first.seed, first.seed + 1 + seeds)
+            for r in [replace(first, epochs=MAX_EPOCHS, seed=seed)]]
 
 
 @call_parse
 def main(
     norms: str = None,     # norms to search, comma-separated (default: every registered norm)
-    epochs: int = 4,       # epochs of a screen cell, the same for every cell
-    confirm: int = 0,      # after the screen: rerun the best k cells of each norm for the rules' full length
+    epochs: int = MAX_EPOCHS,   # epochs of a screen cell, the same for every cell
+    confirm: int = 0,      # after the screen: the best k cells of each norm at full length, at more seeds
+    seeds: int = 2,        # seeds a confirmed cell runs at besides the screen's
     seed: int = 0,         # seed of every cell
     data: str = None,      # CIFAR-10 folder or .tgz (default: $NORMNETS_DATA, data/cifar10, else download)
     out: str = None,       # results folder (default: results/)
@@ -92,23 +97,27 @@ def main(
         out = Path(out) if out else REPO_DIR / 'results'
         screen = screen_plan(names, epochs, out, **subset)   # every recipe validated before any work
         check_out(out)
-        row = len(GRID[screen[0][1].opt]['lr']) * len(GRID[screen[0][1].opt]['wd'])   # the cells fused as one
+        row = max(len(g['lr']) * len(g['wd']) for g in GRID.values())   # the most cells fused as one
         if fuse is None: fuse = jobs == 1 and fusion_measured_faster(screen[0][1].device, row)
         cifar = load_cifar(data)
         confirmed = []
         with locked(check_out(out / 'search')):
             try:
                 run_plan(screen, cifar, resume, cell=True, jobs=jobs, fuse=fuse)
-                confirmed = confirm_plan(screen, confirm, MAX_EPOCHS, out) if confirm else []
-                run_plan(confirmed, cifar, resume, cell=True, jobs=jobs, fuse=fuse)
+                confirmed = confirm_plan(screen, confirm, seeds, out) if confirm else []
+                trained = {d for *_, d in screen}   # a full-length screen's cells are not trained twice
+                run_plan([c for c in confirmed if c[2] not in trained], cifar, resume, cell=True, jobs=jobs,
+                         fuse=fuse)
             finally:   # the table of every finished cell, also after a Ctrl-C
-                df = pd.concat([plan_frame(screen, FIELDS).assign(stage='screen'),
-                                plan_frame(confirmed, FIELDS).assign(stage='confirm')])
+                stages = {'screen': plan_frame(screen), 'confirm': plan_frame(confirmed)}
+                finished = [d.assign(stage=stage) for stage, d in stages.items() if len(d)]
+                df = pd.concat(finished) if finished else pd.DataFrame(columns=['test_acc'])
                 df = df.rename(columns={'test_acc': 'holdout_acc'})
                 if len(df):
-                    df['net'] = df.net.map(json.dumps)   # the network options, one readable cell
                     df.to_csv(out / 'search.csv', index=False)
                     plots.search(df[df.stage == 'screen'], out / 'search.png')
-                    print(df.sort_values('holdout_acc', ascending=False).groupby('norm').head(3).to_string())
+                    best = df.sort_values('holdout_acc', ascending=False).groupby('norm').head(3)
+                    shown = ['norm', 'stage', 'opt', 'lr', 'wd', 'epochs', 'seed', 'holdout_acc']
+                    print(best[shown].to_string())
     missing = len(screen) + len(confirmed) - len(df)
     if missing: raise CliError(f"incomplete search: {missing} cells missing (run again with --resume)")

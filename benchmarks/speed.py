@@ -35,7 +35,8 @@ from normnets import NORMS, FloatGroupNorm, normnet, count_macs, count_params
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_files import FolderError, check_out
 from normnets_fused import fused_learner
-from normnets_learner import device_name, keep_freed_memory, normnet_learner, recipe, seed_run
+from normnets_learner import (TRAINING_FIELDS, device_name, keep_freed_memory, normnet_learner, recipe,
+                              seed_run)
 from normnets_study import STUDY_SEEDS, cli_errors
 
 # ---------------------------------------------------------------- the reference
@@ -194,9 +195,9 @@ def torch_optimizer(opt, **options):
     return tweak
 
 
-def compiled(learn):
+def compiled(learn, **options):
     "The model through `torch.compile`; its compilation falls in the warm-up steps."
-    learn.model = torch.compile(learn.model)
+    learn.model = torch.compile(learn.model, **options)
 
 
 def bf16_group_norm(learn):
@@ -254,6 +255,9 @@ CHANGES = [
         dict(net=ALIGNED_WIDTHS),
     ),
     ('batch', 'torch.compile (after its compilation)', lambda dev, p: True, dict(tweak=compiled)),
+    # a launch-bound GPU step: CUDA graphs replay the forward and backward's hundreds of kernels in one launch
+    ('batch', "torch.compile, mode='reduce-overhead' (CUDA graphs)", lambda dev, p: dev == 'cuda',
+     dict(tweak=functools.partial(compiled, mode='reduce-overhead'))),
     ('batch', "PyTorch's SGD, nesterov, foreach (OptimWrapper)", lambda dev, p: True,
      dict(tweak=torch_optimizer(torch.optim.SGD, momentum=0.9, nesterov=True, foreach=True))),
     ('group', "PyTorch's AdamW, foreach (OptimWrapper)", lambda dev, p: True,
@@ -279,7 +283,7 @@ def measure_variants(dls_of, steps, warmup) -> list[dict]:
         rows.append(
             dict(
                 norm=norm,
-                bs=bs,
+                **{k: getattr(learn.recipe, k) for k in TRAINING_FIELDS},   # the recipe measured
                 params=count_params(learn.model),
                 macs=count_macs(learn.model),
                 precision=learn.recipe.precision,

@@ -1,18 +1,19 @@
 """Batch size: every variant of the study trained at several batch sizes, to show where each normalization
 breaks.
 
-    python scripts/batch_sizes.py --data ../shared/data/cifar10-jpeg.tgz --epochs 3 --resume
+    python scripts/batch_sizes.py --data ../shared/data/cifar10-jpeg.tgz --resume
+    python scripts/batch_sizes.py --sizes 64,128,256 --norms batch --resume   # a part of the grid
 
 Batch norm normalizes over the batch, group and layer norm over each image alone: small batches make batch
 norm's statistics noisy, and should leave the others alone. Each cell is a run of the norm's recipe at that
-batch size, with the peak learning rate scaled by the square root of the batch size over the recipe's (one
-rule for every norm). Cells go to <out>/batch_size/<norm>-bs<k>-seed<s>/ (history and metrics); the table to
-<out>/batch_size.csv and the figure to <out>/batch_size.png, both written from every finished cell, also after
-a Ctrl-C. Small batches take many more steps an epoch (see each cell's seconds): choose --epochs by what the
-machine allows, the same for every cell.
+batch size, for the recipe's epochs (the rules' full length), with the peak learning rate scaled by the square
+root of the batch size over the recipe's (`normnets_learner.at_batch_size`, one rule for every norm). Batch
+norm is scored twice: with its running averages, as usual, and with the statistics of each test batch of the
+training batch size. A cell's seeds train as one fused network where benchmarks/speed.py measured that faster
+on this kind of machine (--fuse). Cells go to <out>/batch_size/<norm>-bs<k>-seed<s>/ (history and metrics);
+the table to <out>/batch_size.csv and the figure to <out>/batch_size.png, both written from every finished
+cell, also after a Ctrl-C. Small batches take many more steps an epoch (see each cell's seconds).
 """
-import math
-from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -20,11 +21,15 @@ from fastcore.script import call_parse, CliError
 
 from normnets_data import REPO_DIR, load_cifar
 from normnets_files import check_out, locked
-from normnets_learner import keep_freed_memory, recipe
-from normnets_study import StudyError, cli_errors, parse_norms, plan_frame, run_plan
+from normnets import NORMS
+from normnets_fused import fusion_measured_faster
+from normnets_learner import at_batch_size, keep_freed_memory, recipe
+from normnets_study import StudyError, cli_errors, parse_fuse, parse_norms, plan_frame, run_plan
 import normnets_plots as plots
 
-SIZES = '4,16,64,256'
+SIZES = '8,16,32,64,128,256'
+# Seeds a cell: the seeds' spread is part of the exercise norms' result; one is enough for the other variants.
+SEEDS = {True: 2, False: 1}   # by whether the norm is one of the exercise's
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -36,42 +41,41 @@ def parse_sizes(text: str) -> list[int]:
     return sizes
 
 
-def cell_recipe(norm: str, bs: int, epochs: int, seed: int, **overrides):
-    "The norm's recipe at batch size `bs`: peak learning rate x sqrt(bs / the recipe's batch size)."
-    r = recipe(norm, epochs=epochs, seed=seed, **overrides)
-    return replace(r, bs=bs, lr=r.lr * math.sqrt(bs / r.bs))
-
-
 @call_parse
 def main(
     norms:str=None,        # norms to train, comma-separated (default: every registered norm)
     sizes:str=SIZES,       # training batch sizes, comma-separated
     epochs:int=None,       # epochs per cell, the same for every cell (default: the recipe's)
     seed:int=0,            # first seed
-    seeds:int=1,           # seeds per cell
+    seeds:int=None,        # seeds per cell (default: 2 for the exercise norms, 1 for the others)
     data:str=None,         # CIFAR-10 folder or .tgz (default: $NORMNETS_DATA, data/cifar10, else download)
     out:str=None,          # results folder (default: results/)
     n_train:int=None,      # train on a random subset (quick checks only)
     n_test:int=None,       # evaluate on a random subset (quick checks only)
     resume:bool=False,     # keep cells already finished with the same recipe
+    fuse:str='auto',       # yes: a cell's seeds as one network; no; auto: where speed.py measured it faster
 ):
     "Train every norm at every batch size; write batch_size.csv and batch_size.png."
     matplotlib.use('Agg')
     keep_freed_memory()
     with cli_errors():   # bad values, data or folders, before any work; Ctrl-C after the table is written
-        names, bss = parse_norms(norms), parse_sizes(sizes)[::-1]   # the slow small batches last
-        subset = dict(n_train=n_train, n_test=n_test)
-        base = {n: recipe(n, **subset) for n in names}
+        names, fuse = parse_norms(norms), parse_fuse(fuse)
+        bss = parse_sizes(sizes)[::-1]   # the slow small batches last
+        if seeds is not None and seeds < 1: raise StudyError(f"--seeds {seeds}: need at least one")
+        n_seeds = {n: seeds or SEEDS[NORMS[n].exercise] for n in names}
+        given = {k: v for k, v in dict(epochs=epochs, n_train=n_train, n_test=n_test).items()
+                 if v is not None}
         out = Path(out) if out else REPO_DIR / 'results'
         plan = [(f"{n} norm, batch size {b}, seed {s}", r, out / 'batch_size' / f'{n}-bs{b}-seed{s}')
-                for b in bss for s in range(seed, seed + seeds) for n in names
-                for r in [cell_recipe(n, b, epochs or base[n].epochs, s, **subset)]]   # validated here
+                for b in bss for n in names for s in range(seed, seed + n_seeds[n])
+                for r in [at_batch_size(recipe(n, seed=s, **given), b)]]   # validated here
         check_out(out)
+        if fuse is None: fuse = fusion_measured_faster(plan[0][1].device, max(n_seeds.values()))
         cifar = load_cifar(data)
         with locked(check_out(out / 'batch_size')):   # one writer of the cells; other results stay free
-            try: run_plan(plan, cifar, resume, cell=True)
+            try: run_plan(plan, cifar, resume, cell=True, fuse=fuse)
             finally:   # the table of every finished cell, also after a Ctrl-C
-                df = plan_frame(plan, ['norm', 'bs', 'lr', 'epochs', 'seed'])
+                df = plan_frame(plan, scores=('batch_stats_test_acc',))
                 if len(df):
                     df.to_csv(out / 'batch_size.csv', index=False)
                     plots.batch_size(df, out / 'batch_size.png')

@@ -15,7 +15,7 @@ import inference
 import search
 from normnets import NORMS, PARAM_LIMIT, count_macs, count_params, normnet
 from normnets_data import REPO_DIR
-from normnets_learner import RECIPES, recipe
+from normnets_learner import OPTIMIZER_SETTINGS, RECIPES, recipe, recipe_label, with_batch_statistics
 import normnets_report
 from normnets_study import findings_frame
 from normnets_pages import (ablation_page, batch_size_page, gpu_page, inference_page, layer_order,
@@ -31,18 +31,28 @@ def md_rows(markdown: str) -> list[list[str]]:
 
 def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
     r = subprocess.run([sys.executable, str(REPO_DIR / 'scripts' / 'batch_sizes.py'), '--sizes', '50,100',
-                        '--epochs', '1', '--n-train', '400', '--n-test', '200', '--out', str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+                        '--epochs', '1', '--seeds', '1', '--n-train', '400', '--n-test', '200',
+                        '--out', str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_csv(tmp_path / 'batch_size.csv')
     assert len(df) == 2 * len(NORMS) and set(df.bs) == {50, 100} and set(df.norm) == set(NORMS)
     assert df.test_acc.between(0, 1).all() and df.seconds.gt(0).all() and (df.epochs == 1).all()
-    lr = df.groupby('bs').lr.first()
-    assert lr[50] == pytest.approx(lr[100] / 2 ** 0.5)   # the square-root rule, the same for every norm
+    for n, g in df.groupby('norm'):   # the square-root rule, the same for every norm
+        lr = g.set_index('bs').lr
+        assert lr[100] == pytest.approx(recipe(n).lr * (100 / recipe(n).bs) ** 0.5)
+        assert lr[50] == pytest.approx(lr[100] / 2 ** 0.5)
+    # batch norm alone is scored with each test batch's statistics too
+    bn = df.norm == 'batch'
+    assert df[bn].batch_stats_test_acc.between(0, 1).all() and df[~bn].batch_stats_test_acc.isna().all()
     with Image.open(tmp_path / 'batch_size.png') as im: assert im.format == 'PNG'
-    table = md_rows(batch_size_page(tmp_path))
-    assert table[0][2:] == [f'{n} norm: test acc % (cost)' for n in NORMS]
-    assert [r[0] for r in table[1:]] == ['50', '100']
+    page = batch_size_page(tmp_path)
+    table = md_rows(page)
+    assert table[0][1:len(NORMS) + 1] == [f'{n} norm: test acc % (cost)' for n in NORMS]
+    assert table[0][len(NORMS) + 1] == 'batch norm, test-batch statistics: test acc %'
+    assert [r[0] for r in table[1:3]] == ['50', '100']
+    # each norm's cells are named against today's recipe at their batch size: only the length differs
+    recipes = {r[0]: r for r in table if r[0] in NORMS}
+    assert all(recipes[n][3] == f'**no**: epochs 1 (today {recipe(n).epochs})' for n in NORMS)
     # the activation a network names is the one the order shows
     assert layer_order('{"act": "gelu"}') == 'conv, norm, GELU'
     assert layer_order({"act": "gelu", "norm_after_relu": True}) == 'conv, GELU, norm'
@@ -60,7 +70,7 @@ def trained_like(norm: str) -> nn.Module:
 def test_batch_statistics_mode_normalizes_each_batch_and_keeps_the_running_averages():
     model = trained_like('batch')
     running = [b.running_mean.clone() for b in model.modules() if isinstance(b, nn.BatchNorm2d)]
-    left_in_train = inference.with_batch_statistics(model)
+    left_in_train = with_batch_statistics(model)
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         alone, batched = left_in_train(x[:1]), left_in_train(x)[:1]
@@ -100,11 +110,14 @@ def test_a_tiny_search_gives_every_norm_the_same_cells_scored_on_held_out_images
     monkeypatch.setattr(search, 'GRID', grid)
     monkeypatch.setattr(search, 'HOLDOUT', 500)
     monkeypatch.setattr(search, 'MAX_EPOCHS', 2)   # the rules' full length, shortened for a test
-    search.main(epochs=1, confirm=1, n_train=400, n_test=200, bs=100, precision='fp32', out=str(tmp_path))
+    search.main(epochs=1, confirm=1, seeds=1, n_train=400, n_test=200, bs=100, precision='fp32',
+                out=str(tmp_path))
     df = pd.read_csv(tmp_path / 'search.csv')
     screen, confirm = df[df.stage == 'screen'], df[df.stage == 'confirm']
     assert len(screen) == 2 * len(NORMS) and screen.groupby('norm').size().eq(2).all()
-    assert len(confirm) == len(NORMS) and confirm.epochs.eq(2).all() and df.holdout_acc.between(0, 1).all()
+    assert len(confirm) == 2 * len(NORMS) and confirm.epochs.eq(2).all()
+    assert df.holdout_acc.between(0, 1).all()
+    assert all(sorted(g.seed) == [0, 1] for _, g in confirm.groupby('norm'))   # the best cell, 2 seeds
     # every cell keeps the rest of its norm's recipe, its network options included
     assert all(json.loads(net) == recipe(n).net for n, net in zip(df.norm, df.net))
     m = pd.read_json(tmp_path / 'search' / confirm.run.iloc[0].split('/')[1] / 'metrics.json', typ='series')
@@ -112,21 +125,29 @@ def test_a_tiny_search_gives_every_norm_the_same_cells_scored_on_held_out_images
     assert m['precision'] == 'fp32'   # pinned, so that a search can span machines
     table = md_rows(search_page(tmp_path))
     assert ['group', 'screen', 'conv, ReLU, norm'] in [r[:3] for r in table]
-    chosen = [r for r in table if len(r) == 7 and r[0] in NORMS]   # each norm's choice at full length
-    assert sorted(r[0] for r in chosen) == sorted(NORMS) and all(r[4] == '2' for r in chosen)
-    assert all(r[-1] == 'yes' for r in chosen)   # one rate per optimizer: every choice at the grid's edge
+    chosen = [r for r in table if len(r) == 9 and r[0] in NORMS]   # each norm's choice at full length
+    assert sorted(r[0] for r in chosen) == sorted(NORMS) and all(r[4:6] == ['2', '2'] for r in chosen)
+    assert all(r[7] == 'yes' for r in chosen)   # one rate per optimizer: every choice at the grid's edge
+    assert all('±' in r[6] for r in chosen)   # the mean over the seeds, and their spread
     with Image.open(tmp_path / 'search.png') as im: assert im.format == 'PNG'
 
 
-def test_a_fused_search_trains_the_cells_of_an_optimizer_as_one_network(tmp_path, monkeypatch):
+def test_a_fused_search_trains_the_cells_of_an_optimizer_as_one_network(tmp_path, monkeypatch, capsys):
     grid = {'adam': dict(lr=(5e-3, 1e-2), wd=(0.05, 0.01)), 'sgd': dict(lr=(0.1,), wd=(5e-4,))}
     monkeypatch.setattr(search, 'GRID', grid)
     monkeypatch.setattr(search, 'HOLDOUT', 500)
-    search.main(norms='ln', epochs=1, n_train=400, n_test=200, bs=100, precision='fp32', fuse='yes',
-                out=str(tmp_path))
+    monkeypatch.setattr(search, 'MAX_EPOCHS', 1)   # a screen of full length, shortened for a test
+    search.main(norms='ln', epochs=1, confirm=1, seeds=1, n_train=400, n_test=200, bs=100, precision='fp32',
+                fuse='yes', out=str(tmp_path))
+    out = capsys.readouterr().out
     df = pd.read_csv(tmp_path / 'search.csv')
-    assert len(df) == 5 and df.holdout_acc.between(0, 1).all()
-    metrics = {r.run: json.loads((tmp_path / r.run / 'metrics.json').read_text()) for r in df.itertuples()}
+    screen, confirm = df[df.stage == 'screen'], df[df.stage == 'confirm']
+    assert len(screen) == 5 and df.holdout_acc.between(0, 1).all()
+    # the best cell again at one more seed; its first seed is the screen's cell, not trained twice
+    assert confirm.seed.tolist() == [0, 1] and confirm.run.iloc[0] in set(screen.run)
+    assert 'seed 0 (confirm)' not in out and 'seed 1 (confirm)' in out
+    metrics = {r.run: json.loads((tmp_path / r.run / 'metrics.json').read_text())
+               for r in screen.itertuples()}
     assert [len(m.get('fused_with', [])) for m in metrics.values() if m['opt'] == 'adam'] == [4] * 4
     assert [m.get('fused_with') for m in metrics.values() if m['opt'] == 'sgd'] == [None]   # a cell alone
 
@@ -144,7 +165,7 @@ def test_ablation_rows_are_scored_on_held_out_images_against_the_current_recipe(
     assert recipe('gn').net['norm_after_relu']
     assert df.change.tolist() == ['current recipe', ablation.CHANGES[zero_init][0]]
     assert df.scored_on.eq('200 held-out training images').all() and df.test_acc.between(0, 1).all()
-    assert df.base.eq(ablation.recipe_label(recipe('gn'))).all()   # the recipe each row changed
+    assert df.base.eq(recipe_label(recipe('gn'))).all()   # the recipe each row changed
     page = ablation_page(tmp_path)
     assert '200 held-out training images' in page and [r[1] for r in md_rows(page)].count('group') == 2
     # the changes-by-norms table gives the change's difference in points
@@ -195,7 +216,7 @@ def test_every_ablation_row_keeps_every_norm_within_the_rules(tmp_path, capsys, 
                                    if change.startswith("the exercise norm's batch size")}
     extras = [n for n, e in NORMS.items() if not e.exercise]
     assert extras and taking_base(plan) == {}
-    for n in extras: monkeypatch.setitem(RECIPES, n, {k: RECIPES[n][k] for k in ablation.OPTIMIZER_SETTINGS})
+    for n in extras: monkeypatch.setitem(RECIPES, n, {k: RECIPES[n][k] for k in OPTIMIZER_SETTINGS})
     taken = taking_base(plan_all())
     assert list(taken) == extras
     for n, r in taken.items():
@@ -236,12 +257,14 @@ def test_the_gpu_study_is_set_beside_the_cpu_study_only_where_their_recipes_matc
         d.mkdir(exist_ok=True)
         for f in ('summary.csv', 'runs.csv'): shutil.copy(REPO_DIR / 'results' / 'gpu' / f, d / f)
     table = [r for r in md_rows(gpu_page(tmp_path)) if r[0] in NORMS]
-    assert [(r[4], r[5]) for r in table] == [('yes', '+0.00')] * len(NORMS)
+    assert [(r[4], r[6]) for r in table] == [('yes', '+0.00')] * len(NORMS)
+    # and each against today's recipe: the committed GPU study's are older
+    assert all(r[5].startswith('**no**: ') for r in table)
     runs = pd.read_csv(tmp_path / 'runs.csv')
     runs.loc[runs.norm == 'batch', 'lr'] *= 2   # a CPU study of another batch norm recipe
     runs.to_csv(tmp_path / 'runs.csv', index=False)
     table = {r[0]: r for r in md_rows(gpu_page(tmp_path)) if r[0] in NORMS}
-    assert table['batch'][4].startswith('**no**') and table['batch'][5] == '' and table['group'][4] == 'yes'
+    assert table['batch'][4].startswith('**no**') and table['batch'][6] == '' and table['group'][4] == 'yes'
 
 
 def test_a_change_measured_against_two_recipes_shows_the_latest_and_names_each_on_its_page(tmp_path):

@@ -409,3 +409,12 @@ def test_the_committed_models_load_and_score_as_recorded(norm, test_batches):
     with torch.no_grad(): acc = (learn.model(x).argmax(1) == y).float().mean().item()
     recorded = json.loads((f.parent / 'metrics.json').read_text())['test_acc']
     assert acc == pytest.approx(recorded, abs=3 * math.sqrt(recorded * (1 - recorded) / len(y)))
+
+
+def test_the_first_steps_estimate_the_plan(tiny_dls, capsys):
+    "After its first timed steps a fit prints its own training time and that of the plan's fits at that pace."
+    learn = normnet_learner(tiny_dls, 'bn')
+    with learn.no_logging(), learn.no_bar():
+        learn.fit_one_cycle(2, cbs=normnets_learner.FirstStepsEstimate(7, 'runs', skip=1, steps=2))
+    out = capsys.readouterr().out
+    assert out.count('Estimated from the first steps') == 1 and 'min for the 7 runs at this pace' in out

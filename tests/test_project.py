@@ -1,10 +1,12 @@
 """The project as a whole: the README is current with the committed results, its set-up commands are what CI
 runs, the code is within the style limits, and no file reaches into sys.path."""
-import re, subprocess, sys
+import re, shutil, subprocess, sys
 
 import pytest
 
 from normnets_data import REPO_DIR
+from normnets_learner import RECIPES
+from normnets_report import stale, write_report
 
 CODE = [p for d in ('.', 'scripts', 'benchmarks', 'tests') for p in (REPO_DIR / d).glob('*.py')]
 
@@ -51,3 +53,26 @@ def test_code_passes_ruff_with_the_projects_line_length():
     )
     assert r.returncode == 0, r.stdout[-3000:]
     assert ruff
+
+
+def test_report_check_fails_on_a_section_whose_runs_are_not_of_todays_recipe(tmp_path, monkeypatch):
+    """Once a recipe changes in the code, every section whose runs trained with the old one is stale (what
+    `report.py --check` reports) until the report is written again, which names the difference in each; a
+    section edited to hide it is stale again."""
+    results, readme = tmp_path / 'results', tmp_path / 'README.md'
+    shutil.copytree(REPO_DIR / 'results', results, ignore=shutil.ignore_patterns('*.pkl', '*.png'))
+    readme.write_text((REPO_DIR / 'README.md').read_text())
+    assert stale(results, readme) == []
+    old, new = RECIPES['batch']['lr'], RECIPES['batch']['lr'] / 2
+    monkeypatch.setitem(RECIPES, 'batch', {**RECIPES['batch'], 'lr': new})
+    sections = ['study.md', 'search.md', 'ablation.md', 'inference.md', 'speed.md', 'gpu.md']
+    behind = stale(results, readme)
+    assert "README region 'recipes'" in behind and {str(results / s) for s in sections} <= set(behind)
+    write_report(results, readme)
+    assert stale(results, readme) == []
+    said = f'lr {old:g} (today {new:g})'
+    assert said in readme.read_text()
+    for s in sections[:2] + sections[3:]: assert said in (results / s).read_text(), s
+    page = results / 'study.md'
+    page.write_text(page.read_text().replace(f'**no**: {said}', 'yes'))
+    assert stale(results, readme) == [str(page)]

@@ -15,8 +15,7 @@ from normnets import NORMS, Norm
 from normnets_data import REPO_DIR
 from fastcore.script import CliError
 from normnets_files import RUN_FILES, FolderError, check_run_dir, damaged, locked
-from normnets_learner import RECIPES, Recipe, recipe
-from normnets_pages import TRAINING_FIELDS
+from normnets_learner import RECIPES, TRAINING_FIELDS, Recipe, recipe
 from normnets_study import SUMMARY_COLUMNS, StudyError, parse_norms, run_study
 import run_all, train
 report_script = importlib.import_module('report')   # scripts/report.py, beside normnets_report as `report`

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Everything normnets uses a GPU for, in one command on the GPU machine, in the order it pays off:
+#   1. benchmarks/speed.py        -> results/gpu/speed.json (fused runs, optimizers, profile)
+#   2. scripts/run_all.py         -> results/gpu/ (the study, each variant's seeds fused)
+#   3. benchmarks/search.py       -> results/search.csv (every cell at full length, the best 3 at 2 more seeds)
+#   4. scripts/batch_sizes.py     -> results/batch_size.csv (every batch size at full length)
+#
+#   ../shared/gpu/prepare                  # here, once: .gpu/ gets the data archive and fastai's wheels
+#   bash benchmarks/gpu.sh                 # there (the device tool, carrying .gpu), from the repo root
+#
+# Every step resumes the runs an earlier call finished (commit what comes back before the next call) and is
+# stopped like a Ctrl-C, its finished runs and tables kept, when the call's BUDGET seconds (default 540) are
+# spent. What the steps wrote is copied to $OUT (when set), the results/ layout kept.
+# A trial on a CPU, in a few minutes:
+#   ROOT=/tmp/trial NORMS=bn CONFIRM=0 TRIAL="--n-train 512 --n-test 256 --epochs 1" bash benchmarks/gpu.sh
+set -uo pipefail
+BUDGET=${BUDGET:-540}
+ROOT=${ROOT:-results}      # the results folder the steps write to
+CONFIRM=${CONFIRM:-3}      # the search's best cells of each norm run again at 2 more seeds
+TRIAL=${TRIAL:-}           # options that shrink every training step (a trial on a CPU)
+norms=${NORMS:+--norms $NORMS}   # the variants trained (default: every registered one)
+end=$((SECONDS + BUDGET))
+
+if [ -d .gpu/wheels ]; then
+    pip install -q --no-deps .gpu/wheels/*.whl
+    export NORMNETS_DATA=${NORMNETS_DATA:-$PWD/.gpu/cifar10-jpeg.tgz}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+step() {   # run "$@" with what is left of the budget; a step cut short keeps what it finished
+    local left=$((end - SECONDS))
+    if [ "$left" -lt 60 ]; then echo "=== skipped, the budget is spent: $*"; return; fi
+    echo "=== $* (${left} s left)"
+    timeout -s INT -k 30 "$left" "$@"
+    echo "=== exit $? at $((SECONDS - end + BUDGET)) s of the budget: $1 $2"
+}
+
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+speed_steps=$([ -n "$TRIAL" ] && echo "--steps 3 --warmup 1")
+step python benchmarks/speed.py --out "$ROOT/gpu/speed.json" $speed_steps
+step python scripts/run_all.py --out "$ROOT/gpu" --fuse yes --resume $norms $TRIAL
+step python benchmarks/search.py --out "$ROOT" --fuse yes --resume --confirm "$CONFIRM" $norms $TRIAL
+step python scripts/batch_sizes.py --out "$ROOT" --fuse yes --resume $norms $TRIAL
+
+if [ -n "${OUT:-}" ]; then   # what comes back from the GPU machine
+    mkdir -p "$OUT"
+    for f in gpu search search.csv search.png batch_size batch_size.csv batch_size.png; do
+        [ -e "$ROOT/$f" ] && cp -r "$ROOT/$f" "$OUT/"
+    done
+    du -sh "$OUT"
+fi
