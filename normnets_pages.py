@@ -392,6 +392,9 @@ def gpu_page(results: Path) -> str | None:
     cpu, cpu_runs = pd.read_csv(results / 'summary.csv').set_index('norm'), pd.read_csv(results / 'runs.csv')
     first = lambda r, n: r[r.norm == n].iloc[0]
     same = {n: all(first(runs, n)[k] == first(cpu_runs, n)[k] for k in TRAINING_FIELDS) for n in summary.norm}
+    gpu_acc = summary.set_index('norm')
+    gap = gpu_acc.test_acc - cpu.test_acc[gpu_acc.index]   # GPU minus CPU, a norm each
+    spread_of = pd.concat([gpu_acc.test_acc_std, cpu.test_acc_std[gpu_acc.index]], axis=1).max(axis=1)
     study = json.loads((gpu / 'study.json').read_text()) if (gpu / 'study.json').exists() else None
     wall = ''
     if study:
@@ -408,8 +411,9 @@ def gpu_page(results: Path) -> str | None:
                 'CPU test acc %': [mean_std(cpu.test_acc[n], cpu.test_acc_std[n]) for n in summary.norm],
                 'same recipe as the CPU study': summary.norm.map(lambda n: 'yes' if same[n] else '**no**'),
                 "today's recipe": [today_cell(first(runs, n)) for n in summary.norm],
-                'GPU minus CPU (points)': [f"{100 * (g - cpu.test_acc[n]):+.2f}" if same[n] else ''
-                                           for n, g in zip(summary.norm, summary.test_acc)]})))
+                'GPU minus CPU (points)': [f"{100 * d:+.2f}" if same[n] else '' for n, d in gap.items()],
+                "within the seeds' spread": [('yes' if abs(d) <= spread_of[n] else 'no') if same[n] else ''
+                                             for n, d in gap.items()]})))
 
 
 # (title, what it holds, how it is made) of each page: the README links them as a table

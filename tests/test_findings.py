@@ -257,14 +257,22 @@ def test_the_gpu_study_is_set_beside_the_cpu_study_only_where_their_recipes_matc
         d.mkdir(exist_ok=True)
         for f in ('summary.csv', 'runs.csv'): shutil.copy(REPO_DIR / 'results' / 'gpu' / f, d / f)
     table = [r for r in md_rows(gpu_page(tmp_path)) if r[0] in NORMS]
-    assert [(r[4], r[6]) for r in table] == [('yes', '+0.00')] * len(NORMS)
+    assert [(r[4], r[6], r[7]) for r in table] == [('yes', '+0.00', 'yes')] * len(NORMS)
     # and each against today's recipe: the committed GPU study's are older
     assert all(r[5].startswith('**no**: ') for r in table)
     runs = pd.read_csv(tmp_path / 'runs.csv')
     runs.loc[runs.norm == 'batch', 'lr'] *= 2   # a CPU study of another batch norm recipe
     runs.to_csv(tmp_path / 'runs.csv', index=False)
     table = {r[0]: r for r in md_rows(gpu_page(tmp_path)) if r[0] in NORMS}
-    assert table['batch'][4].startswith('**no**') and table['batch'][6] == '' and table['group'][4] == 'yes'
+    assert table['batch'][4].startswith('**no**') and table['batch'][6:] == ['', '']
+    assert table['group'][4] == 'yes'
+    runs.loc[runs.norm == 'batch', 'lr'] /= 2   # the same recipe again, and a CPU study 1 point lower
+    runs.to_csv(tmp_path / 'runs.csv', index=False)
+    cpu = pd.read_csv(tmp_path / 'summary.csv')
+    cpu.loc[cpu.norm == 'batch', 'test_acc'] -= 0.01
+    cpu.to_csv(tmp_path / 'summary.csv', index=False)
+    table = {r[0]: r for r in md_rows(gpu_page(tmp_path)) if r[0] in NORMS}
+    assert table['batch'][6:] == ['+1.00', 'no'] and table['group'][6:] == ['+0.00', 'yes']
 
 
 def test_a_change_measured_against_two_recipes_shows_the_latest_and_names_each_on_its_page(tmp_path):
