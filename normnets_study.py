@@ -190,12 +190,14 @@ def summarize(out: Path, overrides: dict, plan: list = ()) -> tuple[pd.DataFrame
     return summary, missing
 
 
-def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: int = 1, fuse: bool = False):
+def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: int = 1,
+             fuse: bool = False) -> int:
     """Train each (title, recipe, folder) of `plan` in order, or keep its whole finished run with `resume`,
     printing progress with the time left; `cell`: grid cells (`train_run`); `jobs` > 1 trains that many at
     once (`run_parallel`); `fuse` trains the runs that can train as one network as one (`run_fused`). Every
-    folder is checked before the first run. Ctrl-C or a kill stops after the finished runs, which stay on
-    disk, and is raised again as KeyboardInterrupt for the caller to summarize and exit on."""
+    folder is checked before the first run. Returns how many runs it trained. Ctrl-C or a kill stops after
+    the finished runs, which stay on disk, and is raised again as KeyboardInterrupt for the caller to
+    summarize and exit on."""
     if fuse and jobs > 1: raise StudyError("--fuse and --jobs: choose one way of training runs together")
     for _, _, d in plan: check_run_dir(d)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C
@@ -204,27 +206,33 @@ def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: 
         for (title, _, d), m in zip(plan, kept):
             problem = m is None and (d / 'metrics.json').exists() and damaged(d)
             if problem: print(f"{title}: the run in {d} is damaged ({problem}): training it again")
-    left = sum(m is None for m in kept)   # runs to train; the time estimate counts only those
-    trained, train_seconds = 0, 0.0
+    to_train = sum(m is None for m in kept)
     try:
-        if jobs > 1 and left > 1: return run_parallel(plan, kept, cifar, cell, jobs)
-        if fuse: return run_fused(plan, kept, cifar, cell)
-        for i, ((title, r, d), m) in enumerate(zip(plan, kept)):
-            eta = f", about {train_seconds / trained * left / 60:.0f} min left" if trained else ''
-            print(f"\n=== run {i + 1}/{len(plan)}: {title}, {r.epochs} epochs{eta} ===", flush=True)
-            if m: print(f"kept the finished run in {d}")
-            else:
-                start = time.perf_counter()
-                first = [FirstStepsEstimate(left)] if not trained else []
-                m = train_run(r, d, cifar=cifar, cell=cell, cbs=first)
-                trained, left = trained + 1, left - 1
-                train_seconds += time.perf_counter() - start
-            print(f"{title}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
+        if jobs > 1 and to_train > 1: run_parallel(plan, kept, cifar, cell, jobs)
+        elif fuse: run_fused(plan, kept, cifar, cell)
+        else: run_in_turn(plan, kept, cifar, cell)
+        return to_train
     except KeyboardInterrupt:
         print("\nInterrupted: the finished runs are kept.", flush=True)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run_in_turn(plan: list, kept: list, cifar, cell: bool):
+    "`run_plan`'s runs one after another, each kept one named; progress with the time left before each run."
+    left, trained, train_seconds = sum(m is None for m in kept), 0, 0.0
+    for i, ((title, r, d), m) in enumerate(zip(plan, kept)):
+        eta = f", about {train_seconds / trained * left / 60:.0f} min left" if trained else ''
+        print(f"\n=== run {i + 1}/{len(plan)}: {title}, {r.epochs} epochs{eta} ===", flush=True)
+        if m: print(f"kept the finished run in {d}")
+        else:
+            start = time.perf_counter()
+            first = [FirstStepsEstimate(left)] if not trained else []
+            m = train_run(r, d, cifar=cifar, cell=cell, cbs=first)
+            trained, left = trained + 1, left - 1
+            train_seconds += time.perf_counter() - start
+        print(f"{title}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
 
 
 def run_fused(plan: list, kept: list, cifar, cell: bool):
@@ -320,8 +328,7 @@ def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='re
     start = time.perf_counter()
     cifar = load_cifar(data)   # bad data fails here too, and it is decoded only once
     with locked(out):
-        trained = sum(not (resume and kept_run(d, r)) for _, r, d in plan)
-        try: run_plan(plan, cifar, resume, jobs=jobs, fuse=fuse)
+        try: trained = run_plan(plan, cifar, resume, jobs=jobs, fuse=fuse)
         finally: summarized = summarize(out, overrides, seed_norms)   # also after a Ctrl-C, raised again
         # the study's own wall time, data to last file, and how it ran (the GPU page shows it)
         (out / 'study.json').write_text(json.dumps(dict(

@@ -130,8 +130,12 @@ def test_a_fused_study_is_the_study_of_separate_runs_and_resume_keeps_it(tmp_pat
     assert [json.loads((out / d / 'metrics.json').read_text())['fused_with'] for d in ('batch', 'layer')] == [
         ['batch', 'batch-seed1'], ['layer', 'layer-seed1']]
     assert all(damaged(d) is None for d in [out / 'batch', out / 'layer', *(out / 'seeds').iterdir()])
+    study = json.loads((out / 'study.json').read_text())   # how the study ran, and its wall time
+    assert (study['runs'], study['trained']) == (4, 4) and 'as one network' in study['how']
+    assert 0 < study['wall_seconds'] < 600
     run_all.main(norms='bn,ln', seeds=2, fuse='yes', out=str(out), resume=True, **tiny)
     assert capsys.readouterr().out.count('kept the finished run') == 4
+    assert json.loads((out / 'study.json').read_text())['trained'] == 0
     with pytest.raises(CliError, match="--fuse 'maybe'"): run_all.main(fuse='maybe', out=str(tmp_path / 'x'))
     with pytest.raises(CliError, match='--fuse and --jobs'):
         run_all.main(norms='bn', seeds=2, fuse='yes', jobs=2, out=str(tmp_path / 'y'), **tiny)
