@@ -210,7 +210,7 @@ def search_page(results: Path) -> str | None:
     cell = ['norm', 'opt', 'lr', 'wd', 'epochs']
     means = last.groupby(cell, sort=False).agg(
         holdout_acc=('holdout_acc', 'mean'), holdout_acc_std=('holdout_acc', 'std'), seeds=('seed', 'size'),
-        first=('holdout_acc', 'idxmax')).reset_index()
+        best_row=('holdout_acc', 'idxmax')).reset_index()
     chosen = means.sort_values('holdout_acc', ascending=False).groupby('norm', sort=False).head(1)
     edge = [r.lr in (edges['min'][r.opt], edges['max'][r.opt]) for r in chosen.itertuples()]
     return (f"# Recipe search\n\n`benchmarks/search.py` on {df.device_name.iloc[0]}, seed {df.seed.min()} "
@@ -221,7 +221,7 @@ def search_page(results: Path) -> str | None:
                                'weight decay': chosen.wd.map(num), 'epochs': chosen.epochs,
                                'seeds': chosen.seeds, 'held-out acc %': spread(chosen, 'holdout_acc'),
                                'rate at the edge of the grid': ['yes' if e else 'no' for e in edge],
-                               "today's recipe": [today_cell(df.loc[i]) for i in chosen['first']]}))
+                               "today's recipe": [today_cell(df.loc[i]) for i in chosen.best_row]}))
             + f"\n## Best cell of each norm and stage\n\n{cells(df.groupby(['norm', 'stage']).head(1))}"
             f"\n## Every cell\n\n{cells(df)}")
 
@@ -233,7 +233,7 @@ def batch_size_page(results: Path) -> str | None:
     if 'batch_stats_test_acc' not in df: df['batch_stats_test_acc'] = float('nan')   # grids from before it
     grid = df.groupby(['norm', 'bs']).agg(
         test_acc=('test_acc', 'mean'), test_acc_std=('test_acc', 'std'), seconds=('seconds', 'mean'),
-        seeds=('seed', 'size'), batch_stats=('batch_stats_test_acc', 'mean')).reset_index()
+        batch_stats=('batch_stats_test_acc', 'mean')).reset_index()
     grid['cell'] = [f"{c} ({s / 60:.1f} min)" for c, s in zip(spread(grid, 'test_acc'), grid.seconds)]
     table = grid.pivot(index='bs', columns='norm', values='cell')[norm_order(grid.norm.unique())]
     table = table.rename(columns=lambda n: f'{n} norm: test acc % (cost)')
@@ -280,6 +280,7 @@ def inference_page(results: Path) -> str | None:
     df = read(results / 'inference.csv')
     if df is None: return None
     acc, speed = df[df.kind == 'accuracy'], df[df.kind == 'speed']
+    models = df.groupby('norm', sort=False).first().reset_index()   # each model's recipe, as its run recorded
     table = acc.pivot(index='test_bs', columns='mode', values='test_acc').map(pct)
     return (f"# Inference\n\n`benchmarks/inference.py` on {df.device_name.dropna().iloc[0]}, each study "
             "variant's first-seed model. Batch norm also with each test batch's statistics, as a model left "
@@ -291,8 +292,7 @@ def inference_page(results: Path) -> str | None:
                 'images/s changed': speed.changed_per_s.map('{:.0f}'.format),
                 'speed-up': (speed.changed_per_s / speed.images_per_s).map('{:.2f}x'.format)}))
             + "\n## Models\n\n" + md(pd.DataFrame({
-                'norm': (first := df.groupby('norm', sort=False).first().reset_index()).norm,
-                "today's recipe": [today_cell(r) for _, r in first.iterrows()]})))
+                'norm': models.norm, "today's recipe": [today_cell(r) for _, r in models.iterrows()]})))
 
 
 def precision_page(results: Path) -> str | None:
