@@ -5,7 +5,9 @@
 #   3. benchmarks/search.py       -> results/search.csv (every cell at full length, the best 3 at 2 more seeds)
 #   4. scripts/batch_sizes.py     -> results/batch_size.csv (every batch size at full length)
 #
-#   ../shared/gpu/prepare                  # here, once: .gpu/ gets the data archive and fastai's wheels
+#   ../shared/gpu/prepare                  # here, once: .gpu/ gets the data archive and fastai's wheels,
+#   pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d .gpu/wheels tabulate
+#                                          # and pandas' markdown tables (the GPU image lacks them)
 #   bash benchmarks/gpu.sh                 # there (the device tool, carrying .gpu), from the repo root
 #
 # Every step resumes the runs an earlier call finished (commit what comes back before the next call) and is
@@ -26,6 +28,7 @@ if [ -d .gpu/wheels ]; then
     export NORMNETS_DATA=${NORMNETS_DATA:-$PWD/.gpu/cifar10-jpeg.tgz}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python -c "import fastai, tabulate" || { echo "fastai or tabulate missing: see the preparation above"; exit 1; }
 
 step() {   # run "$@" with what is left of the budget; a step cut short keeps what it finished
     local left=$((end - SECONDS))
