@@ -490,14 +490,16 @@ def with_batch_statistics(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def batch_statistics_accuracy(learn: Learner, bs: int) -> float | None:
     """Test accuracy of a batch-norm network scored with the statistics of each test batch of `bs` images (not
-    its running averages), in the test set's fixed order: how it would score if it normalized at test time as
-    it trained. None for a network without batch norm, which has no running averages to choose."""
+    its running averages): how it would score if it normalized at test time as it trained. The test images are
+    shuffled once (seed 0), because the test set is stored class by class and a batch of one class would be
+    normalized with that class's statistics. None for a network without batch norm."""
     if not any(isinstance(m, nn.BatchNorm2d) for m in learn.model.modules()): return None
-    model, correct, n = with_batch_statistics(learn.model), 0, 0
-    for x, y in learn.dls.valid.new(bs=bs, shuffle=False, drop_last=False):
-        with autocast_of(learn): correct = correct + (model(x).argmax(-1) == y).sum()
-        n += len(y)
-    return int(correct) / n
+    x, y = (torch.cat([t.as_subclass(torch.Tensor) for t in ts]) for ts in zip(*learn.dls.valid))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(y.device)
+    model, correct = with_batch_statistics(learn.model), 0
+    for xb, yb in zip(x[order].split(bs), y[order].split(bs)):
+        with autocast_of(learn): correct = correct + (model(xb).argmax(-1) == yb).sum()
+    return int(correct) / len(y)
 
 
 def finite(o):
