@@ -46,7 +46,8 @@ __all__ = ['PRECISIONS', 'NesterovSGD', 'OPTIMIZERS', 'RECIPES', 'Recipe', 'reci
            'resolve_device', 'resolve_precision', 'native_bf16', 'device_name', 'keep_freed_memory',
            'normnet_learner', 'with_lookahead', 'WeightEMA', 'autocast_of', 'seed_run', 'recipe_dls',
            'FirstStepsEstimate', 'EpochSeconds', 'history_frame', 'flip_tta_accuracy',
-           'with_batch_statistics', 'batch_statistics_accuracy', 'train_run', 'write_run']
+           'shuffled_test_set', 'with_batch_statistics', 'batch_statistics_accuracy', 'train_run',
+           'write_run']
 
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 # Images in CIFAR-10's training and test sets: what a recipe's subsets and held-out set are drawn from.
@@ -487,17 +488,24 @@ def with_batch_statistics(model: nn.Module) -> nn.Module:
     return model
 
 
+def shuffled_test_set(dls) -> tuple:
+    """The whole test set as the model sees it (normalized) and its labels, shuffled once (seed 0): it is
+    stored class by class, and in that order a batch would hold one class."""
+    x, y = (torch.cat([t.as_subclass(torch.Tensor) for t in ts]) for ts in zip(*dls.valid))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(y.device)
+    return x[order], y[order]
+
+
 @torch.no_grad()
 def batch_statistics_accuracy(learn: Learner, bs: int) -> float | None:
     """Test accuracy of a batch-norm network scored with the statistics of each test batch of `bs` images (not
-    its running averages): how it would score if it normalized at test time as it trained. The test images are
-    shuffled once (seed 0), because the test set is stored class by class and a batch of one class would be
-    normalized with that class's statistics. None for a network without batch norm."""
+    its running averages): how it would score if it normalized at test time as it trained. The test images
+    are shuffled once (`shuffled_test_set`): a batch of one class would be normalized with that class's
+    statistics. None for a network without batch norm."""
     if not any(isinstance(m, nn.BatchNorm2d) for m in learn.model.modules()): return None
-    x, y = (torch.cat([t.as_subclass(torch.Tensor) for t in ts]) for ts in zip(*learn.dls.valid))
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(y.device)
+    x, y = shuffled_test_set(learn.dls)
     model, correct = with_batch_statistics(learn.model), 0
-    for xb, yb in zip(x[order].split(bs), y[order].split(bs)):
+    for xb, yb in zip(x.split(bs), y.split(bs)):
         with autocast_of(learn): correct = correct + (model(xb).argmax(-1) == yb).sum()
     return int(correct) / len(y)
 

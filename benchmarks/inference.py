@@ -26,7 +26,8 @@ from fastcore.script import call_parse
 from normnets import NORMS, fold_batchnorm
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_files import FolderError, check_out, read_json
-from normnets_learner import TRAINING_FIELDS, device_name, keep_freed_memory, with_batch_statistics
+from normnets_learner import (TRAINING_FIELDS, device_name, keep_freed_memory, shuffled_test_set,
+                              with_batch_statistics)
 from normnets_study import cli_errors
 import normnets_plots as plots
 
@@ -36,10 +37,7 @@ TEST_BATCH_SIZES = (1, 2, 8, 32, 256)
 def test_tensors(cifar, device) -> tuple:
     """The whole test set as normalized float images (the study's validation pipeline) and labels, shuffled
     once."""
-    dls = get_dls(cifar=cifar, device=device)
-    xs, ys = zip(*[(x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)) for x, y in dls.valid])
-    order = torch.randperm(len(dls.valid_ds), generator=torch.Generator().manual_seed(0))
-    return torch.cat(xs)[order], torch.cat(ys)[order]
+    return shuffled_test_set(get_dls(cifar=cifar, device=device))
 
 
 class AffineOnly(nn.Module):
