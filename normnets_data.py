@@ -263,6 +263,7 @@ class RandomCropFlip(DisplayedTransform):
     once. With a `seed`, drawn from a generator of its own: the crops and flips of a run are then the same
     whatever else draws random numbers, such as the other runs trained beside it (normnets_fused)."""
     split_idx, order = 0, 5   # training only; before IntToFloatTensor, so it moves bytes, not floats
+    seed, _rng = None, None   # what a transform pickled before the seed existed (a committed model.pkl) has
     def __init__(self, pad: int = 4, seed: int | None = None):
         self.pad, self.seed, self._rng = pad, seed, None
 

@@ -240,7 +240,8 @@ def train_fused(recipes: list, outs: list, data=None, cifar=None, cell: bool = F
     check_fusable(recipes)
     if len(outs) != len(recipes):
         raise RuleError(f"{len(recipes)} runs to fuse, {len(outs)} folders for them")
-    if len(recipes) == 1: return [train_run(recipes[0], outs[0], data, cifar, cell)]   # nothing to fuse with
+    if len(recipes) == 1:   # nothing to fuse with
+        return [train_run(recipes[0], outs[0], data, cifar, cell, cbs)]
     outs = [check_run_dir(Path(o)) for o in outs]
     start, learners = time.perf_counter(), []
     for r in recipes:

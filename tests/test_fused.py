@@ -12,7 +12,8 @@ from normnets_data import load_cifar
 from normnets_files import RUN_FILES, damaged
 from fastcore.script import CliError
 from normnets_fused import FUSED_OPTIMIZERS, check_fusable, fused_learner, fusion_measured_faster, train_fused
-from normnets_learner import OPTIMIZERS, RuleError, device_name, normnet_learner, recipe, recipe_dls, seed_run
+from normnets_learner import (OPTIMIZERS, FirstStepsEstimate, RuleError, device_name, normnet_learner, recipe,
+                              recipe_dls, seed_run)
 from normnets_study import kept_run, summarize
 import run_all
 
@@ -101,6 +102,15 @@ def test_fused_runs_are_written_as_separate_runs_and_resume_keeps_them(tmp_path,
         assert kept_run(out, r) is not None   # --resume keeps it: the run of exactly this recipe
     summary, missing = summarize(tmp_path, TINY, [(0, 'batch'), (1, 'batch')])
     assert missing == [] and summary.seeds.tolist() == [2]
+
+
+def test_the_first_steps_estimate_reaches_every_fit(tmp_path, cifar, capsys):
+    "The callbacks given reach the fit, fused or alone (a group of one run is trained as a run)."
+    for k in (1, 2):
+        estimate = FirstStepsEstimate(3, skip=1, steps=1)   # 2 steps an epoch at this size
+        runs = [recipe('bn', seed=s, **TINY) for s in range(k)]
+        train_fused(runs, [tmp_path / f'{k}-{s}' for s in range(k)], cifar=cifar, cell=True, cbs=[estimate])
+        assert 'Estimated from the first steps' in capsys.readouterr().out, k
 
 
 def test_runs_that_cannot_train_as_one_are_refused_before_any_work(tmp_path, cifar):

@@ -18,7 +18,8 @@ import normnets_learner
 import train
 from fastcore.script import CliError
 from normnets import NORMS, FloatGroupNorm
-from normnets_data import REPO_DIR, get_dls, load_cifar
+from fastai.torch_core import TensorImage
+from normnets_data import REPO_DIR, RandomCropFlip, get_dls, load_cifar
 from normnets_learner import (OPTIMIZERS, RECIPES, Recipe, RuleError, WeightEMA, finite, normnet_learner,
                               recipe, resolve_precision, recorded_recipe, train_run)
 
@@ -399,14 +400,18 @@ def test_batches():
 @pytest.mark.parametrize('norm', list(NORMS))
 def test_the_committed_models_load_and_score_as_recorded(norm, test_batches):
     """Each committed study model loads with load_learner under today's code (a pickle from before a change
-    of the network class still works) and scores 2,000 test images (every class) as its run recorded the test
-    set, within three standard errors."""
+    of the network or crop class still works), its training transforms still apply, and it scores 2,000 test
+    images (every class) as its run recorded the test set, within three standard errors."""
     f = REPO_DIR / 'results' / norm / 'model.pkl'
     if not f.exists(): pytest.skip(f"no committed model for {norm} norm")
     learn = load_learner(f)
     learn.model.eval()
     x, y = test_batches
     with torch.no_grad(): acc = (learn.model(x).argmax(1) == y).float().mean().item()
+    # its training transforms still apply (a crop transform pickled before it had a seed)
+    crop = next(t for t in learn.dls.train.after_batch.fs if isinstance(t, RandomCropFlip))
+    images = TensorImage(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert crop(images, split_idx=0).shape == (2, 3, 32, 32)
     recorded = json.loads((f.parent / 'metrics.json').read_text())['test_acc']
     assert acc == pytest.approx(recorded, abs=3 * math.sqrt(recorded * (1 - recorded) / len(y)))
 
