@@ -46,8 +46,8 @@ __all__ = ['PRECISIONS', 'NesterovSGD', 'OPTIMIZERS', 'RECIPES', 'Recipe', 'reci
            'resolve_device', 'resolve_precision', 'native_bf16', 'device_name', 'keep_freed_memory',
            'normnet_learner', 'with_lookahead', 'WeightEMA', 'autocast_of', 'seed_run', 'recipe_dls',
            'FirstStepsEstimate', 'EpochSeconds', 'history_frame', 'flip_tta_accuracy',
-           'shuffled_test_set', 'with_batch_statistics', 'batch_statistics_accuracy', 'train_run',
-           'write_run']
+           'shuffled_test_set', 'accuracy_at', 'with_batch_statistics', 'batch_statistics_accuracy',
+           'train_run', 'write_run']
 
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 # Images in CIFAR-10's training and test sets: what a recipe's subsets and held-out set are drawn from.
@@ -426,7 +426,7 @@ class FirstStepsEstimate(Callback):
     def after_batch(self):
         if not self.training: return
         self.done += 1
-        if self.done in (self.skip, self.skip + self.steps) and self.dls.device.type == 'cuda':
+        if self.done in (self.skip, self.skip + self.steps) and next(self.model.parameters()).is_cuda:
             torch.cuda.synchronize()   # kernels run behind the Python that launches them
         if self.done == self.skip: self.start = time.perf_counter()
         if self.done == self.skip + self.steps:
@@ -497,6 +497,12 @@ def shuffled_test_set(dls) -> tuple:
 
 
 @torch.no_grad()
+def accuracy_at(model: nn.Module, x, y, bs: int) -> float:
+    "Accuracy of `model` on images `x` with labels `y` in batches of `bs`, counted on the device, read once."
+    correct = sum((model(xb).argmax(1) == yb).sum() for xb, yb in zip(x.split(bs), y.split(bs)))
+    return int(correct) / len(y)
+
+
 def batch_statistics_accuracy(learn: Learner, bs: int) -> float | None:
     """Test accuracy of a batch-norm network scored with the statistics of each test batch of `bs` images (not
     its running averages): how it would score if it normalized at test time as it trained. The test images
@@ -504,10 +510,7 @@ def batch_statistics_accuracy(learn: Learner, bs: int) -> float | None:
     statistics. None for a network without batch norm."""
     if not any(isinstance(m, nn.BatchNorm2d) for m in learn.model.modules()): return None
     x, y = shuffled_test_set(learn.dls)
-    model, correct = with_batch_statistics(learn.model), 0
-    for xb, yb in zip(x.split(bs), y.split(bs)):
-        with autocast_of(learn): correct = correct + (model(xb).argmax(-1) == yb).sum()
-    return int(correct) / len(y)
+    with autocast_of(learn): return accuracy_at(with_batch_statistics(learn.model), x, y, bs)
 
 
 def finite(o):

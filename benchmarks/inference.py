@@ -26,7 +26,7 @@ from fastcore.script import call_parse
 from normnets import NORMS, fold_batchnorm
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_files import FolderError, check_out, read_json
-from normnets_learner import (TRAINING_FIELDS, device_name, keep_freed_memory, shuffled_test_set,
+from normnets_learner import (TRAINING_FIELDS, accuracy_at, device_name, keep_freed_memory, shuffled_test_set,
                               with_batch_statistics)
 from normnets_study import cli_errors
 import normnets_plots as plots
@@ -57,12 +57,6 @@ def without_statistics(model: nn.Module) -> nn.Module:
         for name, child in parent.named_children():
             if isinstance(child, nn.GroupNorm): setattr(parent, name, AffineOnly(child))
     return model
-
-
-@torch.no_grad()
-def accuracy_at(model: nn.Module, x, y, bs: int) -> float:
-    correct = sum((model(xb).argmax(1) == yb).sum() for xb, yb in zip(x.split(bs), y.split(bs)))
-    return int(correct) / len(y)
 
 
 @torch.no_grad()
