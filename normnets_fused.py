@@ -41,12 +41,17 @@ PER_COPY = ('lr', 'wd', 'seed', 'crop_pad')
 TRICKS = ('ema', 'lookahead', 'cutout', 'mixup', 'whiten_c1', 'exempt_gn_scale')
 
 
+def shared_fields(r) -> dict:
+    "The fields of recipe `r` that every run fused with it must share."
+    return {k: v for k, v in r.to_dict().items() if k not in PER_COPY}
+
+
 def check_fusable(recipes: list) -> list:
     "Refuse, before any work, runs that cannot train as one network: a clear error that names the difference."
     if not recipes: raise RuleError("fusion of no run: give at least one recipe")
-    first = recipes[0].to_dict()
+    first = shared_fields(recipes[0])
     for r in recipes:
-        other = {k: v for k, v in r.to_dict().items() if k not in PER_COPY and v != first[k]}
+        other = {k: v for k, v in shared_fields(r).items() if v != first[k]}
         if other:
             raise RuleError(f"runs whose {', '.join(other)} differ cannot train as one network ("
                             + '; '.join(f"{k} {first[k]!r} and {v!r}" for k, v in other.items()) + ')')
@@ -64,9 +69,8 @@ def fusable_groups(runs: list) -> list[list]:
     groups = {}
     for i, run in enumerate(runs):
         r = run[1]
-        same = {k: v for k, v in r.to_dict().items() if k not in PER_COPY}
-        key = i if any(getattr(r, t) for t in TRICKS) else json.dumps(same, sort_keys=True, default=str)
-        groups.setdefault(key, []).append(run)
+        same = json.dumps(shared_fields(r), sort_keys=True, default=str)
+        groups.setdefault(i if any(getattr(r, t) for t in TRICKS) else same, []).append(run)
     return list(groups.values())
 
 

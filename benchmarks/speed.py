@@ -298,8 +298,9 @@ def measure_variants(dls_of, steps, warmup) -> list[dict]:
     return rows
 
 
-# How many runs are fused in one network: the study's seeds of a variant, and a row of the recipe search (the
-# cells of one optimizer, which share the batch size: 8 of GRID today, 18 in a grid of 6 rates x 3 decays).
+# How many runs are fused in one network: the study's seeds of a variant, and 8, a step towards a row of the
+# recipe search (the cells of one optimizer share a network and batch size: 24 and 18 in search.GRID), whose
+# --fuse auto takes every measured width where its own was not measured.
 FUSED_COPIES = (STUDY_SEEDS, 8)
 
 
