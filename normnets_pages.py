@@ -2,7 +2,7 @@
 the report shares. `PAGES` names them; `pages(results)` makes every page its data allows, and
 `scripts/report.py` writes and checks them beside the README's regions (`normnets_report`).
 """
-import json
+import json, statistics
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +33,12 @@ def spread(df: pd.DataFrame, col: str) -> list[str]:
 
 
 def num(x, fmt='{:g}') -> str: return '' if pd.isna(x) else fmt.format(x)
+
+
+def rounds_cells(ratios: pd.Series) -> tuple[list, list]:
+    "The median of each row's ratios (speed.py's rounds, each measured beside its baseline), and all of them."
+    return ([f'{statistics.median(r):.2f}' if r else '' for r in ratios],
+            [', '.join(f'{x:.2f}' for x in r) for r in ratios])
 
 
 def norm_order(names) -> list:
@@ -340,12 +346,13 @@ def speed_page(f: Path) -> str | None:
         'train GFLOP/s': gflops.map('{:.1f}'.format),
         'of the matmul peak': [f"{100 * g / peaks[p]:.0f}%" for g, p in zip(gflops, rows.precision)],
         "today's recipe": [today_cell(v) for v in s['variants']] + [''] * (len(rows) - len(s['variants']))})
-    as_run, c = {v['norm']: v['train_ips'] for v in s['variants']}, pd.DataFrame(s['changes'])
+    c = pd.DataFrame(s['changes'])
+    median, each = rounds_cells(c.ratios)
     changes = pd.DataFrame({
         'variant': c.norm.map(lambda n: f'{n} norm'), 'change': c.change,
         'train images/s': [num(x, '{:.0f}') or f'failed: {e}' for x, e in zip(c.train_ips, c.error)],
-        'as run': [f'{as_run[n]:.0f}' for n in c.norm],
-        'relative to as run': [num(x / as_run[n], '{:.2f}') for x, n in zip(c.train_ips, c.norm)]})
+        'as run': c.as_run_ips.map(lambda x: num(x, '{:.0f}')), 'relative to as run': median,
+        'each round': each})
     prof, study = s['profile'], s['study']
     ops = pd.DataFrame(prof['top_ops'])
     top = max(peaks, key=lambda p: p != 'fp32')   # the training precision's peak
@@ -359,8 +366,9 @@ def speed_page(f: Path) -> str | None:
             f"{study['seeds']} seeds, evaluation included): **{study['seconds'] / 60:.1f} minutes** one run "
             "at a time" + (f", **{study['fused_seconds'] / 60:.1f} minutes** with each variant's seeds fused"
                            if 'fused_seconds' in study else '') + ".\n\n" + md(table) + fused_table(s)
-            + "\n## One change at a time\n\nThe last row measures a variant as run once more: its distance "
-            "from 1.00 is the run's own noise.\n\n" + md(changes)
+            + "\n## One change at a time\n\n" + rounds_text(s, 'its variant as run') + " The last row is the "
+            "variant as run, measured again: its distance from 1.00 is the benchmark's own noise.\n\n"
+            + md(changes)
             + f"\n## Where the time goes\n\ntorch.profiler over {prof['steps']} training steps of "
             f"{prof['norm']} norm (self time, forward and backward): "
             + ', '.join(f'{kind} {100 * x:.0f}%' for kind, x in prof['shares'].items())
@@ -371,17 +379,27 @@ def speed_page(f: Path) -> str | None:
                 'share': ops.share.map(lambda x: pct(x, 1))})))
 
 
+def rounds_text(s: dict, baseline: str) -> str:
+    "How speed.py measured a table of comparisons (before it measured in rounds, once: 'rounds' absent)."
+    if 'rounds' not in s: return f"Each row was measured once, against {baseline} in the table above."
+    if s['rounds'] == 1: return f"Each row was measured once, right after {baseline}."
+    return (f"Each row was measured {s['rounds']} times, each time right after {baseline}: images/s are the "
+            "medians, the ratio the median of the rounds' ratios.")
+
+
 def fused_table(s: dict) -> str:
     "Runs fused into one network against one run alone, as speed.json measured them (older ones did not)."
     if 'fused' not in s: return ''
     f = pd.DataFrame(s['fused'])
+    median, each = rounds_cells(f.ratios)
+    table = pd.DataFrame({'variant': f.norm.map(lambda n: f'{n} norm'), 'runs fused': f.copies,
+                          'batch size a run': f.bs,
+                          'train images/s, all runs': f.train_ips.map('{:.0f}'.format),
+                          'one run alone': f.alone_ips.map('{:.0f}'.format), 'x alone': median,
+                          'each round': each})
     return ("\n## Runs fused into one network\n\nEach variant's recipe, its runs (seeds 0, 1, ...) trained "
-            "as one fused network (`normnets_fused`), against one run alone in the same benchmark run.\n\n"
-            + md(pd.DataFrame({'variant': f.norm.map(lambda n: f'{n} norm'), 'runs fused': f.copies,
-                               'batch size a run': f.bs,
-                               'train images/s, all runs': f.train_ips.map('{:.0f}'.format),
-                               'one run alone': f.alone_ips.map('{:.0f}'.format),
-                               'x alone': (f.train_ips / f.alone_ips).map('{:.2f}'.format)})))
+            "as one fused network (`normnets_fused`), against one run alone. "
+            + rounds_text(s, 'one run alone') + "\n\n" + md(table))
 
 
 def gpu_page(results: Path) -> str | None:

@@ -16,10 +16,12 @@ Measured in one run, on one machine (the GPU if there is one, else the CPU), wit
 5. A torch.profiler breakdown of the batch-norm variant's training step, and the projected time of the study.
 6. Fusion: each variant's runs trained as one fused network (`FUSED_COPIES` at a time) against one run alone,
    and the study's projected time with each variant's seeds fused.
+Each comparison of 4 and 6 is measured `--rounds` times, each time right after what it is compared with
+(`paired`): on a shared machine one measurement can be 15% off, and the rounds' ratios show how far.
 Writes the measurements to results/speed.json (results/gpu/speed.json on a GPU); `scripts/report.py` turns
 them into results/speed.md.
 """
-import functools, json, platform, time
+import functools, json, platform, statistics, time
 from pathlib import Path
 
 import pandas as pd
@@ -36,18 +38,19 @@ from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_files import FolderError, check_out
 from normnets_fused import fused_learner
 from normnets_learner import (TRAINING_FIELDS, device_name, keep_freed_memory, normnet_learner, recipe,
-                              seed_run)
+                              recipe_dls, seed_run)
 from normnets_study import STUDY_SEEDS, cli_errors
 
 # ---------------------------------------------------------------- the reference
 
 # The network and recipe of normnets before the recipe search: 46,374 parameters, 8.88 M MACs per image, batch
 # norm, Adam, batch size 256: what each variant's recipe costs in speed is its images/s against this one's,
-# measured in the same run. Every network option and the batch size are pinned, so the reference stays what it
-# is when the defaults change.
+# measured in the same run. Every network option, the batch size and the crops are pinned, so the reference
+# stays what it is when the defaults change.
 REFERENCE_NORM, REFERENCE_BS = 'batch', 256
-REFERENCE_RECIPE = dict(opt='adam', net=dict(c1=12, c2=24, c3=16, c4=24, c6=32, c7=32, gn_groups=4,
-                                             norm_after_relu=False, zero_init_residual=False, skips='branch'))
+REFERENCE_RECIPE = dict(opt='adam', crop_pad=4,
+                        net=dict(c1=12, c2=24, c3=16, c4=24, c6=32, c7=32, gn_groups=4, norm_after_relu=False,
+                                 zero_init_residual=False, skips='branch'))
 
 
 # ---------------------------------------------------------------- the usual pipeline
@@ -162,6 +165,14 @@ def learner_throughput(dls, norm, steps, warmup, tweak=None, **overrides) -> tup
     return timer.images / timer.seconds, learn
 
 
+def paired(measure, baseline, rounds: int) -> tuple[float, float, list]:
+    """`baseline` and `measure` (functions that return images/s) in turn, `rounds` times: each ratio compares
+    two measurements taken one right after the other, so a slow minute of a shared machine slows both. The
+    medians of `measure` and `baseline`, and each round's ratio of the two."""
+    base, ips = zip(*[(baseline(), measure()) for _ in range(rounds)])
+    return statistics.median(ips), statistics.median(base), [m / b for m, b in zip(ips, base)]
+
+
 def inference_throughput(learn) -> float:
     "Images/s of `get_preds` over the whole test set (eval mode, the real validation pipeline)."
     with learn.no_bar(): learn.get_preds(dl=learn.dls.valid)   # warm-up
@@ -273,13 +284,24 @@ OP_KINDS = {'convolutions': ('convolution',), 'normalization': ('batch_norm', 'g
 
 # ---------------------------------------------------------------- measure
 
+def recipe_loaders(cifar, device):
+    """`dls_of(norm, **overrides)`: the `DataLoaders` of that recipe (its batch size and crops), each distinct
+    one built once. A variant is timed at its recipe's batch size: a smaller batch is more steps, its cost."""
+    @functools.cache
+    def built(bs, crop_pad): return get_dls(cifar=cifar, bs=bs, crop_pad=crop_pad, device=device)
+
+    def dls_of(norm, **overrides):
+        r = recipe(norm, **overrides)
+        return built(r.bs, r.crop_pad)
+    return dls_of
+
+
 def measure_variants(dls_of, steps, warmup) -> list[dict]:
-    """Each registered variant's training and inference images/s with its recipe, at its recipe's batch size
-    (`dls_of(bs)`: the `DataLoaders` of a batch size): a smaller batch is more steps, which is its cost."""
+    """Each registered variant's training and inference images/s with its recipe, on its recipe's
+    `DataLoaders` (`dls_of(norm)`)."""
     rows = []
     for norm in NORMS:
-        bs = recipe(norm).bs
-        ips, learn = learner_throughput(dls_of(bs), norm, steps, warmup)
+        ips, learn = learner_throughput(dls_of(norm), norm, steps, warmup)
         rows.append(
             dict(
                 norm=norm,
@@ -306,61 +328,64 @@ FUSED_COPIES = (STUDY_SEEDS, 8)
 
 def fused_throughput(cifar, device, norm, copies, steps, warmup) -> float:
     """Training images/s, summed over `copies` runs of `norm`'s recipe (seeds 0, 1, ...) trained as one fused
-    network through the real fastai loop (normnets_fused), each with its own `DataLoaders`."""
+    network through the real fastai loop, each with its own `DataLoaders`, as `train_fused` builds them."""
     learners = []
     for seed in range(copies):
         r = recipe(norm, seed=seed, device=str(device))
         seed_run(r)
-        learners.append(normnet_learner(get_dls(cifar=cifar, bs=r.bs, seed=seed, device=device), r))
+        learners.append(normnet_learner(recipe_dls(r, cifar=cifar), r))
     learn, timer = fused_learner(learners), StepTimer(warmup, steps)
     epochs = -(-(warmup + steps) // len(learn.dls.train))
     with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(epochs, 1., cbs=timer)
     return copies * timer.images / timer.seconds
 
 
-def measure_fused(cifar, device, variants: list, steps, warmup) -> list[dict]:
-    """Each variant's runs fused `FUSED_COPIES` at a time, against the same variant trained alone in this
-    run (`variants`): images/s over all copies, at the same number of images per measurement."""
-    rows, alone = [], {v['norm']: v['train_ips'] for v in variants}
+def measure_fused(cifar, device, dls_of, steps, warmup, rounds) -> list[dict]:
+    """Each variant's runs fused `FUSED_COPIES` at a time, each round right after the same variant trained
+    alone (`paired`): images/s over all copies, at the same number of images per measurement."""
+    rows = []
     for copies in FUSED_COPIES:
         for norm in NORMS:
-            ips = fused_throughput(cifar, device, norm, copies, max(4, steps // copies), warmup)
-            rows.append(dict(norm=norm, copies=copies, bs=recipe(norm).bs, train_ips=ips,
-                             alone_ips=alone[norm]))
-            print(f"{norm} norm, {copies} runs fused: {ips:.0f} training images/s "
-                  f"({ips / alone[norm]:.2f}x one run alone)", flush=True)
+            ips, alone, ratios = paired(
+                lambda: fused_throughput(cifar, device, norm, copies, max(4, steps // copies), warmup),
+                lambda: learner_throughput(dls_of(norm), norm, steps, warmup)[0], rounds)
+            rows.append(dict(norm=norm, copies=copies, bs=recipe(norm).bs, train_ips=ips, alone_ips=alone,
+                             ratios=ratios))
+            print(f"{norm} norm, {copies} runs fused: {ips:.0f} training images/s ("
+                  + ', '.join(f'{x:.2f}' for x in ratios) + "x one run alone)", flush=True)
     return rows
 
 
-def measure_changes(dls, cifar, steps, warmup, precision, default_allocator_ips) -> list[dict]:
-    """What each speed choice is worth: images/s with one thing changed, and the variant as run (the last row
-    again)."""
-    dev, rows = dls.device.type, []
+def measure_changes(dls_of, cifar, steps, warmup, rounds, precision, allocator) -> list[dict]:
+    """What each speed choice is worth: images/s with one thing changed, each round right after its variant
+    as run (`paired`); the last row pairs a variant as run with itself, so its ratios are the benchmark's own
+    noise. `allocator`: glibc's default allocator's images/s and the variant's as run right after, measured
+    once at the start of the benchmark (a process cannot go back to glibc's adapted thresholds)."""
+    dls = dls_of('batch')
+    dev, bs, rows = dls.device.type, dls.train.bs, []
     def add(norm, change, measure):
-        try: ips, error = measure(), None
-        # noqa: BLE001
-        except Exception as e: ips, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        rows.append(dict(norm=norm, change=change, train_ips=ips, error=error))
-        print(f"{norm} norm, {change}: " + (f"{ips:.0f} images/s" if ips else error), flush=True)
+        as_run = lambda: learner_throughput(dls_of(norm), norm, steps, warmup)[0]
+        try: (ips, base, ratios), error = paired(measure, as_run, rounds), None
+        except Exception as e:   # noqa: BLE001  a failed alternative is a row of the table, not the end
+            ips, base, ratios, error = None, None, [], f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        rows.append(dict(norm=norm, change=change, train_ips=ips, as_run_ips=base, ratios=ratios,
+                         error=error))
+        print(f"{norm} norm, {change}: " + (f"{ips:.0f} images/s, " + ', '.join(f'{x:.2f}' for x in ratios)
+                                           + 'x as run' if ips else error), flush=True)
     for norm, change, when, kw in CHANGES:
         if when(dev, precision):
-            add(norm, change, lambda: learner_throughput(dls, norm, steps, warmup, **kw)[0])
-    if default_allocator_ips:
-        add(
-            'batch',
-            "glibc's default allocator (freed memory back to the OS every step)",
-            lambda: default_allocator_ips,
-        )
-    bs = dls.train.bs
+            add(norm, change, lambda: learner_throughput(dls_of(norm), norm, steps, warmup, **kw)[0])
+    if allocator:
+        ips, base = allocator
+        rows.append(dict(norm='batch',
+                         change="glibc's default allocator (freed memory back to the OS every step)",
+                         train_ips=ips, as_run_ips=base, ratios=[ips / base], error=None))
     add('batch', f'batch size {2 * bs}', lambda: learner_throughput(
-        get_dls(cifar=cifar, bs=2 * bs, device=dls.device), 'batch', steps, warmup)[0])
+        dls_of('batch', bs=2 * bs), 'batch', steps, warmup)[0])
     add('batch', 'usual per-image PIL pipeline, plain loop, float32', lambda: time_plain_loop(
         normnet('batch'), usual_loader(cifar, bs=bs), dls.device, steps, warmup, channels_last=True))
-    add(
-        'batch',
-        'none: normnets as run, measured again',
-        lambda: learner_throughput(dls, 'batch', steps, warmup)[0],
-    )
+    add('batch', 'none: normnets as run, measured again',
+        lambda: learner_throughput(dls, 'batch', steps, warmup)[0])
     return rows
 
 
@@ -399,11 +424,11 @@ def projected_study_seconds(
     return float(seeds * per_run.sum())
 
 
-def measure(cifar, device, steps, warmup) -> dict:
+def measure(cifar, device, steps, warmup, rounds) -> dict:
     "Every measurement of the benchmark, in one run."
-    dls_of = functools.cache(lambda bs: get_dls(cifar=cifar, bs=bs, device=device))
+    dls_of = recipe_loaders(cifar, device)
     r = recipe('batch', device=str(device))
-    dls, precision = dls_of(r.bs), r.precision   # the changes and the profile: batch norm's recipe
+    dls, precision = dls_of('batch'), r.precision   # the profile: batch norm's recipe
     print(
         f"device: {device_name(device)}; torch {torch.__version__}; normnets trains in {precision}",
         flush=True,
@@ -413,6 +438,7 @@ def measure(cifar, device, steps, warmup) -> dict:
     # a process, so everything after it runs with it.
     default_ips = learner_throughput(dls, 'batch', steps, warmup)[0] if device.type == 'cpu' else None
     keep_freed_memory()
+    allocator = (default_ips, learner_throughput(dls, 'batch', steps, warmup)[0]) if default_ips else None
     peaks = {'fp32': matmul_gflops(device)}
     if precision != 'fp32':
         peaks[precision] = matmul_gflops(device, torch.bfloat16 if precision == 'bf16' else torch.float16)
@@ -420,10 +446,11 @@ def measure(cifar, device, steps, warmup) -> dict:
     usual = usual_net()
     usual_ips = time_plain_loop(usual, usual_loader(cifar), device, steps, warmup)
     print(f"usual pipeline: {usual_ips:.0f} images/s", flush=True)
-    ref_ips, ref = learner_throughput(dls_of(REFERENCE_BS), REFERENCE_NORM, steps, warmup, **REFERENCE_RECIPE)
+    ref_dls = dls_of(REFERENCE_NORM, bs=REFERENCE_BS, **REFERENCE_RECIPE)
+    ref_ips, ref = learner_throughput(ref_dls, REFERENCE_NORM, steps, warmup, **REFERENCE_RECIPE)
     print(f"reference: {ref_ips:.0f} training images/s", flush=True)
     variants = measure_variants(dls_of, steps, warmup)
-    fused = measure_fused(cifar, device, variants, steps, warmup)
+    fused = measure_fused(cifar, device, dls_of, steps, warmup, rounds)
     by_seeds = pd.DataFrame(variants).set_index('norm').assign(
         train_ips=pd.DataFrame([f for f in fused if f['copies'] == STUDY_SEEDS]).set_index('norm').train_ips)
     return dict(
@@ -436,6 +463,7 @@ def measure(cifar, device, steps, warmup) -> dict:
         bs=dls.train.bs,
         steps=steps,
         warmup=warmup,
+        rounds=rounds,
         matmul_gflops=peaks,
         variants=variants,
         reference=dict(norm=REFERENCE_NORM, bs=REFERENCE_BS, params=count_params(ref.model),
@@ -443,7 +471,7 @@ def measure(cifar, device, steps, warmup) -> dict:
         usual=dict(
             params=count_params(usual), macs=count_macs(usual), precision='fp32', bs=128, train_ips=usual_ips
         ),
-        changes=measure_changes(dls, cifar, steps, warmup, precision, default_ips),
+        changes=measure_changes(dls_of, cifar, steps, warmup, rounds, precision, allocator),
         profile=measure_profile(dls),
         fused=fused,
         study=dict(
@@ -461,8 +489,9 @@ def measure(cifar, device, steps, warmup) -> dict:
 @call_parse
 def main(
     data:str=None,     # CIFAR-10 folder or .tgz (default: $NORMNETS_DATA, data/cifar10, else download)
-    steps:int=150,     # timed training steps per measurement
+    steps:int=60,      # timed training steps per measurement
     warmup:int=10,     # untimed steps first
+    rounds:int=3,      # measurements of each comparison, each beside what it is compared with
     device:str=None,   # cpu or cuda (default: the GPU if there is one)
     out:str=None,      # JSON to write (default: results/speed.json, or results/gpu/speed.json on a GPU)
 ):
@@ -470,8 +499,10 @@ def main(
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     out = Path(out) if out else REPO_DIR / 'results' / ('gpu' if device.type == 'cuda' else '') / 'speed.json'
     with cli_errors():   # an unwritable folder or bad data before any measurement; Ctrl-C
+        for name, value, least in (('steps', steps, 1), ('warmup', warmup, 0), ('rounds', rounds, 1)):
+            if value < least: raise ValueError(f"--{name} {value}: must be at least {least}")
         check_out(out.parent)
         if out.is_dir(): raise FolderError(f"--out {out} is a folder: name the JSON file to write")
-        result = measure(load_cifar(data), device, steps, warmup)
+        result = measure(load_cifar(data), device, steps, warmup, rounds)
     out.write_text(json.dumps(result, indent=2) + '\n')
     print(f"wrote {out}; run python scripts/report.py to render it")

@@ -13,6 +13,7 @@ import ablation
 import batch_sizes
 import inference
 import search
+import speed
 from normnets import NORMS, PARAM_LIMIT, count_macs, count_params, normnet
 from normnets_data import REPO_DIR
 from normnets_learner import OPTIMIZER_SETTINGS, RECIPES, recipe, recipe_label, with_batch_statistics
@@ -237,6 +238,8 @@ def test_every_ablation_row_keeps_every_norm_within_the_rules(tmp_path, capsys, 
     (batch_sizes, dict(sizes='0'), "--sizes '0': expected batch sizes of 1 or more"),
     (batch_sizes, dict(sizes='-4,16'), "--sizes '-4,16': expected batch sizes"),
     (batch_sizes, dict(sizes='abc'), "--sizes 'abc': expected batch sizes"),
+    (speed, dict(rounds=0), '--rounds 0: must be at least 1'),
+    (speed, dict(steps=0), '--steps 0: must be at least 1'),
 ])
 def test_benchmarks_refuse_bad_input_before_any_work(tmp_path, bench, bad, message):
     with pytest.raises(CliError, match=message): bench.main(out=str(tmp_path / 'out'), **bad)

@@ -59,6 +59,17 @@ def test_step_timer_times_the_steps_after_warm_up_then_stops_the_fit(small_dls):
     assert timer.count == 5 and timer.images == 3 * 64 and timer.seconds > 0
 
 
+def test_each_comparison_is_measured_in_rounds_right_after_its_baseline():
+    calls = []
+    def timed(name, ips):
+        def measure(): calls.append(name); return ips.pop(0)
+        return measure
+    change, as_run = timed('change', [90., 120., 100.]), timed('as run', [100., 100., 80.])
+    median, base, ratios = speed.paired(change, as_run, rounds=3)
+    assert calls == ['as run', 'change'] * 3
+    assert (median, base) == (100., 100.) and ratios == pytest.approx([0.9, 1.2, 1.25])
+
+
 def test_projected_study_time_adds_training_and_evaluation():
     v = pd.DataFrame({'train_ips': [1000.0, 500.0], 'infer_ips': [10_000.0, 10_000.0]})
     # per run: 2 epochs x (50 s or 100 s of training + 1 s of testing), then 9 s of final evaluation
@@ -81,6 +92,7 @@ def test_speed_page_renders_every_measurement(tmp_path):
         bs=256,
         steps=5,
         warmup=1,
+        rounds=3,
         matmul_gflops={'fp32': 100.0},
         variants=[
             dict(norm='batch', **{k: getattr(recipe('batch'), k) for k in TRAINING_FIELDS}, params=46374,
@@ -91,8 +103,10 @@ def test_speed_page_renders_every_measurement(tmp_path):
         ),
         usual=dict(params=49672, macs=21.1e6, precision='fp32', bs=128, train_ips=500.0),
         changes=[
-            dict(norm='batch', change='without channels-last', train_ips=1000.0, error=None),
-            dict(norm='batch', change='torch.compile', train_ips=None, error='no compiler'),
+            dict(norm='batch', change='without channels-last', train_ips=1000.0, as_run_ips=1900.0,
+                 ratios=[0.5, 0.6, 0.45], error=None),
+            dict(norm='batch', change='torch.compile', train_ips=None, as_run_ips=None, ratios=[],
+                 error='no compiler'),
         ],
         profile=dict(
             norm='batch',
@@ -101,7 +115,9 @@ def test_speed_page_renders_every_measurement(tmp_path):
             conv_gflops=50.0,
             top_ops=[dict(op='aten::conv', calls=10, ms_per_step=3.0, share=0.5)],
         ),
-        study=dict(seeds=3, epochs=20, seconds=600.0),
+        fused=[dict(norm='batch', copies=3, bs=256, train_ips=1500.0, alone_ips=2000.0,
+                    ratios=[0.7, 0.75, 0.8])],
+        study=dict(seeds=3, epochs=20, seconds=600.0, fused_seconds=900.0),
     )
     (tmp_path / 'speed.json').write_text(json.dumps(s))
     page = speed_page(tmp_path / 'speed.json')
@@ -113,24 +129,30 @@ def test_speed_page_renders_every_measurement(tmp_path):
         r[:9] for r in table]
     assert ['usual pipeline (49,672-parameter solution)', '49,672', '21.10 M', 'fp32', '128', '500'] in [
         r[:6] for r in table]
-    assert ['batch norm', 'without channels-last', '1000', '2000', '0.50'] in table
+    assert ['batch norm', 'without channels-last', '1000', '1900', '0.50', '0.50, 0.60, 0.45'] in table
+    assert ['batch norm', '3', '256', '1500', '2000', '0.75', '0.70, 0.75, 0.80'] in table
+    assert page.count('measured 3 times') == 2
     assert 'failed: no compiler' in page and 'floor' not in page
-    assert '**10.0 minutes**' in page and '`aten::conv`' in page
+    assert '**10.0 minutes**' in page and '**15.0 minutes**' in page and '`aten::conv`' in page
 
 
 def test_keep_freed_memory_applies_on_glibc():
     assert keep_freed_memory() == (platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc')
 
 
-def test_each_variant_is_timed_at_its_recipes_batch_size(monkeypatch):
-    "A recipe's smaller batch is more steps per epoch: its speed is timed at it."
-    monkeypatch.setitem(RECIPES, 'group', dict(RECIPES['group'], bs=128))
+def test_each_variant_is_timed_on_its_recipes_loaders(monkeypatch):
+    "A recipe's smaller batch is more steps per epoch: its speed is timed at it, and with its crops."
+    monkeypatch.setitem(RECIPES, 'group', dict(RECIPES['group'], bs=128, crop_pad=3))
+    monkeypatch.setattr(speed, 'get_dls', lambda **kw: SimpleNamespace(**kw))
+    dls_of = speed.recipe_loaders('the images', 'cpu')
+    group = dls_of('group')
+    assert (group.bs, group.crop_pad, group.cifar) == (128, 3, 'the images')
+    assert dls_of('group') is group and dls_of('batch', bs=512).bs == 512   # each built once
     timed = {}
     def fake_throughput(dls, norm, steps, warmup):
         timed[norm] = dls
         return 100.0, SimpleNamespace(model=normnet(norm), recipe=recipe(norm))
     monkeypatch.setattr(speed, 'learner_throughput', fake_throughput)
     monkeypatch.setattr(speed, 'inference_throughput', lambda learn: 1000.0)
-    rows = speed.measure_variants(lambda bs: f'dls of {bs}', steps=1, warmup=0)
-    assert timed['group'] == 'dls of 128' and timed['batch'] == f"dls of {recipe('batch').bs}"
-    assert {r['norm']: r['bs'] for r in rows}['group'] == 128
+    rows = speed.measure_variants(lambda norm: f'loaders of {norm}', steps=1, warmup=0)
+    assert timed['group'] == 'loaders of group' and {r['norm']: r['bs'] for r in rows}['group'] == 128
