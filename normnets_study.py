@@ -199,6 +199,7 @@ def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: 
     the finished runs, which stay on disk, and is raised again as KeyboardInterrupt for the caller to
     summarize and exit on."""
     if fuse and jobs > 1: raise StudyError("--fuse and --jobs: choose one way of training runs together")
+    if not plan: return 0   # e.g. a search without --confirm: no runs to confirm
     for _, _, d in plan: check_run_dir(d)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C
     kept = [kept_run(d, r) if resume else None for _, r, d in plan]
@@ -206,17 +207,38 @@ def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: 
         for (title, _, d), m in zip(plan, kept):
             problem = m is None and (d / 'metrics.json').exists() and damaged(d)
             if problem: print(f"{title}: the run in {d} is damaged ({problem}): training it again")
-    to_train = sum(m is None for m in kept)
+    todo = [run for run, m in zip(plan, kept) if m is None]
+    groups = fusable_groups(todo) if fuse else None
+    print(plan_line(plan, len(todo), jobs, groups), flush=True)
     try:
-        if jobs > 1 and to_train > 1: run_parallel(plan, kept, cifar, cell, jobs)
-        elif fuse: run_fused(plan, kept, cifar, cell)
+        if jobs > 1 and len(todo) > 1: run_parallel(plan, kept, cifar, cell, jobs)
+        elif fuse: run_fused(plan, kept, groups, cifar, cell)
         else: run_in_turn(plan, kept, cifar, cell)
-        return to_train
+        return len(todo)
     except KeyboardInterrupt:
         print("\nInterrupted: the finished runs are kept.", flush=True)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def span(values) -> str:
+    "'20' for one value, '5-20' for several: a plan's epochs, or the sizes of its fused networks."
+    values = list(values)
+    return f'{min(values)}' if min(values) == max(values) else f'{min(values)}-{max(values)}'
+
+
+def plan_line(plan: list, to_train: int, jobs: int, groups: list | None) -> str:
+    """What `run_plan` is about to do, said before it starts: its runs, on what device and precision, how many
+    are kept from before and how the others train (`groups`: the fused networks; None: not fused)."""
+    if not to_train: how = ''
+    elif groups: how = f" as {len(groups)} fused network(s) of {span(map(len, groups))} runs"
+    elif jobs > 1 and to_train > 1: how = f", {jobs} at a time"
+    else: how = ", one at a time"
+    first, epochs = plan[0][1], span(r.epochs for _, r, _ in plan)
+    return (f"Plan: {len(plan)} runs of {epochs} epoch{'s' * (epochs != '1')} on "
+            f"{device_name(first.device)}, {first.precision}; {len(plan) - to_train} kept, {to_train} to "
+            f"train{how}")
 
 
 def run_in_turn(plan: list, kept: list, cifar, cell: bool):
@@ -235,12 +257,11 @@ def run_in_turn(plan: list, kept: list, cifar, cell: bool):
         print(f"{title}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
 
 
-def run_fused(plan: list, kept: list, cifar, cell: bool):
-    """`run_plan`'s runs to train, those that can train as one network fused (`train_fused`), each group as
-    one; progress with the time left after each group."""
+def run_fused(plan: list, kept: list, groups: list, cifar, cell: bool):
+    """`run_plan`'s runs to train, in `groups` of those that can train as one network (`fusable_groups`),
+    each group as one (`train_fused`); progress with the time left after each group."""
     for (title, _, d), m in zip(plan, kept):
         if m: print(f"kept the finished run in {d}: {title}, test accuracy {m['test_acc']:.4f}")
-    groups = fusable_groups([run for run, m in zip(plan, kept) if m is None])
     start, done = time.perf_counter(), 0
     for i, group in enumerate(groups):
         left = sum(map(len, groups[i:]))
@@ -323,8 +344,7 @@ def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='re
     if fuse is None: fuse = jobs == 1 and seeds > 1 and fusion_measured_faster(first.device, seeds)
     how = (f"each variant's {seeds} seeds trained as one network" if fuse else
            f"{jobs} runs at a time" if jobs > 1 else "one run at a time")
-    print(f"Plan: {len(plan)} runs ({len(norms)} variants x {seeds} seeds, {first.epochs} epochs) on "
-          f"{device_name(first.device)}, {first.precision}, {how}", flush=True)
+    print(f"Study: {len(norms)} variants x {seeds} seeds into {out}, {how}", flush=True)
     start = time.perf_counter()
     cifar = load_cifar(data)   # bad data fails here too, and it is decoded only once
     with locked(out):

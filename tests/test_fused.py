@@ -134,6 +134,8 @@ def test_a_fused_study_is_the_study_of_separate_runs_and_resume_keeps_it(tmp_pat
     run_all.main(norms='bn,ln', seeds=2, fuse='yes', out=str(out), **tiny)
     printed = capsys.readouterr().out
     assert "each variant's 2 seeds trained as one network" in printed
+    assert (f"Plan: 4 runs of 1 epoch on {device_name('cpu')}, fp32; 0 kept, 4 to train as 2 fused "
+            "network(s) of 2 runs") in printed
     assert printed.count('as one network (') == 2
     runs = pd.read_csv(out / 'runs.csv')
     assert len(runs) == 4 and set(runs.norm) == {'batch', 'layer'}
@@ -144,7 +146,8 @@ def test_a_fused_study_is_the_study_of_separate_runs_and_resume_keeps_it(tmp_pat
     assert (study['runs'], study['trained']) == (4, 4) and 'as one network' in study['how']
     assert 0 < study['wall_seconds'] < 600
     run_all.main(norms='bn,ln', seeds=2, fuse='yes', out=str(out), resume=True, **tiny)
-    assert capsys.readouterr().out.count('kept the finished run') == 4
+    printed = capsys.readouterr().out
+    assert printed.count('kept the finished run') == 4 and '; 4 kept, 0 to train\n' in printed
     assert json.loads((out / 'study.json').read_text())['trained'] == 0
     with pytest.raises(CliError, match="--fuse 'maybe'"): run_all.main(fuse='maybe', out=str(tmp_path / 'x'))
     with pytest.raises(CliError, match='--fuse and --jobs'):

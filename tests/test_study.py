@@ -16,7 +16,7 @@ from normnets_data import REPO_DIR
 from fastcore.script import CliError
 from normnets_files import RUN_FILES, FolderError, check_run_dir, damaged, locked
 from normnets_learner import RECIPES, TRAINING_FIELDS, Recipe, recipe
-from normnets_study import SUMMARY_COLUMNS, StudyError, parse_norms, run_study
+from normnets_study import SUMMARY_COLUMNS, StudyError, parse_norms, run_plan, run_study
 import run_all, train
 report_script = importlib.import_module('report')   # scripts/report.py, beside normnets_report as `report`
 
@@ -52,6 +52,13 @@ def test_progress_names_each_run(study):
     for i, norm in enumerate(NORMS, 1):
         assert f'=== run {i}/{len(NORMS)}: {norm} norm, seed 0, 1 epochs' in stdout
     assert 'min left' in stdout
+
+
+def test_the_plan_is_said_before_any_run(study, capsys):
+    _, stdout = study
+    assert stdout.index(f'Plan: {len(NORMS)} runs of 1 epoch on ') < stdout.index('=== run 1/')
+    assert f'; 0 kept, {len(NORMS)} to train, one at a time' in stdout
+    assert run_plan([], cifar=None) == 0 and capsys.readouterr().out == ''   # nothing to do, nothing said
 
 
 def test_summary_tables(study):
