@@ -40,7 +40,7 @@ step() {   # run "$@" with what is left of the budget; a step cut short keeps wh
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-speed_steps=$([ -n "$TRIAL" ] && echo "--steps 3 --warmup 1")
+speed_steps=$([ -n "$TRIAL" ] && echo "--steps 3 --warmup 1 --rounds 1")
 step python benchmarks/speed.py --out "$ROOT/gpu/speed.json" $speed_steps
 step python scripts/run_all.py --out "$ROOT/gpu" --fuse yes --resume $norms $TRIAL
 step python benchmarks/search.py --out "$ROOT" --fuse yes --resume --confirm "$CONFIRM" $norms $TRIAL
