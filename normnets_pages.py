@@ -366,8 +366,9 @@ def speed_page(f: Path) -> str | None:
             f"{study['seeds']} seeds, evaluation included): **{study['seconds'] / 60:.1f} minutes** one run "
             "at a time" + (f", **{study['fused_seconds'] / 60:.1f} minutes** with each variant's seeds fused"
                            if 'fused_seconds' in study else '') + ".\n\n" + md(table) + fused_table(s)
-            + "\n## One change at a time\n\n" + rounds_text(s, 'its variant as run') + " The last row is the "
-            "variant as run, measured again: its distance from 1.00 is the benchmark's own noise.\n\n"
+            + "\n## One change at a time\n\n" + rounds_text(s, 'its variant as run', c.ratios)
+            + " The last row is the variant as run, measured again: its distance from 1.00 is the "
+            "benchmark's own noise.\n\n"
             + md(changes)
             + f"\n## Where the time goes\n\ntorch.profiler over {prof['steps']} training steps of "
             f"{prof['norm']} norm (self time, forward and backward): "
@@ -379,12 +380,14 @@ def speed_page(f: Path) -> str | None:
                 'share': ops.share.map(lambda x: pct(x, 1))})))
 
 
-def rounds_text(s: dict, baseline: str) -> str:
-    "How speed.py measured a table of comparisons (before it measured in rounds, once: 'rounds' absent)."
+def rounds_text(s: dict, baseline: str, ratios: pd.Series) -> str:
+    """How speed.py measured a table of comparisons (`ratios`: each row's; before it measured in rounds, once:
+    'rounds' absent)."""
     if 'rounds' not in s: return f"Each row was measured once, against {baseline} in the table above."
     if s['rounds'] == 1: return f"Each row was measured once, right after {baseline}."
-    return (f"Each row was measured {s['rounds']} times, each time right after {baseline}: images/s are the "
-            "medians, the ratio the median of the rounds' ratios.")
+    once = " (a row with one ratio was measured once)" if any(len(r) == 1 for r in ratios) else ''
+    return (f"Each row was measured {s['rounds']} times, each time right after {baseline}{once}: images/s "
+            "are the medians, the ratio the median of the rounds' ratios.")
 
 
 def fused_table(s: dict) -> str:
@@ -399,7 +402,7 @@ def fused_table(s: dict) -> str:
                           'each round': each})
     return ("\n## Runs fused into one network\n\nEach variant's recipe, its runs (seeds 0, 1, ...) trained "
             "as one fused network (`normnets_fused`), against one run alone. "
-            + rounds_text(s, 'one run alone') + "\n\n" + md(table))
+            + rounds_text(s, 'one run alone', f.ratios) + "\n\n" + md(table))
 
 
 def gpu_page(results: Path) -> str | None:

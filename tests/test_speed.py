@@ -107,6 +107,8 @@ def test_speed_page_renders_every_measurement(tmp_path):
                  ratios=[0.5, 0.6, 0.45], error=None),
             dict(norm='batch', change='torch.compile', train_ips=None, as_run_ips=None, ratios=[],
                  error='no compiler'),
+            dict(norm='batch', change="glibc's allocator", train_ips=900.0, as_run_ips=1000.0, ratios=[0.9],
+                 error=None),
         ],
         profile=dict(
             norm='batch',
@@ -131,7 +133,8 @@ def test_speed_page_renders_every_measurement(tmp_path):
         r[:6] for r in table]
     assert ['batch norm', 'without channels-last', '1000', '1900', '0.50', '0.50, 0.60, 0.45'] in table
     assert ['batch norm', '3', '256', '1500', '2000', '0.75', '0.70, 0.75, 0.80'] in table
-    assert page.count('measured 3 times') == 2
+    assert page.count('measured 3 times') == 2 and page.count('(a row with one ratio was measured once)') == 1
+    assert ['batch norm', "glibc's allocator", '900', '1000', '0.90', '0.90'] in table
     assert 'failed: no compiler' in page and 'floor' not in page
     assert '**10.0 minutes**' in page and '**15.0 minutes**' in page and '`aten::conv`' in page
 
