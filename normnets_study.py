@@ -211,7 +211,7 @@ def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: 
     groups = fusable_groups(todo) if fuse else None
     print(plan_line(plan, len(todo), jobs, groups), flush=True)
     try:
-        if jobs > 1 and len(todo) > 1: run_parallel(plan, kept, cifar, cell, jobs)
+        if jobs > 1 and len(todo) > 1: run_parallel(plan, kept, todo, cifar, cell, jobs)
         elif fuse: run_fused(plan, kept, groups, cifar, cell)
         else: run_in_turn(plan, kept, cifar, cell)
         return len(todo)
@@ -282,14 +282,13 @@ def start_worker(threads: int):
     signal.signal(signal.SIGINT, signal.default_int_handler)   # also where its parent started ignoring it
 
 
-def run_parallel(plan: list, kept: list, cifar, cell: bool, jobs: int):
-    """`run_plan`'s runs to train, `jobs` at a time, each in a process of its own with its share of the CPU
-    threads. One small run keeps a GPU busy for a fraction of each step (it waits for Python to launch the
-    step's kernels), so on a GPU several at once take little longer than one; on a CPU they only share its
+def run_parallel(plan: list, kept: list, todo: list, cifar, cell: bool, jobs: int):
+    """`run_plan`'s runs to train (`todo`), `jobs` at a time, each in a process of its own with its share of
+    the CPU threads. One small run keeps a GPU busy for a fraction of each step (it waits for Python to launch
+    the step's kernels), so on a GPU several at once take little longer than one; on a CPU they only share its
     cores. A Ctrl-C, a kill or a failed run stops every run in flight as a Ctrl-C stops one."""
     for (title, _, d), m in zip(plan, kept):
         if m: print(f"kept the finished run in {d}: {title}, test accuracy {m['test_acc']:.4f}")
-    todo = [(title, r, d) for (title, r, d), m in zip(plan, kept) if m is None]
     print(f"\n=== {len(todo)} runs to train, {jobs} at a time ===", flush=True)
     threads, start = max(1, torch.get_num_threads() // jobs), time.perf_counter()
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'),   # CUDA cannot fork
