@@ -13,8 +13,8 @@ from PIL import Image
 try: import fcntl
 except ImportError: fcntl = None   # Windows: no folder lock
 
-__all__ = ['FolderError', 'RUN_FILES', 'check_out', 'check_run_dir', 'locked', 'read_json',
-           'damaged', 'private_tmp_dir', 'replace_run_dir', 'readable_mode']
+__all__ = ['FolderError', 'RUN_FILES', 'check_out', 'check_run_dir', 'check_run_dirs', 'locked', 'read_json',
+           'read_csv', 'damaged', 'private_tmp_dir', 'replace_run_dir', 'readable_mode']
 
 # Every file a run writes (`write_run`; a cell of a grid writes only the first two): a run's folder holds
 # nothing else.
@@ -26,6 +26,16 @@ class FolderError(ValueError):
     "An output folder that cannot be written, holds someone else's files, or is in use."
 
 
+def check_writable(folder: Path, what: str):
+    """Refuse `folder` unless a file can be made in it: a read-only folder, mount or disk is found before any
+    work, not after the first runs trained. (Creating one is the only test that holds for every user, root
+    included, and every file system.)"""
+    try:
+        with tempfile.TemporaryFile(dir=folder): pass
+    except OSError as e:
+        raise FolderError(f"{what} {folder} cannot be written to ({e.strerror or e})") from e
+
+
 def check_out(out, create: bool = True) -> Path:
     """A folder of results, checked before any work: it exists (or, with `create`, can be made) and can be
     written to."""
@@ -33,44 +43,71 @@ def check_out(out, create: bool = True) -> Path:
     if out.exists() and not out.is_dir():
         raise FolderError(f"output folder {out} cannot be written to: it is a file")
     if not create and not out.is_dir(): raise FolderError(f"folder {out} does not exist")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out): pass
+    try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FolderError(f"output folder {out} cannot be written to ({e.strerror or e})") from e
+    check_writable(out, 'output folder')
     return out
 
 
 def check_run_dir(out) -> Path:
-    """A run's folder, checked before any work: absent, empty, or holding only files that a run writes (a
-    run may replace a run). Anything else in it is refused, by name."""
+    """A run's folder, checked before any work: absent, empty, or holding a run (only files that a run writes,
+    metrics.json among them), which a run may replace; anything else in it is refused, by name. Its nearest
+    existing folder must be writable. A link to a folder stands for the folder it points to (returned)."""
     out = Path(out)
+    if out.is_symlink(): out = out.resolve()
     if out.exists() and not out.is_dir():
         raise FolderError(f"run folder {out} is a file: choose a folder for the run's files")
     if out.is_dir():
+        names = {p.name for p in out.iterdir()}
         foreign = sorted(p.name + ('/' if p.is_dir() else '') for p in out.iterdir()
                          if p.name not in RUN_FILES or not p.is_file())
+        if not foreign and names and 'metrics.json' not in names:   # a run's file names, but no run
+            foreign = sorted(names)
         if foreign:
             shown = ', '.join(foreign[:5]) + (f' and {len(foreign) - 5} more' if len(foreign) > 5 else '')
-            raise FolderError(f"run folder {out} holds files that no run writes ({shown}): a run replaces "
+            raise FolderError(f"run folder {out} holds files that are not a run's ({shown}): a run replaces "
                               "only a run; choose an empty or new folder")
+    parent = out.parent   # where the run is written beside it, then moved in
+    while not parent.exists() and parent != parent.parent: parent = parent.parent
+    check_writable(parent, 'the folder of run')
     return out
+
+
+def check_run_dirs(folders) -> list[Path]:
+    "`check_run_dir` for each folder of several runs, and none named twice (one run would be lost)."
+    folders = [check_run_dir(d) for d in folders]
+    seen = [d.resolve() for d in folders]
+    twice = sorted({str(d) for d in seen if seen.count(d) > 1})
+    if twice: raise FolderError(f"runs written to the same folder: {', '.join(twice)}; one would be lost")
+    return folders
 
 
 @contextlib.contextmanager
 def locked(out):
-    "Hold `out` for one writer; a second one on the same folder is refused with a clear message."
+    """Hold `out` for one writer; a second one on the same folder is refused with a clear message. The lock
+    file is removed on release, so that none is left behind (in a run's parent folder, say); a writer that
+    locked a file since removed tries again on the new one."""
     if fcntl is None: yield; return
-    f = open(Path(out) / '.normnets.lock', 'a+')
-    try:
+    path = Path(out) / '.normnets.lock'
+    while True:
+        f = open(path, 'a+')
         try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise FolderError(f"{out} is in use by another normnets command ({f.read().strip() or 'unknown'}"
-                              "): wait for it to finish, or choose another --out") from None
+            holder = f.read().strip() or 'unknown'
+            f.close()
+            raise FolderError(f"{out} is in use by another normnets command ({holder}): wait for it to "
+                              "finish, or choose another --out") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino: break   # the lock file still in place
+        f.close()
+    try:
         f.seek(0); f.truncate(); f.write(f"pid {os.getpid()} on {platform.node()}\n"); f.flush()
         yield
-    finally: f.close()   # closing releases the lock
+    finally:
+        with contextlib.suppress(FileNotFoundError): path.unlink()   # while held: no one else removes it
+        f.close()   # closing releases the lock
 
 
 def read_json(f) -> dict:
@@ -79,11 +116,24 @@ def read_json(f) -> dict:
     except (OSError, ValueError) as e: raise FolderError(f"{f}: cannot read it ({e})") from e
 
 
-def _check_file(f: Path):
-    "Raise if `f` cannot be read as what its name says."
+def read_csv(f) -> pd.DataFrame:
+    "A table that normnets wrote, whole, or an error that names the file and what is wrong with it."
+    try:
+        if not Path(f).read_bytes().endswith(b'\n'): raise ValueError('cut short: its last row is not whole')
+        df = pd.read_csv(f)
+    except (OSError, ValueError) as e: raise FolderError(f"{f}: cannot read it ({e})") from e
+    if df.empty: raise FolderError(f"{f}: cannot read it (no rows)")
+    return df
+
+
+def _check_file(f: Path, epochs=None):
+    "Raise if `f` cannot be read as what its name says (history.csv: a row for each of the run's `epochs`)."
     if f.suffix == '.json': json.loads(f.read_text())
     elif f.suffix == '.csv':
-        if pd.read_csv(f).empty: raise ValueError('no rows')
+        if not f.read_bytes().endswith(b'\n'): raise ValueError('cut short: its last row is not whole')
+        rows = len(pd.read_csv(f))
+        if not rows: raise ValueError('no rows')
+        if f.name == 'history.csv' and rows != epochs: raise ValueError(f'{rows} epochs, the run {epochs}')
     elif f.suffix == '.png':
         with Image.open(f) as im: im.verify()
     elif f.suffix == '.pkl':   # torch.save's zip format: every member's checksum
@@ -97,12 +147,13 @@ def damaged(d) -> str | None:
     missing or cannot be read; None when it is whole."""
     d = Path(d)
     try:
-        files = json.loads((d / 'metrics.json').read_text())['files']
+        metrics = json.loads((d / 'metrics.json').read_text())
+        files = metrics['files']
     except FileNotFoundError: return 'metrics.json missing'
     except (OSError, ValueError, KeyError, TypeError) as e: return f'metrics.json unreadable ({e})'
     for name in files:
         if not (d / name).is_file(): return f'{name} missing'
-        try: _check_file(d / name)
+        try: _check_file(d / name, metrics.get('epochs'))
         except Exception as e: return f'{name} unreadable ({e})'
     return None
 

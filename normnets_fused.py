@@ -10,9 +10,8 @@ decay (the optimizer scales each copy's rows), its own loss (the fused loss is t
 copy's gradient is its own run's), metrics and history. At the end each copy is unfused and written as the
 folder a separate run writes (`write_run`), which records the runs it trained with in `fused_with`.
 """
-import json, statistics, time
+import json, time
 from functools import partial
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -25,14 +24,13 @@ from fastai.metrics import accuracy
 from fastai.optimizer import Optimizer, average_grad, average_sqr_grad, debias, step_stat
 
 from normnets import fuse, unfuse
-from normnets_data import REPO_DIR
-from normnets_files import check_run_dir
+from normnets_files import check_run_dirs
 from normnets_learner import (DeviceAvgLoss, DeviceAvgMetric, DeviceAvgSmoothLoss, DeviceMixedPrecision,
-                              EpochSeconds, RuleError, SparseProgress, device_name, normnet_learner,
+                              EpochSeconds, RuleError, normnet_learner, progress,
                               recipe_dls, seed_run, train_run, write_run)
 
-__all__ = ['FusedDL', 'FusedLoss', 'FUSED_OPTIMIZERS', 'check_fusable', 'fusable_groups',
-           'fusion_measured_faster', 'fused_learner', 'train_fused']
+__all__ = ['FusedDL', 'FusedLoss', 'FUSED_OPTIMIZERS', 'check_fusable', 'fusable_groups', 'FUSED_FASTER',
+           'fuse_by_default', 'fused_learner', 'train_fused']
 
 # Recipe fields each copy may have of its own: the rest must be the same for all (one network, one batch size,
 # as many batches an epoch, one schedule, one precision, one device).
@@ -74,20 +72,17 @@ def fusable_groups(runs: list) -> list[list]:
     return list(groups.values())
 
 
-# Where benchmarks/speed.py writes what it measured, on a CPU and on a GPU.
-SPEED_FILES = (REPO_DIR / 'results' / 'speed.json', REPO_DIR / 'results' / 'gpu' / 'speed.json')
+# Where fused runs train faster than the same runs one at a time, as (device type, precision): the rule
+# `--fuse auto` follows, written from benchmarks/speed.py's measurements (the median of its rounds).
+# Measured so far: on a CPU in float32 fused runs are slower (0.67-0.86x one run alone, results/speed.md);
+# a CPU in bfloat16 and a GPU in the fastai loop are unmeasured. A kind of machine enters here once
+# speed.py measures every variant faster fused on it.
+FUSED_FASTER: set[tuple[str, str]] = set()
 
 
-def fusion_measured_faster(device: str, copies: int, files=SPEED_FILES) -> bool:
-    """Whether benchmarks/speed.py, run on this kind of machine (the same device name), measured every variant
-    faster with `copies` runs fused than with one run alone (the median of its rounds). Unmeasured: no."""
-    name = device_name(device)
-    for f in files:
-        s = json.loads(f.read_text()) if f.exists() else {}
-        if s.get('device_name') == name and s.get('fused'):
-            rows = [row for row in s['fused'] if row['copies'] == copies] or s['fused']
-            return all(statistics.median(row['ratios']) > 1 for row in rows)
-    return False
+def fuse_by_default(r) -> bool:
+    "Whether runs of recipe `r` train fused when the command leaves it to normnets (`FUSED_FASTER`)."
+    return (torch.device(r.device).type, r.precision) in FUSED_FASTER
 
 
 # ---------------------------------------------------------------- data: K loaders in lockstep
@@ -116,7 +111,9 @@ class FusedDL:
 
 
 def fused_dls(dls: list) -> DataLoaders:
-    fused = DataLoaders(FusedDL([d.train for d in dls]), FusedDL([d.valid for d in dls]))
+    "The copies' `DataLoaders` in lockstep, on their device."
+    fused = DataLoaders(FusedDL([d.train for d in dls]), FusedDL([d.valid for d in dls]),
+                        device=dls[0].device)
     fused.n_inp = 1
     return fused
 
@@ -194,7 +191,8 @@ FUSED_OPTIMIZERS = {
 
 
 def set_copy_hypers(learn: Learner, recipes: list):
-    "Give every fused parameter each copy's peak learning rate and weight decay, row block by row block."
+    """Give every fused parameter each copy's peak learning rate and weight decay, row block by row block, on
+    the parameter's device (the recipe's: the model is built there)."""
     if learn.opt is None: learn.create_opt()
     for p in learn.model.parameters():
         rows = p.shape[0] // len(recipes)
@@ -218,7 +216,7 @@ def fused_learner(learners: list) -> Learner:
     learn = Learner(fused_dls([plain.dls for plain in learners]), fuse([plain.model for plain in learners]),
                     loss_func=FusedLoss(r.label_smoothing), opt_func=FUSED_OPTIMIZERS[r.opt], lr=1.,
                     metrics=metrics)
-    learn.remove_cb(learn.progress).add_cbs([SparseProgress(), CopySmoothLoss(), ChannelsLast()])
+    learn.remove_cb(learn.progress).add_cbs([progress(), CopySmoothLoss(), ChannelsLast()])
     learn.recorder.train_metrics = True
     learn.recorder.loss, learn.recorder.smooth_loss = DeviceAvgLoss(), DeviceAvgSmoothLoss()
     if r.precision != 'fp32': learn.add_cb(DeviceMixedPrecision(r.precision))
@@ -246,7 +244,7 @@ def train_fused(recipes: list, outs: list, data=None, cifar=None, cell: bool = F
         raise RuleError(f"{len(recipes)} runs to fuse, {len(outs)} folders for them")
     if len(recipes) == 1:   # nothing to fuse with
         return [train_run(recipes[0], outs[0], data, cifar, cell, cbs)]
-    outs = [check_run_dir(Path(o)) for o in outs]
+    outs = check_run_dirs(outs)
     start, learners = time.perf_counter(), []
     for r in recipes:
         seed_run(r)   # the initial weights, data order, crops and flips of the run trained alone

@@ -9,7 +9,7 @@ Sections follow a run: the recipe (one dataclass, validated on creation, one per
 on (device, precision), the `Learner`, and one run trained and written to a folder (`train_run`), which the
 scripts, benchmarks and tests all use. Importing this module changes no process-wide state.
 """
-import contextlib, copy, ctypes, dataclasses, json, math, numbers, platform, shutil, time
+import contextlib, copy, ctypes, dataclasses, json, math, numbers, platform, shutil, sys, time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,9 +42,10 @@ from normnets_files import check_run_dir, private_tmp_dir, replace_run_dir
 import normnets_plots as plots
 
 __all__ = ['PRECISIONS', 'NesterovSGD', 'OPTIMIZERS', 'RECIPES', 'Recipe', 'recipe', 'RuleError',
-           'OPTIMIZER_SETTINGS', 'TRAINING_FIELDS', 'recipe_label', 'at_batch_size', 'recorded_recipe',
-           'resolve_device', 'resolve_precision', 'native_bf16', 'device_name', 'keep_freed_memory',
-           'normnet_learner', 'with_lookahead', 'WeightEMA', 'autocast_of', 'seed_run', 'recipe_dls',
+           'OPTIMIZER_SETTINGS', 'TRAINING_FIELDS', 'HARDWARE_FIELDS', 'recipe_label', 'at_batch_size',
+           'recorded_recipe', 'resolve_device', 'resolve_precision', 'native_bf16', 'device_name',
+           'keep_freed_memory', 'normnet_learner', 'progress', 'with_lookahead', 'WeightEMA', 'autocast_of',
+           'seed_run', 'recipe_dls',
            'FirstStepsEstimate', 'EpochSeconds', 'history_frame', 'flip_tta_accuracy',
            'shuffled_test_set', 'accuracy_at', 'with_batch_statistics', 'batch_statistics_accuracy',
            'train_run', 'write_run']
@@ -190,6 +191,11 @@ TRAINING_FIELDS = ('opt', 'lr', 'wd', 'bs', 'label_smoothing', 'crop_pad', 'epoc
                    'ema', 'lookahead', 'cutout', 'mixup', 'whiten_c1')
 
 
+# The recipe fields that say on what hardware a run trained, resolved from 'auto' on each machine: a run of
+# another machine differs in these alone, and `--resume` names them rather than training it again unasked.
+HARDWARE_FIELDS = ('precision', 'device')
+
+
 def recipe_label(r: Recipe) -> str:
     """The settings a norm's recipe chose (e.g. 'sgd, lr 0.4, wd 0.0001, crop_pad 2', or 'adam, lr 0.01, wd
     0.01, bs 128, crop_pad 2, norm_after_relu true'): what an ablation row changes one thing of."""
@@ -212,9 +218,16 @@ def resolve_device(device) -> str:
     """'auto' -> fastai's default device ('cuda' where there is a GPU, else 'cpu'); else the device asked for,
     checked."""
     if device in (None, 'auto'): return default_device().type
-    device = torch.device(device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise RuleError("device 'cuda': no GPU is available")
+    try: device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RuleError(f"device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    available = {'cpu': 1, 'cuda': torch.cuda.device_count(), 'mps': int(torch.backends.mps.is_available())}
+    if device.type not in available:
+        raise RuleError(f"device {str(device)!r}: normnets trains on cpu, cuda or mps")
+    if not available[device.type]: raise RuleError(f"device {str(device)!r}: none on this machine")
+    if device.index is not None and device.index >= available[device.type]:
+        raise RuleError(f"device {str(device)!r}: this machine has {available[device.type]} {device.type} "
+                        "device(s), numbered from 0")
     return str(device)
 
 
@@ -335,6 +348,29 @@ class SparseProgress(ProgressCallback):
             self.pbar.comment = f'{self.smooth_loss.item():.4f}'
 
 
+class LineProgress(Callback):
+    """Off a terminal (output to a file, nohup, CI) a line an epoch, the values of fastai's table, instead of
+    a bar that redraws itself a few times a batch. Named `progress` like fastai's bar, so that
+    `learn.no_bar()` finds it; silent under `learn.no_logging()`."""
+    name, order = 'progress', ProgressCallback.order
+
+    def before_fit(self):
+        self.was = self.learn.logger
+        if self.was is not print: return   # fastai's default logger; `no_logging` replaced it
+        self.learn.logger = self.write
+        self.write(self.recorder.metric_names)
+
+    def write(self, row):
+        print('  '.join(f'{v:.4f}' if isinstance(v, float) else str(v) for v in row), flush=True)
+
+    def after_fit(self): self.learn.logger = self.was
+
+
+def progress() -> Callback:
+    "The progress a fit shows: bars on a terminal, a line an epoch elsewhere (`LineProgress`)."
+    return SparseProgress() if sys.stdout.isatty() else LineProgress()
+
+
 def exempt_gn_from_wd(learn: Learner):
     """Take GroupNorm's scale out of weight decay too. fastai (`wd_bn_bias=False`) exempts BatchNorm
     parameters and all biases but decays GroupNorm's scale. Exempting it made no clear difference
@@ -383,9 +419,12 @@ def normnet_learner(dls, norm: str | Recipe, **overrides) -> Learner:
     if len(dls.train) == 0:
         raise RuleError(f"the training set ({len(dls.train_ds)} images) holds no batch of {dls.train.bs}")
     opt_func = partial(with_lookahead, opt_func=OPTIMIZERS[r.opt]) if r.lookahead else OPTIMIZERS[r.opt]
-    learn = Learner(dls, r.model(), loss_func=CrossEntropyLossFlat(label_smoothing=r.label_smoothing),
+    # The model on the data's device from the start, not at fit: what is built from its parameters (an
+    # optimizer's state, a fused run's per-copy tensors) is then on that device too.
+    learn = Learner(dls, r.model().to(dls.device),
+                    loss_func=CrossEntropyLossFlat(label_smoothing=r.label_smoothing),
                     opt_func=opt_func, lr=r.lr, wd=r.wd, metrics=DeviceAvgMetric(accuracy))
-    learn.remove_cb(learn.progress).add_cb(SparseProgress())   # fastai's default bar, replaced
+    learn.remove_cb(learn.progress).add_cb(progress())   # fastai's default bar, replaced
     learn.recipe = r
     learn.recorder.train_metrics = True   # accuracy of the augmented training batches, each epoch
     learn.recorder.loss, learn.recorder.smooth_loss = DeviceAvgLoss(), DeviceAvgSmoothLoss()

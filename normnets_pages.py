@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from normnets import ACTIVATIONS, NORMS, PASS_ACCURACY
+from normnets_files import read_csv, read_json
 from normnets_learner import TRAINING_FIELDS, Recipe, at_batch_size, recipe, recipe_label
 
 __all__ = ['md', 'pct', 'mean_std', 'spread', 'num', 'norm_order', 'provenance', 'layer_order', 'recipe_gaps',
@@ -45,7 +46,7 @@ def norm_order(names) -> list:
     return sorted(names, key=lambda n: list(NORMS).index(n) if n in NORMS else len(NORMS))
 
 
-def read(f: Path) -> pd.DataFrame | None: return pd.read_csv(f) if f.exists() else None
+def read(f: Path) -> pd.DataFrame | None: return read_csv(f) if f.exists() else None
 
 
 def provenance(runs: pd.DataFrame) -> str:
@@ -121,7 +122,7 @@ def study_page(results: Path) -> str | None:
     "study.md: the findings per norm, every run, and the accuracy per class."
     runs, findings = read(results / 'runs.csv'), read(results / 'findings.csv')
     if runs is None or findings is None: return None
-    per_class = pd.read_csv(results / 'per_class.csv')
+    per_class = read_csv(results / 'per_class.csv')
     table = pd.DataFrame({
         'norm': runs.norm, 'seed': runs.seed, 'train acc %': runs.train_acc.map(pct),
         'test acc %': runs.test_acc.map(pct), 'test acc % with flip TTA': runs.tta_test_acc.map(pct),
@@ -305,7 +306,7 @@ def precision_page(results: Path) -> str | None:
     "precision.md: the same runs in float32 and in bfloat16 mixed precision, per variant."
     kept = {p: results / 'precision' / f'{p}-runs.csv' for p in ('fp32', 'bf16')}
     if not all(f.exists() for f in kept.values()): return None
-    fp32, bf16 = (pd.read_csv(f) for f in kept.values())
+    fp32, bf16 = (read_csv(f) for f in kept.values())
     shared = ['norm', 'seed', 'epochs', 'opt', 'bs', 'lr', 'wd', 'label_smoothing']
     same_runs = lambda df: df[shared].sort_values(shared).reset_index(drop=True)
     if not same_runs(fp32).equals(same_runs(bf16)):
@@ -329,7 +330,7 @@ def precision_page(results: Path) -> str | None:
 def speed_page(f: Path) -> str | None:
     "A speed page from benchmarks/speed.py's measurements (`f`: its speed.json)."
     if not f.exists(): return None
-    s = json.loads(f.read_text())
+    s = read_json(f)
     peaks, usual, ref = s['matmul_gflops'], s['usual'], s.get('reference')   # the GPU's has no reference
     rows = pd.DataFrame(
         [dict({'bs': s['bs']}, **r, network=f"normnets, {r['norm']} norm") for r in s['variants']]
@@ -410,13 +411,13 @@ def gpu_page(results: Path) -> str | None:
     gpu = results / 'gpu'
     summary, runs = read(gpu / 'summary.csv'), read(gpu / 'runs.csv')
     if summary is None: return None
-    cpu, cpu_runs = pd.read_csv(results / 'summary.csv').set_index('norm'), pd.read_csv(results / 'runs.csv')
+    cpu, cpu_runs = read_csv(results / 'summary.csv').set_index('norm'), read_csv(results / 'runs.csv')
     first = lambda r, n: r[r.norm == n].iloc[0]
     same = {n: all(first(runs, n)[k] == first(cpu_runs, n)[k] for k in TRAINING_FIELDS) for n in summary.norm}
     gpu_acc = summary.set_index('norm')
     gap = gpu_acc.test_acc - cpu.test_acc[gpu_acc.index]   # GPU minus CPU, a norm each
     spread_of = pd.concat([gpu_acc.test_acc_std, cpu.test_acc_std[gpu_acc.index]], axis=1).max(axis=1)
-    study = json.loads((gpu / 'study.json').read_text()) if (gpu / 'study.json').exists() else None
+    study = read_json(gpu / 'study.json') if (gpu / 'study.json').exists() else None
     wall = ''
     if study:
         kept = study['runs'] - study['trained']

@@ -17,6 +17,7 @@ import torch
 
 from normnets import NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY, WIDTHS
 from normnets import normnet, count_params, count_macs
+from normnets_files import FolderError, locked, read_csv
 from normnets_learner import recipe
 from normnets_pages import (BAR, PAGES, layer_order, md, mean_std, num, pages, pct, provenance,
                             recipes_markdown, spread)
@@ -126,12 +127,12 @@ def regions(results: Path, readme_dir: Path) -> dict:
     "Every generated region of the README, from the files in `results` (linked relative to `readme_dir`)."
     results = Path(results)
     rel = Path(os.path.relpath(results.resolve(), Path(readme_dir).resolve())).as_posix()
-    summary, runs = pd.read_csv(results / 'summary.csv'), pd.read_csv(results / 'runs.csv')
-    findings = pd.read_csv(results / 'findings.csv').set_index('norm')
+    summary, runs = read_csv(results / 'summary.csv'), read_csv(results / 'runs.csv')
+    findings = read_csv(results / 'findings.csv').set_index('norm')
     links = pd.DataFrame([{'page': f'[{title}]({rel}/{name})', 'what': what}
                           for name, (title, what, _) in PAGES.items() if name in pages(results)])
     return {
-        'param_limit': f'{PARAM_LIMIT:,}', 'max_epochs': str(MAX_EPOCHS), 'pass_accuracy': BAR,
+        'param_limit': f'{PARAM_LIMIT:,}', 'max_epochs': str(MAX_EPOCHS),
         'results': '\n' + md(results_table(summary)) + f'\n{provenance(runs)}\n\n'
                    f'![test accuracy and loss of each variant by epoch]({rel}/comparison.png)\n',
         'conclusions': '\n' + conclusions(findings, summary.device_name.iloc[0]),
@@ -142,28 +143,70 @@ def regions(results: Path, readme_dir: Path) -> dict:
     }
 
 
+MARKER = re.compile(r'<!--g:(?P<name>[\w-]+)-->|<!--/g-->')
+
+
+def marker_problems(text: str, names) -> list[str]:
+    """What is wrong with the README's region markers: an opening marker without its close (or a close
+    without its opening), a region given twice, a region of `names` missing, a region with no generator. A
+    README whose markers do not pair up would have text between two regions replaced."""
+    problems, seen, open_name = [], [], None
+    for m in MARKER.finditer(text):
+        if m['name'] and open_name:
+            problems.append(f"region {open_name!r} is not closed before {m['name']!r}")
+        elif not m['name'] and not open_name: problems.append("a <!--/g--> closes no region")
+        if m['name']: seen.append(m['name'])
+        open_name = m['name']
+    if open_name: problems.append(f"region {open_name!r} is not closed")
+    problems += [f"region {n!r} given twice" for n in sorted({n for n in seen if seen.count(n) > 1})]
+    problems += [f"region {n!r} missing (<!--g:{n}--><!--/g--> where it belongs)" for n in names
+                 if n not in seen]
+    problems += [f"region {n!r} has no generator" for n in sorted(set(seen) - set(names))]
+    return problems
+
+
 def fill(text: str, values: dict) -> str:
-    "`text` with every region's body replaced by its value; a region with no value is an error."
-    unknown = sorted({m['name'] for m in REGION.finditer(text)} - set(values))
-    if unknown: raise KeyError(f"README regions with no generator: {', '.join(unknown)}")
+    "`text` with every region's body replaced by its value; markers that do not pair up are an error."
+    problems = marker_problems(text, values)
+    if problems: raise FolderError(f"README markers: {'; '.join(problems)}")
     return REGION.sub(lambda m: f"<!--g:{m['name']}-->{values[m['name']]}<!--/g-->", text)
 
 
+LINK = re.compile(r'\]\((?P<target>[^)\s#]+)\)')
+
+
+def broken_links(text: str, folder: Path) -> list[str]:
+    "The files that the Markdown links of `text` (relative to `folder`) point to and that do not exist."
+    targets = {m['target'] for m in LINK.finditer(text) if '://' not in m['target']}
+    return sorted(t for t in targets if not (Path(folder) / t).exists())
+
+
 def stale(results: Path, readme: Path) -> list[str]:
-    "What the files no longer match: README regions and pages under results/ (empty when all is current)."
+    """What the files no longer match: README regions and pages under results/, broken region markers, and
+    figures or pages that the regions or pages link to and that do not exist (empty when all is current)."""
     results, readme = Path(results), Path(readme)
     text, values = readme.read_text(), regions(results, readme.parent)
-    out = [f"README region {m['name']!r}" for m in REGION.finditer(text) if m['body'] != values[m['name']]]
-    out += [f"{results / name}" for name, page in pages(results).items()
+    out = [f"README markers: {problem}" for problem in marker_problems(text, values)]
+    if not out:
+        out += [f"README region {m['name']!r}" for m in REGION.finditer(text)
+                if m['body'] != values[m['name']]]
+    named = pages(results)
+    out += [f"{results / name}" for name, page in named.items()
             if not (results / name).exists() or (results / name).read_text() != page]
+    out += [f"README links to {t}, which does not exist"
+            for t in broken_links(''.join(values.values()), readme.parent)]
+    out += [f"{results / name} links to {t}, which does not exist"
+            for name, page in named.items() for t in broken_links(page, results)]
     return out
 
 
 def write_report(results: Path, readme: Path) -> list[Path]:
-    """Fill the README's regions and write the pages under results/; returns what was written. Everything is
-    computed before anything is written, so that result files that contradict each other change nothing."""
+    """Fill the README's regions and write the pages under results/, holding results/ as a study does; returns
+    what was written. Everything is computed before anything is written, so that result files that
+    contradict each other, or broken region markers, change nothing."""
     results, readme = Path(results), Path(readme)
-    text, named = fill(readme.read_text(), regions(results, readme.parent)), pages(results)
-    readme.write_text(text)
-    for name, page in named.items(): (results / name).write_text(page)
+    with locked(results):
+        text, named = fill(readme.read_text(), regions(results, readme.parent)), pages(results)
+        readme.write_text(text)
+        for name, page in named.items(): (results / name).write_text(page)
     return [readme, *(results / name for name in named)]

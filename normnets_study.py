@@ -6,77 +6,38 @@ any point (Ctrl-C, a kill) leaves a summary of every finished run that belongs t
 recipes in the same folder are named, not mixed in. One writer at a time: the folder is locked while a study
 writes to it.
 """
-import contextlib, dataclasses, json, multiprocessing, os, signal, sys, time
+import contextlib, dataclasses, json, multiprocessing, os, signal, time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import pandas as pd
 import torch
-from fastcore.script import CliError
-
-from normnets import NORMS, architecture_id, norm_name
+from normnets import NORMS, architecture_id
+from normnets_cli import StudyError, check_jobs, parse_norms
 from normnets_data import load_cifar
-from normnets_files import check_out, check_run_dir, damaged, locked, read_json
-from normnets_fused import fusable_groups, fusion_measured_faster, train_fused
-from normnets_learner import (TRAINING_FIELDS, FirstStepsEstimate, Recipe, device_name, recipe,
-                              recorded_recipe, train_run)
+from normnets_files import FolderError, check_out, check_run_dirs, damaged, locked, read_json
+from normnets_fused import fusable_groups, fuse_by_default, train_fused
+from normnets_learner import (HARDWARE_FIELDS, TRAINING_FIELDS, FirstStepsEstimate, Recipe, device_name,
+                              recipe, recorded_recipe, train_run)
 import normnets_plots as plots
 import normnets_report as report
 
-__all__ = ['STUDY_SEEDS', 'StudyError', 'cli_errors', 'parse_fuse', 'parse_norms', 'check_jobs', 'run_dir',
-           'kept_run', 'plan_frame', 'find_runs', 'findings_frame', 'summarize', 'run_plan', 'run_parallel',
-           'run_fused', 'run_study']
+__all__ = ['STUDY_SEEDS', 'STUDY_FILES', 'run_dir', 'kept_run', 'plan_frame', 'find_runs', 'findings_frame',
+           'summarize', 'run_plan', 'run_parallel', 'run_fused', 'run_study']
 
 STUDY_SEEDS = 3   # runs per variant in the committed study: the spread is part of the result
+# What a study writes into its folder beside the runs' folders (`summarize`, `run_study`).
+STUDY_FILES = ('runs.csv', 'summary.csv', 'findings.csv', 'summary.md', 'per_class.csv', 'comparison.png',
+               'study.json')
 SUMMARY_COLUMNS = ['norm', 'params', 'epochs', 'seeds', 'train_acc', 'train_acc_std', 'best_test_acc',
                    'test_acc', 'test_acc_std', 'tta_test_acc', 'train_loss', 'test_loss', 'epochs_to_70',
                    'seconds', 'device_name', 'data', 'data_md5']
 
 
-class StudyError(ValueError):
-    "A study that cannot start: repeated norms, too few seeds or jobs."
-
-
-@contextlib.contextmanager
-def cli_errors():
-    """For the scripts' mains: bad input (a ValueError: values, data, folders) ends the command with a
-    one-line error and exit status 1; a Ctrl-C or a kill ends it with exit status 130, as an interrupted
-    command does, without a traceback."""
-    try: yield
-    except ValueError as e: raise CliError(f"error: {e}") from None
-    except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
-        raise SystemExit(130) from None
-
-
-def parse_norms(text: str | None) -> list[str]:
-    "Canonical names of a comma-separated list of norms (names or aliases); None: every registered norm."
-    if text is None: return list(NORMS)
-    names = [norm_name(n) for n in str(text).split(',') if n.strip()]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated: raise StudyError(f"--norms {text!r} names {', '.join(repeated)} more than once")
-    if not names: raise StudyError("--norms is empty")
-    return names
-
-
-FUSE = {'auto': None, 'yes': True, 'no': False}   # the --fuse options: None, where speed.py found it faster
-
-
-def parse_fuse(text: str) -> bool | None:
-    "--fuse as `run_study` and `run_plan` take it; a clear error for anything else."
-    if text not in FUSE: raise StudyError(f"--fuse {text!r}: expected one of {', '.join(FUSE)}")
-    return FUSE[text]
-
-
-def check_jobs(jobs: int):
-    "Refuse, before any work, a `jobs` (the runs a plan trains at once) below one."
-    if jobs < 1: raise StudyError(f"--jobs {jobs}: need at least one")
-
-
-def run_dir(out: Path, norm: str, seed: int, first_seed: int = 0) -> Path:
-    """Where a run of the study lives: <out>/<norm>/ for the first seed, <out>/seeds/<norm>-seed<k>/ for the
-    others."""
-    return out / norm if seed == first_seed else out / 'seeds' / f'{norm}-seed{seed}'
+def run_dir(out: Path, norm: str, seed: int) -> Path:
+    """Where a run of the study lives: <out>/<norm>/ for seed 0, <out>/seeds/<norm>-seed<k>/ for every other
+    seed, whichever seed a command starts from (so that no seed's run takes another's folder)."""
+    return out / norm if seed == 0 else out / 'seeds' / f'{norm}-seed{seed}'
 
 
 def _matches(metrics: dict, r: Recipe) -> bool:
@@ -89,6 +50,32 @@ def kept_run(d: Path, r: Recipe) -> dict | None:
     if not (Path(d) / 'metrics.json').exists() or damaged(d): return None
     m = read_json(Path(d) / 'metrics.json')
     return m if _matches(m, r) else None
+
+
+def hardware_only(d: Path, r: Recipe) -> dict:
+    """{field: (recorded, asked)} where the whole run in `d` differs from recipe `r` in HARDWARE_FIELDS alone
+    (a run of another machine); {} where it is of `r`, differs in more, or is not whole."""
+    if not (Path(d) / 'metrics.json').exists() or damaged(d): return {}
+    m = read_json(Path(d) / 'metrics.json')
+    recorded, asked = recorded_recipe(m), r.to_dict()
+    differ = {k: (recorded[k], v) for k, v in asked.items() if recorded[k] != v}
+    same_net = m.get('arch') == architecture_id(r.model())
+    return differ if differ and set(differ) <= set(HARDWARE_FIELDS) and same_net else {}
+
+
+def refuse_replacing_other_hardware(plan: list, kept: list, chosen=()):
+    """With --resume, refuse to train again, unasked, whole runs that differ from their recipe only in the
+    hardware fields not `chosen` on the command line (a committed fp32 study on a CPU where 'auto' is bf16):
+    say which field differs and what to pass to keep them."""
+    found = [(d, differ) for (_, r, d), m in zip(plan, kept) if m is None
+             for differ in [{k: v for k, v in hardware_only(d, r).items() if k not in chosen}] if differ]
+    if not found: return
+    fields = {k: v for _, differ in found for k, v in differ.items()}
+    said = ', '.join(f"{k} {old} (this command: {new})" for k, (old, new) in fields.items())
+    keep = ' '.join(f"--{k} {old}" for k, (old, _) in fields.items())
+    raise StudyError(f"{len(found)} finished run(s) would be trained again that differ only in how they "
+                     f"ran: {said}, e.g. {found[0][0]}. Pass {keep} to keep them, or pass that option with "
+                     "the new value to train them again")
 
 
 def plan_frame(plan: list, scores: tuple = ()) -> pd.DataFrame:
@@ -191,25 +178,27 @@ def summarize(out: Path, overrides: dict, plan: list = ()) -> tuple[pd.DataFrame
 
 
 def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: int = 1,
-             fuse: bool = False) -> int:
+             fuse: bool = False, chosen=()) -> int:
     """Train each (title, recipe, folder) of `plan` in order, or keep its whole finished run with `resume`,
     printing progress with the time left; `cell`: grid cells (`train_run`); `jobs` > 1 trains that many at
     once (`run_parallel`); `fuse` trains the runs that can train as one network as one (`run_fused`). Every
-    folder is checked before the first run. Returns how many runs it trained. Ctrl-C or a kill stops after
-    the finished runs, which stay on disk, and is raised again as KeyboardInterrupt for the caller to
-    summarize and exit on."""
-    if fuse and jobs > 1: raise StudyError("--fuse and --jobs: choose one way of training runs together")
+    folder is checked before the first run; with `resume`, runs that differ only in the hardware fields not
+    `chosen` by the command are refused (`refuse_replacing_other_hardware`). Returns how many runs it
+    trained. Ctrl-C or a kill stops after the finished runs, which stay on disk, and is raised again as
+    KeyboardInterrupt for the caller to summarize and exit on."""
+    check_jobs(jobs, fuse)
     if not plan: return 0   # e.g. a search without --confirm: no runs to confirm
-    for _, _, d in plan: check_run_dir(d)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C
+    check_run_dirs([d for _, _, d in plan])
     kept = [kept_run(d, r) if resume else None for _, r, d in plan]
     if resume:
+        refuse_replacing_other_hardware(plan, kept, chosen)
         for (title, _, d), m in zip(plan, kept):
             problem = m is None and (d / 'metrics.json').exists() and damaged(d)
             if problem: print(f"{title}: the run in {d} is damaged ({problem}): training it again")
     todo = [run for run, m in zip(plan, kept) if m is None]
     groups = fusable_groups(todo) if fuse else None
     print(plan_line(plan, len(todo), jobs, groups), flush=True)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C
     try:
         if jobs > 1 and len(todo) > 1: run_parallel(plan, kept, todo, cifar, cell, jobs)
         elif fuse: run_fused(plan, kept, groups, cifar, cell)
@@ -318,36 +307,50 @@ def run_parallel(plan: list, kept: list, todo: list, cifar, cell: bool, jobs: in
     pool.shutdown()
 
 
+def check_study_dir(out: Path) -> Path:
+    """Refuse, before any work, a folder holding files under a study's names (STUDY_FILES) that no study
+    wrote: a folder is a study's once it holds a run or a study.json of a study."""
+    ours = any(out.glob('*/metrics.json')) or any(out.glob('seeds/*/metrics.json'))
+    with contextlib.suppress(FolderError, TypeError):
+        ours = ours or 'how' in read_json(out / 'study.json')
+    theirs = [name for name in STUDY_FILES if (out / name).exists()]
+    if theirs and not ours:
+        raise FolderError(f"{out} holds {', '.join(theirs)} but no study: a study would overwrite them; "
+                          "choose an empty or new --out")
+    return out
+
+
 def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='results', data=None,
               resume: bool = False, jobs: int = 1, fuse: bool | None = None,
               **overrides) -> tuple[pd.DataFrame | None, list]:
     """Train every norm of `norms` (default: all registered) with its recipe and `overrides`, for `seeds`
     seeds from `first_seed`, into `out`; then summarize the folder. Every input is checked before any work.
     `resume` keeps whole runs already in `out` whose whole recipe matches; `jobs` trains that many at once;
-    `fuse` trains each norm's seeds as one network (None: where benchmarks/speed.py measured that faster on
-    this kind of machine).
+    `fuse` trains each norm's seeds as one network (None: where measured faster on this kind of machine,
+    `fuse_by_default`).
     Ctrl-C or a kill stops after the finished runs, which are kept and summarized, and the KeyboardInterrupt
     is raised again. Returns the summary and the missing runs."""
     norms = parse_norms(norms if norms is None or isinstance(norms, str) else ','.join(norms))
     if seeds < 1: raise StudyError(f"--seeds {seeds}: need at least one")
-    check_jobs(jobs)
+    if first_seed < 0: raise StudyError(f"--seed {first_seed}: must be 0 or more")
+    check_jobs(jobs, fuse)
     # bad values fail here, before any work
     recipes = {n: recipe(n, **overrides, seed=first_seed) for n in norms}
-    out = check_out(out)
+    out = check_study_dir(check_out(out))
     # every norm's first seed first
     seed_norms = [(s, n) for s in range(first_seed, first_seed + seeds) for n in norms]
-    plan = [(f"{n} norm, seed {s}", dataclasses.replace(recipes[n], seed=s), run_dir(out, n, s, first_seed))
+    plan = [(f"{n} norm, seed {s}", dataclasses.replace(recipes[n], seed=s), run_dir(out, n, s))
             for s, n in seed_norms]
-    for _, _, d in plan: check_run_dir(d)
+    check_run_dirs([d for _, _, d in plan])
     first = recipes[norms[0]]
-    if fuse is None: fuse = jobs == 1 and seeds > 1 and fusion_measured_faster(first.device, seeds)
+    if fuse is None: fuse = jobs == 1 and seeds > 1 and fuse_by_default(first)
     how = (f"each variant's {seeds} seeds trained as one network" if fuse else
            f"{jobs} runs at a time" if jobs > 1 else "one run at a time")
     print(f"Study: {len(norms)} variants x {seeds} seeds into {out}, {how}", flush=True)
     start = time.perf_counter()
     cifar = load_cifar(data)   # bad data fails here too, and it is decoded only once
     with locked(out):
-        try: trained = run_plan(plan, cifar, resume, jobs=jobs, fuse=fuse)
+        try: trained = run_plan(plan, cifar, resume, jobs=jobs, fuse=fuse, chosen=set(overrides))
         finally: summarized = summarize(out, overrides, seed_norms)   # also after a Ctrl-C, raised again
         # the study's own wall time, data to last file, and how it ran (the GPU page shows it)
         (out / 'study.json').write_text(json.dumps(dict(

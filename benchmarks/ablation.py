@@ -24,9 +24,10 @@ from fastcore.script import call_parse
 from normnets import NORMS
 from normnets_data import HOLDOUT, REPO_DIR, load_cifar
 from normnets_files import check_out, check_run_dir, locked
-from normnets_fused import fusable_groups, fusion_measured_faster
+from normnets_fused import fuse_by_default
 from normnets_learner import OPTIMIZER_SETTINGS, RECIPES, Recipe, keep_freed_memory, recipe, recipe_label
-from normnets_study import StudyError, check_jobs, cli_errors, kept_run, parse_fuse, parse_norms, run_plan
+from normnets_cli import StudyError, check_jobs, cli_errors, parse_fuse, parse_norms, path_option
+from normnets_study import kept_run, run_plan
 
 
 def base_changes(r: Recipe) -> dict:
@@ -179,7 +180,7 @@ def main(
     resume: bool = False,      # keep runs already finished with the same recipe
     jobs: int = 1,             # runs trained at once, each in a process of its own (a GPU: several; a CPU: 1)
     fuse: str = 'auto',        # yes: rows that differ only in lr, wd or crops as one network; no; auto: where
-                               # benchmarks/speed.py measured fusion faster on this kind of machine
+                               # measured faster on this kind of machine (normnets_fused.FUSED_FASTER)
 ):
     "Train each norm once per change; record its accuracy and seconds beside its recipe's."
     keep_freed_memory()
@@ -188,14 +189,12 @@ def main(
         given = dict(n_train=n_train, n_test=n_test, precision=precision)
         settings = dict(epochs=epochs, seed=seed, holdout=holdout,
                         **{k: v for k, v in given.items() if v is not None})
-        check_jobs(jobs)
         names, fuse = parse_norms(norms), parse_fuse(fuse)
-        out = Path(out) if out else REPO_DIR / 'results'
+        check_jobs(jobs, fuse)
+        out = path_option('out', out, REPO_DIR / 'results')
         plan = ablation_plan(names, rows, out, **settings)   # every recipe checked first
         runs = [p[:3] for p in plan]
-        if fuse is None and runs:
-            widest = max(map(len, fusable_groups(runs)))
-            fuse = jobs == 1 and fusion_measured_faster(runs[0][1].device, widest)
+        if fuse is None and runs: fuse = jobs == 1 and fuse_by_default(runs[0][1])
         check_out(out)
         cifar = load_cifar(data) if plan else None
         with locked(check_out(out / 'ablation')):

@@ -14,7 +14,6 @@ For each variant's first-seed model of the study (results/<norm>/model.pkl):
 Writes results/inference.csv and results/inference.png.
 """
 import copy, json, time
-from pathlib import Path
 
 import matplotlib
 import pandas as pd
@@ -26,9 +25,9 @@ from fastcore.script import call_parse
 from normnets import NORMS, fold_batchnorm
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_files import FolderError, check_out, read_json
-from normnets_learner import (TRAINING_FIELDS, accuracy_at, device_name, keep_freed_memory, shuffled_test_set,
-                              with_batch_statistics)
-from normnets_study import cli_errors
+from normnets_learner import (TRAINING_FIELDS, accuracy_at, device_name, keep_freed_memory, resolve_device,
+                              shuffled_test_set, with_batch_statistics)
+from normnets_cli import cli_errors, path_option
 import normnets_plots as plots
 
 TEST_BATCH_SIZES = (1, 2, 8, 32, 256)
@@ -123,20 +122,20 @@ def main(
     "Measure batch statistics at test time, folding and the cost of statistics; write inference.csv and .png."
     matplotlib.use('Agg')
     keep_freed_memory()
-    results = Path(results) if results else REPO_DIR / 'results'
-    with cli_errors():   # a missing folder, no models in it, bad data: before any measurement
-        check_out(results, create=False)
+    with cli_errors():   # a bad device or folder, no models, damaged runs, bad data: before measuring
+        device = resolve_device(device)
+        results = check_out(path_option('results', results, REPO_DIR / 'results'), create=False)
         found = [n for n in NORMS if (results / n / 'model.pkl').is_file()]
         if not found:
             raise FolderError(f"{results} holds no study model (<norm>/model.pkl): run scripts/run_all.py "
                               "first, or pass the study's folder as --results")
+        # each model's recipe as its run recorded it, so that the page can say whether it is today's
+        recipes = pd.DataFrame([{'norm': n, **{k: m.get(k) for k in TRAINING_FIELDS}}
+                                for n in found for m in [read_json(results / n / 'metrics.json')]])
         torch.manual_seed(0)
         models = {n: load_learner(results / n / 'model.pkl').model.to(device).float() for n in found}
         x, y = test_tensors(load_cifar(data), device)
         df = pd.DataFrame(measure(models, x, y))
-    # each model's recipe as its run recorded it, so that the page can say whether it is today's
-    recipes = pd.DataFrame([{'norm': n, **{k: m.get(k) for k in TRAINING_FIELDS}}
-                            for n in found for m in [read_json(results / n / 'metrics.json')]])
     df = df.merge(recipes.assign(net=recipes.net.map(json.dumps)), on='norm', how='left')
     df['device_name'], df['torch'] = device_name(device), torch.__version__
     df.to_csv(results / 'inference.csv', index=False)

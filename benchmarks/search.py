@@ -9,10 +9,11 @@ weight decays, with the rest of the norm's recipe. A cell trains on the training
 and is scored on those (`Recipe.holdout`): the test set plays no part in any choice. The screen runs every
 cell for --epochs (the rules' full length unless told); --confirm k runs the k best screen cells of each norm
 at full length for the screen's seed and --seeds more, and a norm's choice is the confirmed cell of the best
-mean. A norm's cells of one optimizer train as one fused network where benchmarks/speed.py measured fusion
-faster on this kind of machine (--fuse). Cells go to <out>/search/<norm>-<opt>-lr<lr>-wd<wd>-e<epochs>/
-(-s<seed> after the first seed); the table to <out>/search.csv and the figure to <out>/search.png, both
-written from every finished cell, also after a Ctrl-C. The cells are ordered so that every norm has finished
+mean. A norm's cells of one optimizer train as one fused network where that was measured faster on this kind
+of machine (--fuse; normnets_fused.FUSED_FASTER). Cells go to
+<out>/search/<norm>-<opt>-lr<lr>-wd<wd>-e<epochs>/ (-s<seed> for a seed other than 0); the table to
+<out>/search.csv and the figure to <out>/search.png, both written from every finished cell, also after a
+Ctrl-C. The cells are ordered so that every norm has finished
 the same cells whenever the search stops.
 """
 from dataclasses import replace
@@ -26,8 +27,9 @@ from normnets import MAX_EPOCHS
 from normnets_data import HOLDOUT, REPO_DIR, load_cifar
 from normnets_learner import keep_freed_memory, recipe
 from normnets_files import check_out, locked
-from normnets_fused import fusion_measured_faster
-from normnets_study import check_jobs, cli_errors, parse_fuse, parse_norms, plan_frame, run_plan
+from normnets_fused import fuse_by_default
+from normnets_cli import StudyError, check_jobs, cli_errors, parse_fuse, parse_norms, path_option
+from normnets_study import plan_frame, run_plan
 import normnets_plots as plots
 
 # Per optimizer: peak learning rates, a log grid of factor-2 steps around the usual values for it, and weight
@@ -38,8 +40,9 @@ GRID = {'adam': dict(lr=(1.25e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2), wd=(0.1, 0.05
         'sgd': dict(lr=(0.025, 0.05, 0.1, 0.2, 0.4, 0.8), wd=(5e-4, 1e-4, 2e-5))}
 
 
-def cell_dir(out: Path, r, first_seed: int = 0) -> Path:
-    seed = f'-s{r.seed}' if r.seed != first_seed else ''
+def cell_dir(out: Path, r) -> Path:
+    "A cell's folder: seed 0's unsuffixed, every other seed's named by it (whatever --seed began with)."
+    seed = f'-s{r.seed}' if r.seed else ''
     return out / 'search' / f'{r.norm}-{r.opt}-lr{r.lr:g}-wd{r.wd:g}-e{r.epochs}{seed}'
 
 
@@ -62,7 +65,7 @@ def confirm_plan(screen, k: int, seeds: int, out) -> list:
     best = df.sort_values('test_acc', ascending=False).groupby('norm', sort=False).head(k)
     by_run = {f'{d.parent.name}/{d.name}': r for _, r, d in screen}
     return [(f"{r.norm} norm, {r.opt}, peak lr {r.lr:g}, weight decay {r.wd:g}, seed {r.seed} (confirm)", r,
-             cell_dir(out, r, first.seed))
+             cell_dir(out, r))
             for run in best.run for first in [by_run[run]]
             for seed in range(first.seed, first.seed + 1 + seeds)
             for r in [replace(first, epochs=MAX_EPOCHS, seed=seed)]]
@@ -83,7 +86,7 @@ def main(
     precision: str = None,  # pin every cell's precision (fp32, bf16), so one search can span machines
     resume: bool = False,  # keep cells already finished with the same recipe
     jobs: int = 1,         # cells trained at once, each in a process of its own (a GPU: several; a CPU: 1)
-    fuse: str = 'auto',    # yes: a norm's cells of an optimizer as one network; no; auto: as speed.py found
+    fuse: str = 'auto',    # yes: a norm's cells of an optimizer as one network; no; auto: where it is faster
 ):
     """Search each norm's optimizer, peak learning rate and weight decay with the same budget; write
     search.csv/png."""
@@ -91,23 +94,24 @@ def main(
     keep_freed_memory()
     with cli_errors():   # bad values, data or folders, before any work; Ctrl-C after the table is written
         names, fuse = parse_norms(norms), parse_fuse(fuse)
-        check_jobs(jobs)
+        check_jobs(jobs, fuse)
+        if confirm < 0: raise StudyError(f"--confirm {confirm}: the best k cells of each norm, 0 or more")
+        if seeds < 1: raise StudyError(f"--seeds {seeds}: a confirmed cell runs at 1 or more seeds more")
         given = dict(n_train=n_train, n_test=n_test, bs=bs, seed=seed, precision=precision)
         subset = {k: v for k, v in given.items() if v is not None}
-        out = Path(out) if out else REPO_DIR / 'results'
+        out = path_option('out', out, REPO_DIR / 'results')
         screen = screen_plan(names, epochs, out, **subset)   # every recipe validated before any work
         check_out(out)
-        row = max(len(g['lr']) * len(g['wd']) for g in GRID.values())   # the most cells fused as one
-        if fuse is None: fuse = jobs == 1 and fusion_measured_faster(screen[0][1].device, row)
+        if fuse is None: fuse = jobs == 1 and fuse_by_default(screen[0][1])
         cifar = load_cifar(data)
         confirmed = []
         with locked(check_out(out / 'search')):
             try:
-                run_plan(screen, cifar, resume, cell=True, jobs=jobs, fuse=fuse)
+                run_plan(screen, cifar, resume, cell=True, jobs=jobs, fuse=fuse, chosen=set(subset))
                 confirmed = confirm_plan(screen, confirm, seeds, out) if confirm else []
                 trained = {d for *_, d in screen}   # a full-length screen's cells are not trained twice
                 run_plan([c for c in confirmed if c[2] not in trained], cifar, resume, cell=True, jobs=jobs,
-                         fuse=fuse)
+                         fuse=fuse, chosen=set(subset))
             finally:   # the table of every finished cell, also after a Ctrl-C
                 stages = {'screen': plan_frame(screen), 'confirm': plan_frame(confirmed)}
                 finished = [d.assign(stage=stage) for stage, d in stages.items() if len(d)]

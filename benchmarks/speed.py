@@ -22,7 +22,6 @@ Writes the measurements to results/speed.json (results/gpu/speed.json on a GPU);
 them into results/speed.md.
 """
 import functools, json, platform, statistics, time
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -38,8 +37,9 @@ from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_files import FolderError, check_out
 from normnets_fused import fused_learner
 from normnets_learner import (TRAINING_FIELDS, device_name, keep_freed_memory, normnet_learner, recipe,
-                              recipe_dls, seed_run)
-from normnets_study import STUDY_SEEDS, cli_errors
+                              recipe_dls, resolve_device, seed_run)
+from normnets_cli import cli_errors, path_option
+from normnets_study import STUDY_SEEDS
 
 # ---------------------------------------------------------------- the reference
 
@@ -496,9 +496,10 @@ def main(
     out:str=None,      # JSON to write (default: results/speed.json, or results/gpu/speed.json on a GPU)
 ):
     "Measure normnets' speed; write the measurements as JSON for scripts/report.py."
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    out = Path(out) if out else REPO_DIR / 'results' / ('gpu' if device.type == 'cuda' else '') / 'speed.json'
-    with cli_errors():   # an unwritable folder or bad data before any measurement; Ctrl-C
+    with cli_errors():   # a bad device, an unwritable folder or bad data before any measurement; Ctrl-C
+        device = torch.device(resolve_device(device))
+        default = REPO_DIR / 'results' / ('gpu' if device.type == 'cuda' else '') / 'speed.json'
+        out = path_option('out', out, default)
         for name, value, least in (('steps', steps, 1), ('warmup', warmup, 0), ('rounds', rounds, 1)):
             if value < least: raise ValueError(f"--{name} {value}: must be at least {least}")
         check_out(out.parent)

@@ -9,12 +9,12 @@ norm's statistics noisy, and should leave the others alone. Each cell is a run o
 batch size, for the recipe's epochs (the rules' full length), with the peak learning rate scaled by the square
 root of the batch size over the recipe's (`normnets_learner.at_batch_size`, one rule for every norm). Batch
 norm is scored twice: with its running averages, as usual, and with the statistics of each test batch of the
-training batch size. A cell's seeds train as one fused network where benchmarks/speed.py measured that faster
-on this kind of machine (--fuse). Cells go to <out>/batch_size/<norm>-bs<k>-seed<s>/ (history and metrics);
-the table to <out>/batch_size.csv and the figure to <out>/batch_size.png, both written from every finished
-cell, also after a Ctrl-C. Small batches take many more steps an epoch (see each cell's seconds).
+training batch size. A cell's seeds train as one fused network where that was measured faster on this kind of
+machine (--fuse; normnets_fused.FUSED_FASTER). Cells go to <out>/batch_size/<norm>-bs<k>-seed<s>/ (history
+and metrics); the table to <out>/batch_size.csv and the figure to <out>/batch_size.png, both written from
+every finished cell, also after a Ctrl-C. Small batches take many more steps an epoch (see each cell's
+seconds).
 """
-from pathlib import Path
 
 import matplotlib
 from fastcore.script import call_parse, CliError
@@ -22,9 +22,10 @@ from fastcore.script import call_parse, CliError
 from normnets_data import REPO_DIR, load_cifar
 from normnets_files import check_out, locked
 from normnets import NORMS
-from normnets_fused import fusion_measured_faster
+from normnets_fused import fuse_by_default
 from normnets_learner import at_batch_size, keep_freed_memory, recipe
-from normnets_study import StudyError, cli_errors, parse_fuse, parse_norms, plan_frame, run_plan
+from normnets_cli import StudyError, cli_errors, parse_fuse, parse_norms, path_option
+from normnets_study import plan_frame, run_plan
 import normnets_plots as plots
 
 SIZES = '8,16,32,64,128,256'
@@ -53,7 +54,7 @@ def main(
     n_train:int=None,      # train on a random subset (quick checks only)
     n_test:int=None,       # evaluate on a random subset (quick checks only)
     resume:bool=False,     # keep cells already finished with the same recipe
-    fuse:str='auto',       # yes: a cell's seeds as one network; no; auto: where speed.py measured it faster
+    fuse:str='auto',       # yes: a cell's seeds as one network; no; auto: where measured faster
 ):
     "Train every norm at every batch size; write batch_size.csv and batch_size.png."
     matplotlib.use('Agg')
@@ -65,15 +66,15 @@ def main(
         n_seeds = {n: seeds or SEEDS[NORMS[n].exercise] for n in names}
         given = {k: v for k, v in dict(epochs=epochs, n_train=n_train, n_test=n_test).items()
                  if v is not None}
-        out = Path(out) if out else REPO_DIR / 'results'
+        out = path_option('out', out, REPO_DIR / 'results')
         plan = [(f"{n} norm, batch size {b}, seed {s}", r, out / 'batch_size' / f'{n}-bs{b}-seed{s}')
                 for b in bss for n in names for s in range(seed, seed + n_seeds[n])
                 for r in [at_batch_size(recipe(n, seed=s, **given), b)]]   # validated here
         check_out(out)
-        if fuse is None: fuse = fusion_measured_faster(plan[0][1].device, max(n_seeds.values()))
+        if fuse is None: fuse = fuse_by_default(plan[0][1])
         cifar = load_cifar(data)
         with locked(check_out(out / 'batch_size')):   # one writer of the cells; other results stay free
-            try: run_plan(plan, cifar, resume, cell=True, fuse=fuse)
+            try: run_plan(plan, cifar, resume, cell=True, fuse=fuse, chosen=set(given))
             finally:   # the table of every finished cell, also after a Ctrl-C
                 df = plan_frame(plan, scores=('batch_stats_test_acc',))
                 if len(df):

@@ -12,14 +12,14 @@ Per variant (first seed): <out>/<norm>/ as scripts/train.py writes it. Further s
 row a norm), runs.csv (a row a run), per_class.csv, comparison.png, all written from the whole finished runs
 in the folder. A Ctrl-C keeps every finished run, and exits with status 130.
 """
-from pathlib import Path
 
 import matplotlib
 from fastcore.script import call_parse, CliError
 
 from normnets_data import REPO_DIR
 from normnets_learner import keep_freed_memory
-from normnets_study import STUDY_SEEDS, cli_errors, parse_fuse, run_study
+from normnets_cli import cli_errors, parse_fuse, path_option
+from normnets_study import STUDY_SEEDS, run_study
 import normnets_report as report
 
 
@@ -45,15 +45,14 @@ def main(
     device: str = None,  # auto (the GPU if there is one), cpu, cuda or cuda:N
     autotune: bool = False,  # cuDNN picks its fastest kernels (GPU): faster, runs no longer repeat exactly
     jobs: int = 1,  # runs trained at once, each in a process of its own (a GPU: one a variant; a CPU: 1)
-    fuse: str = 'auto',  # yes: each variant's seeds as one network; no; auto: where speed.py found it faster
+    fuse: str = 'auto',  # yes: each variant's seeds as one network; no; auto: where measured faster
 ):
     "Train every variant with its recipe, the same data and seeds, and write the study's tables and figures."
     matplotlib.use('Agg')
     keep_freed_memory()
-    out_dir = Path(out) if out else REPO_DIR / 'results'
     # bad values or data, a busy, unwritable or foreign folder, files that contradict each other; Ctrl-C
     with cli_errors():
-        fuse = parse_fuse(fuse)
+        fuse, out_dir = parse_fuse(fuse), path_option('out', out, REPO_DIR / 'results')
         summary, missing = run_study(norms, seeds, seed, out_dir, data, resume, jobs, fuse, **given(
             epochs=epochs, bs=bs, lr=lr, wd=wd, opt=opt, n_train=n_train, n_test=n_test, precision=precision,
             device=device, reproducible=False if autotune else None))

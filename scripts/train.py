@@ -9,7 +9,6 @@ curves.png, misclassified.png, confusion.png and per_class.csv. Every option lef
 (normnets_learner.RECIPES). Bad options, and an --out that holds anything but an earlier run, are refused
 before any work; an interrupted run leaves nothing behind.
 """
-from pathlib import Path
 
 import matplotlib
 from fastcore.script import call_parse
@@ -17,7 +16,7 @@ from fastcore.script import call_parse
 from normnets_data import REPO_DIR, load_cifar
 from normnets_files import check_out, check_run_dir, locked
 from normnets_learner import keep_freed_memory, recipe, train_run
-from normnets_study import cli_errors
+from normnets_cli import cli_errors, path_option
 
 
 def given(**options) -> dict: return {k: v for k, v in options.items() if v is not None}
@@ -48,7 +47,7 @@ def main(
         r = recipe(norm, seed=seed, **given(epochs=epochs, bs=bs, lr=lr, wd=wd, opt=opt, precision=precision,
                                            device=device, n_train=n_train, n_test=n_test,
                                            reproducible=False if autotune else None))
-        out = check_run_dir(Path(out) if out else REPO_DIR / 'results' / r.norm)
+        out = check_run_dir(path_option('out', out, REPO_DIR / 'results' / r.norm))
         cifar = load_cifar(data)
         with locked(check_out(out.parent)):
             m = train_run(r, out, cifar=cifar)

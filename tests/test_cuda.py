@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from normnets_data import crop_flip, get_dls
+from normnets_fused import train_fused
 from normnets_learner import native_bf16, normnet_learner, recipe, train_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
@@ -63,3 +64,12 @@ def test_a_run_trains_on_the_gpu_and_says_so(tmp_path):
     assert m['precision'] == ('bf16' if native_bf16('cuda') else 'fp16')
     assert m['test_acc'] > 0.25 and m['train_acc'] > 0.25   # it learns (chance: 0.1)
     assert (tmp_path / 'gn' / 'model.pkl').exists() and (tmp_path / 'gn' / 'misclassified.png').exists()
+
+
+@pytest.mark.parametrize('norm', ['bn', 'gn'])
+def test_fused_runs_train_on_the_gpu_with_every_tensor_there(tmp_path, norm):
+    """Two runs fused on the GPU: the model, the loaders' batches and every per-copy tensor of the optimizer
+    on the recipe's device from construction (the first fused step on an H200 failed on a CPU tensor)."""
+    runs = [recipe(norm, seed=s, epochs=1, n_train=4096, n_test=512, device='cuda') for s in (0, 1)]
+    metrics = train_fused(runs, [tmp_path / 'a', tmp_path / 'b'])
+    assert [m['device'] for m in metrics] == ['cuda', 'cuda'] and all(m['test_acc'] > 0.1 for m in metrics)

@@ -1,6 +1,6 @@
 """Runs trained as one fused network: each copy is its separate run (its data, initial weights, learning rate
 and weight decay), and is written out as the run folder a separate run writes."""
-import dataclasses, json
+import dataclasses, json, math
 
 import pandas as pd
 import pytest
@@ -11,7 +11,7 @@ from normnets import NORMS, fuse, normnet, unfuse
 from normnets_data import load_cifar
 from normnets_files import RUN_FILES, damaged
 from fastcore.script import CliError
-from normnets_fused import FUSED_OPTIMIZERS, check_fusable, fused_learner, fusion_measured_faster, train_fused
+from normnets_fused import FUSED_OPTIMIZERS, check_fusable, fused_learner, train_fused
 from normnets_learner import (OPTIMIZERS, FirstStepsEstimate, RuleError, device_name, normnet_learner, recipe,
                               recipe_dls, seed_run)
 from normnets_study import kept_run, summarize
@@ -104,6 +104,25 @@ def test_fused_runs_are_written_as_separate_runs_and_resume_keeps_them(tmp_path,
     assert missing == [] and summary.seeds.tolist() == [2]
 
 
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_a_fused_learner_is_built_on_its_recipes_device_and_trains_in_its_precision(cifar, precision):
+    """Model, batches and every per-copy tensor on the recipe's device from construction, not moved there at
+    fit; bf16 autocast runs on any x86 CPU (slowly), so the fused path is trained in it here too."""
+    runs = [dataclasses.replace(r, precision=precision) for r in two_runs('bn')]
+    learners = []
+    for r in runs:
+        seed_run(r)
+        learners.append(normnet_learner(recipe_dls(r, cifar=cifar), r))
+    learn = fused_learner(learners)
+    device = torch.device(runs[0].device)
+    state = [t for s in learn.opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    assert {p.device for p in learn.model.parameters()} | {t.device for t in state} == {device}
+    assert learn.dls.device == device and next(iter(learn.dls.train))[0].device == device
+    fitted(learn, 1.)
+    losses = [v for row in learn.recorder.values for v in row]
+    assert all(math.isfinite(v) for v in losses) and learn.copy_smooth_loss.epochs
+
+
 def test_the_first_steps_estimate_reaches_every_fit(tmp_path, cifar, capsys):
     "The callbacks given reach the fit, fused or alone (a group of one run is trained as a run)."
     for k in (1, 2):
@@ -134,7 +153,8 @@ def test_a_fused_study_is_the_study_of_separate_runs_and_resume_keeps_it(tmp_pat
     run_all.main(norms='bn,ln', seeds=2, fuse='yes', out=str(out), **tiny)
     printed = capsys.readouterr().out
     assert "each variant's 2 seeds trained as one network" in printed
-    assert (f"Plan: 4 runs of 1 epoch on {device_name('cpu')}, fp32; 0 kept, 4 to train as 2 fused "
+    precision = recipe('bn').precision   # as 'auto' resolves on this machine
+    assert (f"Plan: 4 runs of 1 epoch on {device_name('cpu')}, {precision}; 0 kept, 4 to train as 2 fused "
             "network(s) of 2 runs") in printed
     assert printed.count('as one network (') == 2
     runs = pd.read_csv(out / 'runs.csv')
@@ -152,16 +172,3 @@ def test_a_fused_study_is_the_study_of_separate_runs_and_resume_keeps_it(tmp_pat
     with pytest.raises(CliError, match="--fuse 'maybe'"): run_all.main(fuse='maybe', out=str(tmp_path / 'x'))
     with pytest.raises(CliError, match='--fuse and --jobs'):
         run_all.main(norms='bn', seeds=2, fuse='yes', jobs=2, out=str(tmp_path / 'y'), **tiny)
-
-
-def test_fusion_is_the_default_only_where_the_speed_benchmark_measured_it_faster(tmp_path):
-    "Faster: by the median of the benchmark's rounds, each fused measurement against one run alone beside it."
-    here = device_name('cpu')
-    def measured(name, ratios):
-        f = tmp_path / f'{len(list(tmp_path.iterdir()))}.json'
-        f.write_text(json.dumps(dict(device_name=name, fused=[dict(norm='batch', copies=3, ratios=ratios)])))
-        return f
-    assert fusion_measured_faster('cpu', 3, [measured(here, [0.95, 1.2, 1.1])])
-    assert not fusion_measured_faster('cpu', 3, [measured(here, [1.3, 0.9, 0.95])])   # one fast round only
-    assert not fusion_measured_faster('cpu', 3, [measured('another CPU', [1.5])])   # not this kind
-    assert not fusion_measured_faster('cpu', 3, [tmp_path / 'none.json'])   # never measured

@@ -174,8 +174,9 @@ def test_learner_carries_the_norms_recipe(tiny_dls, norm):
 def test_learner_refuses_data_it_cannot_train_on(tiny_dls):
     with pytest.raises(RuleError, match='holds no batch of 512'):
         normnet_learner(get_dls(n_train=256, n_test=128, bs=512, device='cpu'), 'bn')
-    with pytest.raises(RuleError, match='DataLoaders are on cpu'):
-        normnet_learner(tiny_dls, recipe('bn', device='meta'))
+    on_gpu = recipe('bn')
+    object.__setattr__(on_gpu, 'device', 'cuda')   # a recipe of a GPU machine, on this one
+    with pytest.raises(RuleError, match='DataLoaders are on cpu'): normnet_learner(tiny_dls, on_gpu)
 
 
 @pytest.mark.parametrize('norm,exempt_gn_scale', [('bn', False), ('gn', False), ('ln', False), ('gn', True)])

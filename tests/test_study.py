@@ -16,7 +16,8 @@ from normnets_data import REPO_DIR
 from fastcore.script import CliError
 from normnets_files import RUN_FILES, FolderError, check_run_dir, damaged, locked
 from normnets_learner import RECIPES, TRAINING_FIELDS, Recipe, recipe
-from normnets_study import SUMMARY_COLUMNS, StudyError, parse_norms, run_plan, run_study
+from normnets_cli import StudyError, parse_norms
+from normnets_study import SUMMARY_COLUMNS, run_plan, run_study
 import run_all, train
 report_script = importlib.import_module('report')   # scripts/report.py, beside normnets_report as `report`
 
@@ -305,7 +306,7 @@ def test_train_refuses_a_folder_of_other_files_and_leaves_them(tmp_path):
     (folder / 'notes').mkdir(parents=True)
     (folder / 'notes' / 'thesis.txt').write_text('three years of work')
     (folder / 'mydata.csv').write_text('a,b\n1,2\n')
-    with pytest.raises(CliError, match=r'holds files that no run writes \(mydata.csv, notes/\)'):
+    with pytest.raises(CliError, match=r"holds files that are not a run's \(mydata.csv, notes/\)"):
         train.main(**TRAIN_TINY, out=str(folder))
     assert (folder / 'notes' / 'thesis.txt').read_text() == 'three years of work'
     assert sorted(p.name for p in folder.iterdir()) == ['mydata.csv', 'notes']
