@@ -13,7 +13,8 @@ or, with `skips='layer'`, one around each of C4, C5, C8 and C9 (x + C4(x), then 
 `NORMS` is the registry of normalizations: a new one is one `register_norm` call, and every list of norms in
 the project (the study, its CLI, plots, report and tests) comes from it. `normnet(norm)` builds the network
 with that norm after every convolution but the last. Everything here is plain PyTorch; the fastai side
-(recipe, Learner) lives in `normnets_learner.py`, the data in `normnets_data.py`.
+(the recipes, the Learner) lives in `normnets_recipes.py` and `normnets_learner.py`, the data in
+`normnets_data.py`.
 """
 import copy, hashlib
 from dataclasses import dataclass
@@ -170,8 +171,6 @@ class NormNet(nn.Module):
     copy k's images in channels 3k to 3k+2, output (B, K, 10). One small network leaves most of a GPU idle,
     waiting for its many small kernels to launch; K copies launch the same kernels, each K times larger.
     `fuse` and `unfuse` go between K plain networks and one fused."""
-    copies = 1   # a network pickled before fusion existed (a committed model.pkl) lacks the attribute
-
     def __init__(self, norm: str = 'batch', c1=12, c2=24, c3=16, c4=24, c6=32, c7=32,
                  gn_groups: int = GN_GROUPS, norm_after_relu: bool = False, zero_init_residual: bool = False,
                  skips: str = 'branch', act: str = 'relu', n_classes: int = 10, copies: int = 1):

@@ -25,7 +25,7 @@ from fastprogress.fastprogress import progress_bar
 
 from normnets_files import readable_mode
 
-__all__ = ['REPO_DIR', 'DATA_DIR', 'BS', 'CIFAR10_CLASSES', 'CIFAR10_COUNTS', 'CifarDataError', 'Cifar',
+__all__ = ['REPO_DIR', 'DATA_DIR', 'CIFAR10_CLASSES', 'CIFAR10_COUNTS', 'CifarDataError', 'Cifar',
            'Sample', 'find_data', 'load_cifar', 'ToTensorImage', 'to_rgb8', 'crop_flip', 'RandomCropFlip',
            'cutout_mask', 'Cutout', 'ArrayDL', 'plain_train_dl', 'get_dls']
 
@@ -38,10 +38,6 @@ KNOWN_DATA = {
     'b4275aaa92a8d48022b289e647203665': 'CIFAR-10, offline JPEG copy (quality 75) of the official release'
 }
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
-BS = 256   # training batch size of the study's recipe (normnets_learner.Recipe)
-# Training images set aside to score choices of recipe and architecture (search, ablation), a tenth of them:
-# the test set plays no part in any choice.
-HOLDOUT = 5_000
 LAYOUT = ("fastai's URLs.CIFAR layout: train/<class>/*.png|jpg and test/<class>/*.png|jpg for the 10 "
           "CIFAR-10 classes")
 
@@ -263,7 +259,6 @@ class RandomCropFlip(DisplayedTransform):
     once. With a `seed`, drawn from a generator of its own: the crops and flips of a run are then the same
     whatever else draws random numbers, such as the other runs trained beside it (normnets_fused)."""
     split_idx, order = 0, 5   # training only; before IntToFloatTensor, so it moves bytes, not floats
-    seed, _rng = None, None   # what a transform pickled before the seed existed (a committed model.pkl) has
     def __init__(self, pad: int = 4, seed: int | None = None):
         self.pad, self.seed, self._rng = pad, seed, None
 
@@ -360,11 +355,12 @@ def _holdout(x, y, n):
     return x[kept], y[kept], x[held], y[held]
 
 
-def get_dls(data=None, bs: int = BS, n_train: int = None, n_test: int = None, seed: int = 0, device=None,
+def get_dls(data=None, bs: int = 256, n_train: int = None, n_test: int = None, seed: int = 0, device=None,
             counts: dict = CIFAR10_COUNTS, cifar: Cifar = None, holdout: int = 0, crop_pad: int = 4,
             cutout: int = 0) -> DataLoaders:
     """fastai `DataLoaders` of CIFAR-10: the training images (augmented) for training and the test images for
-    validation. `n_train`/`n_test` take a random subset (for quick checks); `cifar` reuses decoded data.
+    validation, in batches of `bs` (by default the recipes' default, `Recipe.bs`). `n_train`/`n_test` take a
+    random subset (for quick checks); `cifar` reuses decoded data.
     `holdout` > 0 validates on that many training images set aside instead (a recipe search: the test set
     stays unseen), and trains on the others. The training batches are randomly cropped from a copy padded by
     `crop_pad` pixels (0: not cropped) and flipped; `cutout` > 0 adds `Cutout` of that size."""

@@ -24,10 +24,11 @@ from fastai.metrics import accuracy
 from fastai.optimizer import Optimizer, average_grad, average_sqr_grad, debias, step_stat
 
 from normnets import fuse, unfuse
+from normnets_device import RuleError
 from normnets_files import check_run_dirs
 from normnets_learner import (DeviceAvgLoss, DeviceAvgMetric, DeviceAvgSmoothLoss, DeviceMixedPrecision,
-                              EpochSeconds, RuleError, normnet_learner, progress,
-                              recipe_dls, seed_run, train_run, write_run)
+                              EpochSeconds, normnet_learner, progress)
+from normnets_runs import recipe_dls, seed_run, train_run, write_run
 
 __all__ = ['FusedDL', 'FusedLoss', 'FUSED_OPTIMIZERS', 'check_fusable', 'fusable_groups', 'FUSED_FASTER',
            'fuse_by_default', 'fused_learner', 'train_fused']

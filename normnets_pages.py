@@ -9,7 +9,7 @@ import pandas as pd
 
 from normnets import ACTIVATIONS, NORMS, PASS_ACCURACY
 from normnets_files import read_csv, read_json
-from normnets_learner import TRAINING_FIELDS, Recipe, at_batch_size, recipe, recipe_label
+from normnets_recipes import Recipe, TRAINING_FIELDS, at_batch_size, recipe, recipe_label
 
 __all__ = ['md', 'pct', 'mean_std', 'spread', 'num', 'norm_order', 'provenance', 'layer_order', 'recipe_gaps',
            'today_cell', 'recipes_markdown', 'PAGES', 'pages']
@@ -70,20 +70,16 @@ def layer_order(net) -> str:
 def recipe_gaps(run, varied=(), today: Recipe | None = None) -> list[str]:
     """Where the recipe a run recorded (a row of a result table, or a dict) differs from `today` (default: its
     norm's recipe in the code today) in TRAINING_FIELDS, leaving out `varied` (what its section changes on
-    purpose): e.g. ['lr 0.01 (today 0.4)', 'not recorded: crop_pad, net']. Empty: a run of today's recipe."""
+    purpose): e.g. ['lr 0.01 (today 0.4)']. Empty: a run of today's recipe."""
     now = (today or recipe(run['norm'], device='cpu', precision='fp32')).to_dict()
-    gaps, unknown = [], []
+    gaps = []
     for k in TRAINING_FIELDS:
         if k in varied: continue
-        value = run.get(k)
-        if value is None or (not isinstance(value, (dict, str)) and pd.isna(value)):
-            unknown.append(k)
-            continue
-        if k == 'net' and isinstance(value, str): value = json.loads(value)
+        value = json.loads(run[k]) if k == 'net' and isinstance(run[k], str) else run[k]
         if value != now[k]:
             show = lambda v: json.dumps(v) if k == 'net' else f'{v:g}' if isinstance(v, float) else str(v)
             gaps.append(f"{k} {show(value)} (today {show(now[k])})")
-    return gaps + ([f"not recorded: {', '.join(unknown)}"] if unknown else [])
+    return gaps
 
 
 def today_cell(run, varied=(), today: Recipe | None = None) -> str:
@@ -331,10 +327,10 @@ def speed_page(f: Path) -> str | None:
     "A speed page from benchmarks/speed.py's measurements (`f`: its speed.json)."
     if not f.exists(): return None
     s = read_json(f)
-    peaks, usual, ref = s['matmul_gflops'], s['usual'], s.get('reference')   # the GPU's has no reference
+    peaks, usual, ref = s['matmul_gflops'], s['usual'], s['reference']
     rows = pd.DataFrame(
         [dict({'bs': s['bs']}, **r, network=f"normnets, {r['norm']} norm") for r in s['variants']]
-        + ([dict({'bs': s['bs']}, **ref, network=f"reference, {ref['norm']} norm")] if ref else [])
+        + [dict({'bs': s['bs']}, **ref, network=f"reference, {ref['norm']} norm")]
         + [dict(usual, network=f"usual pipeline ({usual['params']:,}-parameter solution)")])
     gflops = 6 * rows.macs * rows.train_ips / 1e9
     table = pd.DataFrame({
@@ -343,7 +339,7 @@ def speed_page(f: Path) -> str | None:
         'batch size': rows.bs, 'train images/s': rows.train_ips.map('{:.0f}'.format),
         'inference images/s': rows.infer_ips.map(lambda x: num(x, '{:.0f}')),
         'x usual': (rows.train_ips / usual['train_ips']).map('{:.2f}'.format),
-        **({'x reference': (rows.train_ips / ref['train_ips']).map('{:.2f}'.format)} if ref else {}),
+        'x reference': (rows.train_ips / ref['train_ips']).map('{:.2f}'.format),
         'train GFLOP/s': gflops.map('{:.1f}'.format),
         'of the matmul peak': [f"{100 * g / peaks[p]:.0f}%" for g, p in zip(gflops, rows.precision)],
         "today's recipe": [today_cell(v) for v in s['variants']] + [''] * (len(rows) - len(s['variants']))})
@@ -365,8 +361,8 @@ def speed_page(f: Path) -> str | None:
                 'matmul peak (4096 x 4096)': [f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()]}))
             + f"\nProjected study ({len(s['variants'])} variants x {study['epochs']} epochs x "
             f"{study['seeds']} seeds, evaluation included): **{study['seconds'] / 60:.1f} minutes** one run "
-            "at a time" + (f", **{study['fused_seconds'] / 60:.1f} minutes** with each variant's seeds fused"
-                           if 'fused_seconds' in study else '') + ".\n\n" + md(table) + fused_table(s)
+            f"at a time, **{study['fused_seconds'] / 60:.1f} minutes** with each variant's seeds fused.\n\n"
+            + md(table) + fused_table(s)
             + "\n## One change at a time\n\n" + rounds_text(s, 'its variant as run', c.ratios)
             + " The last row is the variant as run, measured again: its distance from 1.00 is the "
             "benchmark's own noise.\n\n"
@@ -382,9 +378,7 @@ def speed_page(f: Path) -> str | None:
 
 
 def rounds_text(s: dict, baseline: str, ratios: pd.Series) -> str:
-    """How speed.py measured a table of comparisons (`ratios`: each row's; before it measured in rounds, once:
-    'rounds' absent)."""
-    if 'rounds' not in s: return f"Each row was measured once, against {baseline} in the table above."
+    "How speed.py measured a table of comparisons (`ratios`: each row's)."
     if s['rounds'] == 1: return f"Each row was measured once, right after {baseline}."
     once = " (a row with one ratio was measured once)" if any(len(r) == 1 for r in ratios) else ''
     return (f"Each row was measured {s['rounds']} times, each time right after {baseline}{once}: images/s "
@@ -392,8 +386,7 @@ def rounds_text(s: dict, baseline: str, ratios: pd.Series) -> str:
 
 
 def fused_table(s: dict) -> str:
-    "Runs fused into one network against one run alone, as speed.json measured them (older ones did not)."
-    if 'fused' not in s: return ''
+    "Runs fused into one network against one run alone, as speed.json measured them."
     f = pd.DataFrame(s['fused'])
     median, each = rounds_cells(f.ratios)
     table = pd.DataFrame({'variant': f.norm.map(lambda n: f'{n} norm'), 'runs fused': f.copies,
@@ -425,7 +418,8 @@ def gpu_page(results: Path) -> str | None:
         wall = (f" The whole study, {study['how']}, took **{study['wall_seconds']:.0f} s** of wall time, "
                 f"data to last file{before}.")
     return (f"# The study on a GPU\n\n{provenance(runs)}{wall}"
-            + " [gpu/speed.md](gpu/speed.md) profiles a step.\n\n![the GPU study](gpu/comparison.png)\n\n"
+            + (" [gpu/speed.md](gpu/speed.md) profiles a step." if (gpu / 'speed.json').exists() else '')
+            + "\n\n![the GPU study](gpu/comparison.png)\n\n"
             + md(pd.DataFrame({
                 'norm': summary.norm,
                 'GPU test acc %': spread(summary, 'test_acc'),

@@ -18,7 +18,7 @@ import torch
 from normnets import NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY, WIDTHS
 from normnets import normnet, count_params, count_macs
 from normnets_files import FolderError, locked, read_csv
-from normnets_learner import recipe
+from normnets_recipes import recipe
 from normnets_pages import (BAR, PAGES, layer_order, md, mean_std, num, pages, pct, provenance,
                             recipes_markdown, spread)
 

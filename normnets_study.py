@@ -12,20 +12,22 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+
 from normnets import NORMS, architecture_id
 from normnets_cli import StudyError, check_jobs, parse_norms
 from normnets_data import load_cifar
+from normnets_device import device_name
 from normnets_files import FolderError, check_out, check_run_dirs, damaged, locked, read_json
+from normnets_recipes import HARDWARE_FIELDS, STUDY_SEEDS, TRAINING_FIELDS, Recipe, recipe, recorded_recipe
+from normnets_learner import FirstStepsEstimate
+from normnets_runs import train_run
 from normnets_fused import fusable_groups, fuse_by_default, train_fused
-from normnets_learner import (HARDWARE_FIELDS, TRAINING_FIELDS, FirstStepsEstimate, Recipe, device_name,
-                              recipe, recorded_recipe, train_run)
 import normnets_plots as plots
 import normnets_report as report
 
-__all__ = ['STUDY_SEEDS', 'STUDY_FILES', 'run_dir', 'kept_run', 'plan_frame', 'find_runs', 'findings_frame',
+__all__ = ['STUDY_FILES', 'run_dir', 'kept_run', 'plan_frame', 'find_runs', 'findings_frame',
            'summarize', 'run_plan', 'run_parallel', 'run_fused', 'run_study']
 
-STUDY_SEEDS = 3   # runs per variant in the committed study: the spread is part of the result
 # What a study writes into its folder beside the runs' folders (`summarize`, `run_study`).
 STUDY_FILES = ('runs.csv', 'summary.csv', 'findings.csv', 'summary.md', 'per_class.csv', 'comparison.png',
                'study.json')
@@ -196,13 +198,25 @@ def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: 
             problem = m is None and (d / 'metrics.json').exists() and damaged(d)
             if problem: print(f"{title}: the run in {d} is damaged ({problem}): training it again")
     todo = [run for run, m in zip(plan, kept) if m is None]
+    jobs = jobs if len(todo) > 1 else 1
     groups = fusable_groups(todo) if fuse else None
     print(plan_line(plan, len(todo), jobs, groups), flush=True)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C
     try:
-        if jobs > 1 and len(todo) > 1: run_parallel(plan, kept, todo, cifar, cell, jobs)
+        if jobs > 1: run_parallel(plan, kept, todo, cifar, cell, jobs)
         elif fuse: run_fused(plan, kept, groups, cifar, cell)
-        else: run_in_turn(plan, kept, cifar, cell)
+        else:   # one after another, each kept one named; progress with the time left before each run
+            left, trained, train_seconds = len(todo), 0, 0.0
+            for i, ((title, r, d), m) in enumerate(zip(plan, kept)):
+                eta = f", about {train_seconds / trained * left / 60:.0f} min left" if trained else ''
+                print(f"\n=== run {i + 1}/{len(plan)}: {title}, {r.epochs} epochs{eta} ===", flush=True)
+                if m: print(f"kept the finished run in {d}")
+                else:
+                    start, first = time.perf_counter(), [FirstStepsEstimate(left)] if not trained else []
+                    m = train_run(r, d, cifar=cifar, cell=cell, cbs=first)
+                    trained, left = trained + 1, left - 1
+                    train_seconds += time.perf_counter() - start
+                print(f"{title}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
         return len(todo)
     except KeyboardInterrupt:
         print("\nInterrupted: the finished runs are kept.", flush=True)
@@ -219,31 +233,16 @@ def span(values) -> str:
 
 def plan_line(plan: list, to_train: int, jobs: int, groups: list | None) -> str:
     """What `run_plan` is about to do, said before it starts: its runs, on what device and precision, how many
-    are kept from before and how the others train (`groups`: the fused networks; None: not fused)."""
+    are kept from before and how the others train (`jobs` at a time; `groups`: the fused networks; None: not
+    fused)."""
     if not to_train: how = ''
     elif groups: how = f" as {len(groups)} fused network(s) of {span(map(len, groups))} runs"
-    elif jobs > 1 and to_train > 1: how = f", {jobs} at a time"
+    elif jobs > 1: how = f", {jobs} at a time"
     else: how = ", one at a time"
     first, epochs = plan[0][1], span(r.epochs for _, r, _ in plan)
     return (f"Plan: {len(plan)} runs of {epochs} epoch{'s' * (epochs != '1')} on "
             f"{device_name(first.device)}, {first.precision}; {len(plan) - to_train} kept, {to_train} to "
             f"train{how}")
-
-
-def run_in_turn(plan: list, kept: list, cifar, cell: bool):
-    "`run_plan`'s runs one after another, each kept one named; progress with the time left before each run."
-    left, trained, train_seconds = sum(m is None for m in kept), 0, 0.0
-    for i, ((title, r, d), m) in enumerate(zip(plan, kept)):
-        eta = f", about {train_seconds / trained * left / 60:.0f} min left" if trained else ''
-        print(f"\n=== run {i + 1}/{len(plan)}: {title}, {r.epochs} epochs{eta} ===", flush=True)
-        if m: print(f"kept the finished run in {d}")
-        else:
-            start = time.perf_counter()
-            first = [FirstStepsEstimate(left)] if not trained else []
-            m = train_run(r, d, cifar=cifar, cell=cell, cbs=first)
-            trained, left = trained + 1, left - 1
-            train_seconds += time.perf_counter() - start
-        print(f"{title}: test accuracy {m['test_acc']:.4f} in {m['seconds']:.0f} s", flush=True)
 
 
 def run_fused(plan: list, kept: list, groups: list, cifar, cell: bool):
@@ -354,6 +353,7 @@ def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='re
         finally: summarized = summarize(out, overrides, seed_norms)   # also after a Ctrl-C, raised again
         # the study's own wall time, data to last file, and how it ran (the GPU page shows it)
         (out / 'study.json').write_text(json.dumps(dict(
-            runs=len(plan), trained=trained, how=how, device_name=device_name(first.device),
-            precision=first.precision, wall_seconds=time.perf_counter() - start), indent=2) + '\n')
+            runs=len(plan), trained=trained, how=how, fused=fuse, jobs=jobs,
+            device_name=device_name(first.device), precision=first.precision,
+            wall_seconds=time.perf_counter() - start), indent=2) + '\n')
     return summarized

@@ -22,10 +22,11 @@ import pandas as pd
 from fastcore.script import call_parse
 
 from normnets import NORMS
-from normnets_data import HOLDOUT, REPO_DIR, load_cifar
+from normnets_data import REPO_DIR, load_cifar
+from normnets_device import keep_freed_memory
+from normnets_recipes import HOLDOUT, OPTIMIZER_SETTINGS, RECIPES, Recipe, recipe, recipe_label
 from normnets_files import check_out, check_run_dir, locked
 from normnets_fused import fuse_by_default
-from normnets_learner import OPTIMIZER_SETTINGS, RECIPES, Recipe, keep_freed_memory, recipe, recipe_label
 from normnets_cli import StudyError, check_jobs, cli_errors, parse_fuse, parse_norms, path_option
 from normnets_study import kept_run, run_plan
 

@@ -25,8 +25,9 @@ from fastcore.script import call_parse
 from normnets import NORMS, fold_batchnorm
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_files import FolderError, check_out, read_json
-from normnets_learner import (TRAINING_FIELDS, accuracy_at, device_name, keep_freed_memory, resolve_device,
-                              shuffled_test_set, with_batch_statistics)
+from normnets_device import device_name, keep_freed_memory, resolve_device
+from normnets_recipes import TRAINING_FIELDS
+from normnets_runs import accuracy_at, shuffled_test_set, with_batch_statistics
 from normnets_cli import cli_errors, path_option
 import normnets_plots as plots
 

@@ -24,8 +24,9 @@ import pandas as pd
 from fastcore.script import call_parse, CliError
 
 from normnets import MAX_EPOCHS
-from normnets_data import HOLDOUT, REPO_DIR, load_cifar
-from normnets_learner import keep_freed_memory, recipe
+from normnets_data import REPO_DIR, load_cifar
+from normnets_device import keep_freed_memory
+from normnets_recipes import HOLDOUT, recipe
 from normnets_files import check_out, locked
 from normnets_fused import fuse_by_default
 from normnets_cli import StudyError, check_jobs, cli_errors, parse_fuse, parse_norms, path_option

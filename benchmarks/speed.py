@@ -36,10 +36,11 @@ from normnets import NORMS, FloatGroupNorm, normnet, count_macs, count_params
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_files import FolderError, check_out
 from normnets_fused import fused_learner
-from normnets_learner import (TRAINING_FIELDS, device_name, keep_freed_memory, normnet_learner, recipe,
-                              recipe_dls, resolve_device, seed_run)
+from normnets_device import device_name, keep_freed_memory, resolve_device
+from normnets_recipes import STUDY_SEEDS, TRAINING_FIELDS, recipe
+from normnets_learner import normnet_learner
+from normnets_runs import recipe_dls, seed_run
 from normnets_cli import cli_errors, path_option
-from normnets_study import STUDY_SEEDS
 
 # ---------------------------------------------------------------- the reference
 

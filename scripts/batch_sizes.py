@@ -7,7 +7,7 @@ breaks.
 Batch norm normalizes over the batch, group and layer norm over each image alone: small batches make batch
 norm's statistics noisy, and should leave the others alone. Each cell is a run of the norm's recipe at that
 batch size, for the recipe's epochs (the rules' full length), with the peak learning rate scaled by the square
-root of the batch size over the recipe's (`normnets_learner.at_batch_size`, one rule for every norm). Batch
+root of the batch size over the recipe's (`normnets_recipes.at_batch_size`, one rule for every norm). Batch
 norm is scored twice: with its running averages, as usual, and with the statistics of each test batch of the
 training batch size. A cell's seeds train as one fused network where that was measured faster on this kind of
 machine (--fuse; normnets_fused.FUSED_FASTER). Cells go to <out>/batch_size/<norm>-bs<k>-seed<s>/ (history
@@ -23,7 +23,8 @@ from normnets_data import REPO_DIR, load_cifar
 from normnets_files import check_out, locked
 from normnets import NORMS
 from normnets_fused import fuse_by_default
-from normnets_learner import at_batch_size, keep_freed_memory, recipe
+from normnets_device import keep_freed_memory
+from normnets_recipes import at_batch_size, recipe
 from normnets_cli import StudyError, cli_errors, parse_fuse, parse_norms, path_option
 from normnets_study import plan_frame, run_plan
 import normnets_plots as plots

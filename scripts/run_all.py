@@ -17,9 +17,10 @@ import matplotlib
 from fastcore.script import call_parse, CliError
 
 from normnets_data import REPO_DIR
-from normnets_learner import keep_freed_memory
+from normnets_device import keep_freed_memory
+from normnets_recipes import STUDY_SEEDS
+from normnets_study import run_study
 from normnets_cli import cli_errors, parse_fuse, path_option
-from normnets_study import STUDY_SEEDS, run_study
 import normnets_report as report
 
 

@@ -6,7 +6,7 @@
 Writes under --out: history.csv (one row an epoch), metrics.json (the whole recipe, final accuracies,
 parameters, versions, device, data and its md5), model.pkl (`learn.export`, for `load_learner`; float32),
 curves.png, misclassified.png, confusion.png and per_class.csv. Every option left out takes the norm's recipe
-(normnets_learner.RECIPES). Bad options, and an --out that holds anything but an earlier run, are refused
+(normnets_recipes.RECIPES). Bad options, and an --out that holds anything but an earlier run, are refused
 before any work; an interrupted run leaves nothing behind.
 """
 
@@ -15,7 +15,9 @@ from fastcore.script import call_parse
 
 from normnets_data import REPO_DIR, load_cifar
 from normnets_files import check_out, check_run_dir, locked
-from normnets_learner import keep_freed_memory, recipe, train_run
+from normnets_device import keep_freed_memory
+from normnets_recipes import recipe
+from normnets_runs import train_run
 from normnets_cli import cli_errors, path_option
 
 

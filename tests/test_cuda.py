@@ -9,7 +9,10 @@ import torch
 
 from normnets_data import crop_flip, get_dls
 from normnets_fused import train_fused
-from normnets_learner import native_bf16, normnet_learner, recipe, train_run
+from normnets_device import native_bf16
+from normnets_recipes import recipe
+from normnets_learner import normnet_learner
+from normnets_runs import train_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
 

@@ -12,8 +12,10 @@ from normnets_data import load_cifar
 from normnets_files import RUN_FILES, damaged
 from fastcore.script import CliError
 from normnets_fused import FUSED_OPTIMIZERS, check_fusable, fused_learner, train_fused
-from normnets_learner import (OPTIMIZERS, FirstStepsEstimate, RuleError, device_name, normnet_learner, recipe,
-                              recipe_dls, seed_run)
+from normnets_device import RuleError, device_name
+from normnets_recipes import OPTIMIZERS, recipe
+from normnets_learner import FirstStepsEstimate, normnet_learner
+from normnets_runs import recipe_dls, seed_run
 from normnets_study import kept_run, summarize
 import run_all
 
@@ -151,23 +153,18 @@ def test_runs_that_cannot_train_as_one_are_refused_before_any_work(tmp_path, cif
 def test_a_fused_study_is_the_study_of_separate_runs_and_resume_keeps_it(tmp_path, capsys):
     out, tiny = tmp_path / 'results', dict(epochs=1, n_train=200, n_test=100, bs=100)
     run_all.main(norms='bn,ln', seeds=2, fuse='yes', out=str(out), **tiny)
-    printed = capsys.readouterr().out
-    assert "each variant's 2 seeds trained as one network" in printed
-    precision = recipe('bn').precision   # as 'auto' resolves on this machine
-    assert (f"Plan: 4 runs of 1 epoch on {device_name('cpu')}, {precision}; 0 kept, 4 to train as 2 fused "
-            "network(s) of 2 runs") in printed
-    assert printed.count('as one network (') == 2
+    plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('Plan:'))
+    r = recipe('bn', **tiny)   # device and precision as this machine resolves them
+    assert device_name(r.device) in plan and r.precision in plan   # said before training
     runs = pd.read_csv(out / 'runs.csv')
     assert len(runs) == 4 and set(runs.norm) == {'batch', 'layer'}
     assert [json.loads((out / d / 'metrics.json').read_text())['fused_with'] for d in ('batch', 'layer')] == [
         ['batch', 'batch-seed1'], ['layer', 'layer-seed1']]
     assert all(damaged(d) is None for d in [out / 'batch', out / 'layer', *(out / 'seeds').iterdir()])
     study = json.loads((out / 'study.json').read_text())   # how the study ran, and its wall time
-    assert (study['runs'], study['trained']) == (4, 4) and 'as one network' in study['how']
+    assert (study['runs'], study['trained'], study['fused']) == (4, 4, True)
     assert 0 < study['wall_seconds'] < 600
     run_all.main(norms='bn,ln', seeds=2, fuse='yes', out=str(out), resume=True, **tiny)
-    printed = capsys.readouterr().out
-    assert printed.count('kept the finished run') == 4 and '; 4 kept, 0 to train\n' in printed
     assert json.loads((out / 'study.json').read_text())['trained'] == 0
     with pytest.raises(CliError, match="--fuse 'maybe'"): run_all.main(fuse='maybe', out=str(tmp_path / 'x'))
     with pytest.raises(CliError, match='--fuse and --jobs'):

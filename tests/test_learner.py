@@ -1,7 +1,7 @@
 """The recipe and the Learner: bad values are refused on creation, precision follows the hardware, the Learner
 carries each norm's recipe, a quick real training learns, and the exported learner works in a fresh session.
 Uses the real CIFAR-10 (NORMNETS_DATA, see the README)."""
-import dataclasses, json, math, subprocess, sys, textwrap
+import dataclasses, inspect, json, math, subprocess, sys, textwrap
 
 import pandas as pd
 import pytest
@@ -14,14 +14,16 @@ from fastai.callback.core import Callback
 from fastai.callback.mixup import MixUp
 from fastai.optimizer import Lookahead, Optimizer
 
-import normnets_learner
+import normnets_device, normnets_learner, normnets_runs
 import train
 from fastcore.script import CliError
 from normnets import NORMS, FloatGroupNorm
 from fastai.torch_core import TensorImage
 from normnets_data import REPO_DIR, RandomCropFlip, get_dls, load_cifar
-from normnets_learner import (OPTIMIZERS, RECIPES, Recipe, RuleError, WeightEMA, finite, normnet_learner,
-                              recipe, resolve_precision, recorded_recipe, train_run)
+from normnets_device import RuleError, resolve_precision
+from normnets_recipes import OPTIMIZERS, RECIPES, Recipe, recipe, recorded_recipe
+from normnets_learner import WeightEMA, normnet_learner
+from normnets_runs import finite, train_run
 
 TRAIN = [sys.executable, str(REPO_DIR / 'scripts' / 'train.py')]
 
@@ -71,9 +73,13 @@ def test_every_norm_has_a_valid_recipe_and_overrides_apply():
     for norm in NORMS:
         r = recipe(norm, device='cpu')
         assert r.norm == norm and r.precision in ('fp32', 'bf16') and r.device == 'cpu'
-        assert dataclasses.replace(r, lr=0.5).lr == 0.5
     assert recipe('gn', lr=3e-3, device='cpu').lr == 3e-3 and set(RECIPES) <= set(NORMS)
     with pytest.raises(RuleError, match='lr -1'): dataclasses.replace(recipe('gn', device='cpu'), lr=-1)
+
+
+def test_the_loaders_default_batch_size_is_the_recipes():
+    "get_dls() alone gives the batches of the recipes' default (the data module cannot import the recipes)."
+    assert inspect.signature(get_dls).parameters['bs'].default == Recipe().bs
 
 
 def test_a_recorded_recipe_compares_whole():
@@ -86,9 +92,9 @@ def test_a_recorded_recipe_compares_whole():
 
 
 def test_autotuning_is_the_recipes_choice():
-    normnets_learner.seed_run(recipe('bn', device='cpu', reproducible=False))
+    normnets_runs.seed_run(recipe('bn', device='cpu', reproducible=False))
     assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
-    normnets_learner.seed_run(recipe('bn', device='cpu'))
+    normnets_runs.seed_run(recipe('bn', device='cpu'))
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
 
 
@@ -150,7 +156,7 @@ def test_precision_auto_on_gpus(monkeypatch, capability, name, auto):
 )
 def test_precision_auto_takes_bf16_only_where_the_cpu_has_it(monkeypatch, flags, auto):
     "AVX-512 alone is not enough (oneDNN would emulate bfloat16); no readable flags means float32."
-    monkeypatch.setattr(normnets_learner, 'cpuinfo', lambda field: flags if field == 'flags' else '')
+    monkeypatch.setattr(normnets_device, 'cpuinfo', lambda field: flags if field == 'flags' else '')
     assert resolve_precision('auto', 'cpu') == auto
     assert resolve_precision('fp32', 'cpu') == 'fp32'
 
@@ -437,6 +443,6 @@ def test_batch_statistics_are_scored_on_mixed_batches():
     learn = normnet_learner(dls, recipe('batch', device='cpu'))
     learn.model = load_learner(f).model
     with learn.no_logging(), learn.no_bar(): running = learn.validate()[1]
-    assert normnets_learner.batch_statistics_accuracy(learn, 256) == pytest.approx(running, abs=0.05)
+    assert normnets_runs.batch_statistics_accuracy(learn, 256) == pytest.approx(running, abs=0.05)
     group = normnet_learner(dls, recipe('group', device='cpu'))
-    assert normnets_learner.batch_statistics_accuracy(group, 8) is None
+    assert normnets_runs.batch_statistics_accuracy(group, 8) is None

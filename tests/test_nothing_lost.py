@@ -18,7 +18,9 @@ from normnets_cli import cli_errors
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_files import FolderError, check_run_dir, damaged, locked
 from normnets_fused import train_fused
-from normnets_learner import RuleError, normnet_learner, recipe, resolve_device
+from normnets_device import RuleError, resolve_device
+from normnets_recipes import recipe
+from normnets_learner import normnet_learner
 from normnets_study import run_dir, run_study
 
 TINY = dict(epochs=1, n_train=200, n_test=100, bs=100)

@@ -1,11 +1,10 @@
 """The project as a whole: the README is current with the committed results, its set-up commands are what CI
-runs, the code is within the style limits, and no file reaches into sys.path."""
-import re, shutil, subprocess, sys
-
-import pytest
+runs, the library's modules import only the ones below them, the code is within the style limits, and no file
+reaches into sys.path."""
+import ast, re, shutil, subprocess, sys
 
 from normnets_data import REPO_DIR
-from normnets_learner import RECIPES
+from normnets_recipes import RECIPES
 from normnets_report import stale, write_report
 
 CODE = [p for d in ('.', 'scripts', 'benchmarks', 'tests') for p in (REPO_DIR / d).glob('*.py')]
@@ -38,21 +37,42 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert 'python scripts/run_all.py' in commands
 
 
+# The library from the bottom up: a module may import only the modules of the floors below its own.
+FLOORS = [{'normnets', 'normnets_device', 'normnets_files'},
+          {'normnets_data', 'normnets_plots', 'normnets_cli'},
+          {'normnets_recipes'},
+          {'normnets_learner', 'normnets_pages'},
+          {'normnets_runs', 'normnets_report'},
+          {'normnets_fused'},
+          {'normnets_study'}]
+
+
+def test_every_module_imports_only_the_floors_below_it():
+    floor = {m: i for i, ms in enumerate(FLOORS) for m in ms}
+    modules = {p.stem for p in REPO_DIR.glob('normnets*.py')}
+    assert modules == set(floor)   # a new module takes a floor here
+    for m in modules:
+        tree = ast.parse((REPO_DIR / f'{m}.py').read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        above = sorted(i for i in imported & modules if floor[i] >= floor[m])
+        assert above == [], f"{m} imports {above}"
+
+
 def test_no_file_touches_sys_path():
     offenders = [p.name for p in CODE if p.name != 'test_project.py' and 'sys.path' in p.read_text()]
     assert offenders == []
 
 
 def test_code_passes_ruff_with_the_projects_line_length():
-    ruff = pytest.importorskip('ruff')  # installed by the test extra
+    "ruff comes with the test extra: without it the command fails, and so does this test."
     r = subprocess.run(
         [sys.executable, '-m', 'ruff', 'check', '--no-cache', str(REPO_DIR)],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert r.returncode == 0, r.stdout[-3000:]
-    assert ruff
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def test_report_check_fails_on_a_section_whose_runs_are_not_of_todays_recipe(tmp_path, monkeypatch):
