@@ -17,15 +17,16 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from fastai.callback.channelslast import ChannelsLast
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixUp
 from fastai.callback.progress import ProgressCallback
+import fastai.callback.schedule   # noqa: F401  adds Learner.fit_one_cycle
 from fastai.learner import Learner, AvgMetric, AvgLoss, AvgSmoothLoss
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
+from fastai.optimizer import debias
 from fastai.torch_core import find_bs
-import fastai.callback.schedule   # noqa: F401  adds Learner.fit_one_cycle
 import fastai.vision.learner      # noqa: F401  adds plot_top_losses for images
 from fastcore.foundation import L
 
@@ -35,6 +36,7 @@ from normnets_recipes import OPTIMIZERS, Recipe, recipe, with_lookahead
 
 __all__ = ['normnet_learner', 'recipe', 'DeviceMixedPrecision', 'autocast_of', 'DeviceAvgMetric',
            'DeviceAvgLoss', 'DeviceAvgSmoothLoss', 'SparseProgress', 'LineProgress', 'progress', 'WeightEMA',
+           'adam_step', 'sgd_step', 'scheduled_values', 'CapturedStep', 'captured_step_fits',
            'FirstStepsEstimate', 'EpochSeconds']
 
 
@@ -47,6 +49,9 @@ class DeviceMixedPrecision(MixedPrecision):
         self.autocast, self.scales = torch.autocast(device, dtype=self.dtype), L()
         # bfloat16 has float32's range: only float16 needs its loss scaled.
         self.learn.scaler = GradScaler(device, **{**self.kwargs, 'enabled': self.dtype == torch.float16})
+
+    def before_batch(self):   # `CapturedStep` autocasts its own training steps
+        if not (self.training and hasattr(self.learn, 'captured_step')): super().before_batch()
 
     @property
     def dtype(self): return torch.bfloat16 if self.amp_mode.value == 'bf16' else torch.float16
@@ -153,6 +158,142 @@ class WeightEMA(Callback):
         self.averaged = None   # the average is now the model; `learn.export` need not carry a copy
 
 
+# ---------------------------------------------------------------- the training step as one CUDA graph
+
+def adam_step(params, grads, state, hp, decayed, sqr_mom, eps):
+    """fastai's `Adam` (decoupled weight decay, dampened averages, debiased) on lists of tensors: every value
+    that a schedule changes is a device tensor of `hp` (filled each step), so that the step can be captured
+    once and replayed. `decayed`: the parameters weight decay acts on."""
+    decay, mom, damp, debias2, step_size = hp
+    avgs, sqrs = [s['grad_avg'] for s in state], [s['sqr_avg'] for s in state]
+    if decayed: torch._foreach_mul_(decayed, decay)
+    torch._foreach_mul_(avgs, mom)
+    torch._foreach_add_(avgs, torch._foreach_mul(grads, damp))
+    torch._foreach_mul_(sqrs, sqr_mom)
+    torch._foreach_addcmul_(sqrs, grads, grads, value=1 - sqr_mom)
+    denom = torch._foreach_div(sqrs, debias2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(avgs, denom)
+    torch._foreach_mul_(update, step_size)
+    torch._foreach_add_(params, update)
+
+
+def sgd_step(params, grads, state, hp, decayed, wd):
+    """`NesterovSGD` (L2 weight decay added to the gradients of `decayed`, (param, grad) pairs) on lists of
+    tensors, its scheduled values device tensors of `hp`."""
+    mom, neg_lr = hp
+    avgs = [s['grad_avg'] for s in state]
+    if decayed: torch._foreach_add_([g for _, g in decayed], [p for p, _ in decayed], alpha=wd)
+    torch._foreach_mul_(avgs, mom)
+    torch._foreach_add_(avgs, grads)
+    update = torch._foreach_mul(avgs, mom)
+    torch._foreach_add_(update, grads)
+    torch._foreach_mul_(update, neg_lr)
+    torch._foreach_add_(params, update)
+
+
+def scheduled_values(opt: str, h: dict, step: int) -> list[float]:
+    """The values `adam_step` or `sgd_step` reads from `hp` at optimizer step `step` (from 1), computed on the
+    host in double precision from fastai's hyperparameters `h`, as fastai's optimizer computes them."""
+    lr, mom, wd = h['lr'], h['mom'], h['wd']
+    if opt == 'sgd': return [mom, -lr]
+    debias1, debias2 = (debias(m, 1 - m, step) for m in (mom, h['sqr_mom']))
+    return [1 - lr * wd, mom, 1 - mom, debias2, -lr / debias1]
+
+
+class CapturedStep(Callback):
+    """Each training step (forward, loss, backward and the optimizer's step) as one CUDA graph, replayed on
+    every batch: a step of this small network is mostly Python launching kernels, and a replay launches them
+    all at once. The first `warmup` steps run eagerly on a side stream (allocations, cuDNN's choices), the
+    next is captured with autocast inside and static input buffers. Each batch is copied into the buffers, the
+    learning rate and momentum fastai's `ParamScheduler` set are written to device tensors, the graph is
+    replayed, `learn.pred` and `learn.loss` point at its outputs, and the batch is cancelled: the Recorder,
+    metrics and schedulers still run in `after_batch`. The optimizer's state is fastai's (`learn.opt.state`),
+    so a fit without it goes on from where one with it stopped. With `graph=False` (any device) every step
+    runs eagerly: the same function, which the tests compare with fastai's loop on a CPU."""
+    # Last of a batch's callbacks: it cancels the batch, so every other `before_batch` (the schedulers that
+    # set this step's hyperparameters, timers) must have run.
+    order = 1000
+
+    def __init__(self, graph: bool = True, warmup: int = 3): self.graph, self.warmup = graph, warmup
+
+    def before_fit(self):
+        r, opt = self.learn.recipe, self.learn.opt
+        if len(opt.param_lists) != 1: raise RuleError("the captured step takes one parameter group")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.state = [opt.state[p] for p in self.params]
+        for p, s in zip(self.params, self.state):   # fastai's own state, as its optimizer would create it
+            s.setdefault('grad_avg', torch.zeros_like(p))
+            if r.opt == 'adam': s.setdefault('sqr_avg', torch.zeros_like(p))
+        self.steps = self.state[0].get('step', 0)   # Adam's step count, fastai's, shared with its loop
+        self.do_wd = [s.get('do_wd', True) for s in self.state]
+        h = opt.hypers[0]
+        self.constants = {k: h[k] for k in ('wd', 'sqr_mom', 'eps') if k in h}   # captured as numbers
+        self.hp = torch.zeros(5 if r.opt == 'adam' else 2, dtype=self.params[0].dtype,
+                              device=self.params[0].device)
+        amp = getattr(self.learn, 'device_mixed_precision', None)
+        self.autocast = torch.autocast(self.dls.device.type, dtype=amp.dtype, cache_enabled=False) \
+            if amp else contextlib.nullcontext()
+        self.x = self.y = self.cuda_graph = None
+        self.eager = 0
+
+    def step(self):
+        "One training step on the static batch: forward, loss, backward, the optimizer's step."
+        for p in self.params: p.grad = None   # backward writes the gradients afresh
+        with self.autocast:
+            pred = self.model(self.x).float()
+            loss = self.learn.loss_func(pred, self.y)
+        loss.backward()
+        grads, hp, c = [p.grad for p in self.params], self.hp.unbind(), self.constants
+        with torch.no_grad():
+            if self.learn.recipe.opt == 'adam':
+                decayed = [p for p, d in zip(self.params, self.do_wd) if d]
+                adam_step(self.params, grads, self.state, hp, decayed, c['sqr_mom'], c['eps'])
+            else:
+                decayed = [(p, g) for p, g, d in zip(self.params, grads, self.do_wd) if d and c['wd']]
+                sgd_step(self.params, grads, self.state, hp, decayed, c['wd'])
+        return pred.detach(), loss.detach()
+
+    def before_batch(self):
+        if not self.training: return
+        h = self.opt.hypers[0]
+        if any(h[k] != v for k, v in self.constants.items()):
+            raise RuleError(f"the captured step takes {', '.join(self.constants)} as constant through a fit")
+        x, y = (t.as_subclass(torch.Tensor) for t in (self.xb[0], self.yb[0]))
+        if self.x is None: self.x, self.y = torch.empty_like(x), torch.empty_like(y)
+        self.x.copy_(x, non_blocking=True)
+        self.y.copy_(y, non_blocking=True)
+        self.steps += 1
+        for t, v in zip(self.hp, scheduled_values(self.learn.recipe.opt, h, self.steps)): t.fill_(v)
+        if self.cuda_graph is not None: self.cuda_graph.replay()
+        elif not self.graph: self.out = self.step()
+        elif self.eager < self.warmup:   # warm-up, real steps: on a side stream, as capture needs
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side): self.out = self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager += 1
+        else:
+            self.cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.cuda_graph): self.out = self.step()
+            self.cuda_graph.replay()   # capturing records the step; replaying it trains on this batch
+        self.learn.pred, self.learn.loss = self.out
+        raise CancelBatchException()
+
+    def after_fit(self):
+        for s in self.state: s['step'] = self.steps
+        self.cuda_graph = self.x = self.y = self.out = self.hp = self.autocast = None   # picklable again
+
+
+def captured_step_fits(r: Recipe) -> bool:
+    """Whether recipe `r` trains with `CapturedStep`: on a GPU, in bf16 or fp32 (fp16's loss scaling reads
+    its overflow check every step), without the tricks that act between fastai's steps (EMA, Lookahead,
+    MixUp)."""
+    return torch.device(r.device).type == 'cuda' and r.precision != 'fp16' and not (
+        r.ema or r.lookahead or r.mixup)
+
+
 def normnet_learner(dls, norm: str | Recipe, **overrides) -> Learner:
     """A fastai `Learner` of the `norm` variant with its recipe (`recipe(norm, **overrides)`, or a `Recipe`):
     label-smoothed cross-entropy, the recipe's optimizer, peak learning rate (`fit_one_cycle(n)` uses it) and
@@ -182,6 +323,7 @@ def normnet_learner(dls, norm: str | Recipe, **overrides) -> Learner:
     # Channels-last lets oneDNN's (CPU) and cuDNN's (GPU) fastest convolutions run without layout copies.
     learn.add_cb(ChannelsLast())
     if r.precision != 'fp32': learn.add_cb(DeviceMixedPrecision(r.precision))
+    if captured_step_fits(r): learn.add_cb(CapturedStep())
     return learn
 
 

@@ -181,9 +181,10 @@ def write_run(learn: Learner, r: Recipe, out: Path, hist: pd.DataFrame, start: f
             **recorded,
         )
         if not cell:
-            # The exported learner runs in float32, on any machine; `learn.to_bf16()` on a GPU brings mixed
-            # precision back.
-            if r.precision != 'fp32': learn.remove_cb(learn.device_mixed_precision)
+            # The exported learner runs in float32 through fastai's loop, on any machine; `learn.to_bf16()`
+            # on a GPU brings mixed precision back.
+            for cb in ('device_mixed_precision', 'captured_step'):
+                if hasattr(learn, cb): learn.remove_cb(getattr(learn, cb))
             learn.export(tmp / 'model.pkl')
         # Everything this run cost: data, training, evaluation, figures and export (what the study's wall time
         # adds up).

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything normnets uses a GPU for, in one command on the GPU machine, in the order it pays off:
-#   1. benchmarks/speed.py        -> results/gpu/speed.json (fused runs, optimizers, profile)
-#   2. scripts/run_all.py         -> results/gpu/ (the study, each variant's seeds fused)
+#   1. benchmarks/speed.py        -> results/gpu/speed.json (the captured step against fastai's loop, fused
+#                                    runs, optimizers, profile)
+#   2. scripts/run_all.py         -> results/gpu/ (the study, each run's steps one captured CUDA graph, JOBS
+#                                    processes at once: 4 summed the most images/s on an H200)
 #   3. benchmarks/search.py       -> results/search.csv (every cell at full length, the best 3 at 2 more seeds)
 #   4. scripts/batch_sizes.py     -> results/batch_size.csv (every batch size at full length)
 #
@@ -19,6 +21,7 @@ set -uo pipefail
 BUDGET=${BUDGET:-540}
 ROOT=${ROOT:-results}      # the results folder the steps write to
 CONFIRM=${CONFIRM:-3}      # the search's best cells of each norm run again at 2 more seeds
+JOBS=${JOBS:-4}            # the study's runs at once, each in a process of its own
 TRIAL=${TRIAL:-}           # options that shrink every training step (a trial on a CPU)
 norms=${NORMS:+--norms $NORMS}   # the variants trained (default: every registered one)
 end=$((SECONDS + BUDGET))
@@ -42,7 +45,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 speed_steps=$([ -n "$TRIAL" ] && echo "--steps 3 --warmup 1 --rounds 1")
 step python benchmarks/speed.py --out "$ROOT/gpu/speed.json" $speed_steps
-step python scripts/run_all.py --out "$ROOT/gpu" --fuse yes --resume $norms $TRIAL
+step python scripts/run_all.py --out "$ROOT/gpu" --fuse no --jobs "$JOBS" --resume $norms $TRIAL
 step python benchmarks/search.py --out "$ROOT" --fuse yes --resume --confirm "$CONFIRM" $norms $TRIAL
 step python scripts/batch_sizes.py --out "$ROOT" --fuse yes --resume $norms $TRIAL
 

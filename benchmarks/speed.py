@@ -199,16 +199,24 @@ def matmul_gflops(device, dtype=torch.float32, n=4096, reps=10) -> float:
 def without_channels_last(learn): learn.remove_cb(learn.channels_last)
 
 
+def fastai_loop(learn):
+    "A tweak: the training step through fastai's loop, not the captured step (`CapturedStep`, on a GPU)."
+    if hasattr(learn, 'captured_step'): learn.remove_cb(learn.captured_step)
+
+
 def torch_optimizer(opt, **options):
     """A tweak: the learner's optimizer replaced by PyTorch's `opt` through fastai's `OptimWrapper` (fastai's
-    loops over the parameters in Python, several kernels each; `foreach` steps them all in a few kernels).
-    PyTorch's optimizers decay every parameter: fastai exempts batch norm's and the biases."""
-    def tweak(learn): learn.opt_func = functools.partial(OptimWrapper, opt=opt, **options)
+    loops over the parameters in Python, several kernels each; `foreach` steps them all in a few kernels), in
+    fastai's loop. PyTorch's optimizers decay every parameter: fastai exempts batch norm's and the biases."""
+    def tweak(learn):
+        fastai_loop(learn)
+        learn.opt_func = functools.partial(OptimWrapper, opt=opt, **options)
     return tweak
 
 
 def compiled(learn, **options):
-    "The model through `torch.compile`; its compilation falls in the warm-up steps."
+    "The model through `torch.compile`, in fastai's loop; its compilation falls in the warm-up steps."
+    fastai_loop(learn)
     learn.model = torch.compile(learn.model, **options)
 
 
@@ -254,6 +262,9 @@ CHANGES = [
         dict(reproducible=False),
     ),
     ('batch', 'without channels-last', lambda dev, p: True, dict(tweak=without_channels_last)),
+    # what the captured step gains over fastai's loop, where a run takes it (`captured_step_fits`)
+    *[(n, "fastai's loop (no captured step)", lambda dev, p: dev == 'cuda' and p != 'fp16',
+       dict(tweak=fastai_loop)) for n in ('batch', 'group')],
     (
         'batch',
         'batch norm in NCHW on the 12- and 24-channel layers',

@@ -1,6 +1,8 @@
-"""The CUDA path, where there is a GPU (skipped elsewhere; the CPU tests cover its logic with faked devices):
-the augmentation never waits for the GPU, training waits for it a few times an epoch rather than every batch,
-and a run trains and records itself on the GPU in the precision `auto` picks there.
+"""The CUDA path, where there is a GPU (skipped elsewhere; the CPU tests cover its logic with faked devices
+and the captured step's function run eagerly): the augmentation never waits for the GPU, training waits for
+it a few times an epoch rather than every batch, the captured step's graph replays the eager step, fused runs
+keep every tensor on the GPU, and a run trains and records itself on the GPU in the precision `auto` picks
+there.
 Uses the real CIFAR-10 (NORMNETS_DATA, see the README)."""
 import warnings
 
@@ -8,11 +10,12 @@ import pytest
 import torch
 
 from normnets_data import crop_flip, get_dls
-from normnets_fused import train_fused
 from normnets_device import native_bf16
 from normnets_recipes import recipe
 from normnets_learner import normnet_learner
-from normnets_runs import train_run
+from normnets_runs import recipe_dls, seed_run, train_run
+from normnets_fused import train_fused
+from test_learner import FromReference, StepStates   # the CPU test's teacher forcing
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
 
@@ -52,6 +55,7 @@ def test_training_waits_for_the_gpu_per_epoch_not_per_batch(precision):
     GradScaler) reads its overflow check twice a step, waits of its own."""
     dls = get_dls(n_train=16384, n_test=512, bs=256, device='cuda')
     learn = normnet_learner(dls, recipe('bn', bs=256, device='cuda', precision=precision))
+    assert hasattr(learn, 'captured_step') == (precision != 'fp16')   # fp16 keeps fastai's loop
     epochs = 2
     with learn.no_logging(), learn.no_bar():
         learn.fit_one_cycle(1)   # warm-up: the first batches allocate and pick kernels
@@ -76,3 +80,22 @@ def test_fused_runs_train_on_the_gpu_with_every_tensor_there(tmp_path, norm):
     runs = [recipe(norm, seed=s, epochs=1, n_train=4096, n_test=512, device='cuda') for s in (0, 1)]
     metrics = train_fused(runs, [tmp_path / 'a', tmp_path / 'b'])
     assert [m['device'] for m in metrics] == ['cuda', 'cuda'] and all(m['test_acc'] > 0.1 for m in metrics)
+
+
+@pytest.mark.parametrize('norm', ['bn', 'gn', 'ws-ln'])
+def test_the_captured_graph_replays_the_step_run_eagerly(norm):
+    """Each training step replayed from the CUDA graph ends where the same step run eagerly ends, from the
+    same state (teacher-forced, as the CPU test compares the eager step with fastai's loop): 24 steps at the
+    recipe's own rates, warm-up and capture among them."""
+    r = recipe(norm, device='cuda', n_train=24 * recipe(norm).bs, n_test=256, epochs=1)
+    learners = []
+    for graph in (False, True):
+        seed_run(r)
+        learners.append(normnet_learner(recipe_dls(r), r))
+        learners[-1].captured_step.graph = graph
+    states = StepStates()
+    with learners[0].no_bar(), learners[0].no_logging(): learners[0].fit_one_cycle(1, cbs=states)
+    forced = FromReference(states.states)
+    with learners[1].no_bar(), learners[1].no_logging(): learners[1].fit_one_cycle(1, cbs=forced)
+    assert len(forced.gaps) == 24 and max(forced.gaps) < 1e-5, forced.gaps
+    assert learners[1].recorder.values[0][1] == pytest.approx(learners[0].recorder.values[0][1], abs=0.02)
