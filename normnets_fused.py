@@ -74,10 +74,11 @@ def fusable_groups(runs: list) -> list[list]:
 
 
 # Where fused runs train faster than the same runs one at a time, as (device type, precision): the rule
-# `--fuse auto` follows, written from benchmarks/speed.py's measurements (the median of its rounds).
-# Measured so far: on a CPU in float32 fused runs are slower (0.67-0.86x one run alone, results/speed.md);
-# a CPU in bfloat16 and a GPU in the fastai loop are unmeasured. A kind of machine enters here once
-# speed.py measures every variant faster fused on it.
+# `--fuse auto` follows, written from benchmarks/speed.py's measurements (the median of its rounds). A kind
+# of machine enters here once speed.py measures every variant faster fused on it. Measured so far, on AMD
+# EPYC CPUs: in float32 every variant slower fused (0.67-0.86x one run alone, results/speed.md); in bfloat16
+# (AVX512-BF16) batch norm faster (1.30x at 3 runs, 1.18x at 8), the other variants not (0.80-1.03x,
+# results/speed-bf16.md). A GPU in the fastai loop is unmeasured.
 FUSED_FASTER: set[tuple[str, str]] = set()
 
 

@@ -439,8 +439,10 @@ PAGES = {'study.md': ('Every run', 'findings per norm, each run, accuracy per cl
          'batch_size.md': ('Batch size', 'every variant at several training batch sizes', batch_size_page),
          'inference.md': ('Inference', 'batch statistics at test time, folding, speed', inference_page),
          'precision.md': ('Precision', 'the study in float32 and in bfloat16', precision_page),
-         'speed.md': ('Speed', 'images/s, share of the peak, profile',
+         'speed.md': ('Speed', 'images/s, share of the peak, profile, on a CPU in float32',
                       lambda r: speed_page(r / 'speed.json')),
+         'speed-bf16.md': ('Speed in bfloat16', 'the same on a CPU with bfloat16 arithmetic',
+                           lambda r: speed_page(r / 'speed-bf16.json')),
          'gpu.md': ('GPU', 'the study on a GPU beside the CPU study', gpu_page),
          'gpu/speed.md': ('GPU speed', 'the speed benchmark on a GPU',
                           lambda r: speed_page(r / 'gpu' / 'speed.json'))}

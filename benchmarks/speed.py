@@ -18,8 +18,8 @@ Measured in one run, on one machine (the GPU if there is one, else the CPU), wit
    and the study's projected time with each variant's seeds fused.
 Each comparison of 4 and 6 is measured `--rounds` times, each time right after what it is compared with
 (`paired`): on a shared machine one measurement can be 15% off, and the rounds' ratios show how far.
-Writes the measurements to results/speed.json (results/gpu/speed.json on a GPU); `scripts/report.py` turns
-them into results/speed.md.
+Writes the measurements to results/speed.json (speed-bf16.json on a CPU with bfloat16 arithmetic,
+gpu/speed.json on a GPU); `scripts/report.py` turns them into the pages of the same names.
 """
 import functools, json, platform, statistics, time
 
@@ -505,12 +505,14 @@ def main(
     warmup:int=10,     # untimed steps first
     rounds:int=3,      # measurements of each comparison, each beside what it is compared with
     device:str=None,   # cpu or cuda (default: the GPU if there is one)
-    out:str=None,      # JSON to write (default: results/speed.json, or results/gpu/speed.json on a GPU)
+    out:str=None,      # JSON to write (default: results/speed.json; speed-bf16.json, gpu/speed.json)
 ):
     "Measure normnets' speed; write the measurements as JSON for scripts/report.py."
     with cli_errors():   # a bad device, an unwritable folder or bad data before any measurement; Ctrl-C
         device = torch.device(resolve_device(device))
-        default = REPO_DIR / 'results' / ('gpu' if device.type == 'cuda' else '') / 'speed.json'
+        # a GPU's, a CPU's in float32, a CPU's with bfloat16 arithmetic: one file each
+        cpu_file = 'speed.json' if recipe('bn', device='cpu').precision == 'fp32' else 'speed-bf16.json'
+        default = REPO_DIR / 'results' / ('gpu/speed.json' if device.type == 'cuda' else cpu_file)
         out = path_option('out', out, default)
         for name, value, least in (('steps', steps, 1), ('warmup', warmup, 0), ('rounds', rounds, 1)):
             if value < least: raise ValueError(f"--{name} {value}: must be at least {least}")
