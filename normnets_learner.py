@@ -262,6 +262,9 @@ class CapturedStep(Callback):
             raise RuleError(f"the captured step takes {', '.join(self.constants)} as constant through a fit")
         x, y = (t.as_subclass(torch.Tensor) for t in (self.xb[0], self.yb[0]))
         if self.x is None: self.x, self.y = torch.empty_like(x), torch.empty_like(y)
+        if x.shape != self.x.shape:   # normnets' training loaders drop the last partial batch (drop_last)
+            raise RuleError(f"the captured step trains on batches of one shape: {tuple(self.x.shape)}, then "
+                            f"{tuple(x.shape)}; use a training DataLoader with drop_last=True")
         self.x.copy_(x, non_blocking=True)
         self.y.copy_(y, non_blocking=True)
         self.steps += 1

@@ -12,7 +12,7 @@ from normnets_files import read_csv, read_json
 from normnets_recipes import Recipe, TRAINING_FIELDS, at_batch_size, recipe, recipe_label
 
 __all__ = ['md', 'pct', 'mean_std', 'spread', 'num', 'norm_order', 'provenance', 'layer_order', 'recipe_gaps',
-           'today_cell', 'recipes_markdown', 'PAGES', 'pages']
+           'today_cell', 'recipes_markdown', 'beside_page', 'PAGES', 'pages']
 
 BAR = f'{PASS_ACCURACY:.0%}'
 
@@ -399,35 +399,40 @@ def fused_table(s: dict) -> str:
             + rounds_text(s, 'one run alone', f.ratios) + "\n\n" + md(table))
 
 
-def gpu_page(results: Path) -> str | None:
-    "gpu.md: the study on a GPU beside the CPU study, per norm, and whether their recipes are the same."
-    gpu = results / 'gpu'
-    summary, runs = read(gpu / 'summary.csv'), read(gpu / 'runs.csv')
+def beside_page(results: Path, folder: str, title: str, label: str, main: str) -> str | None:
+    """A study in the subfolder `folder` (another device or precision, `label`) beside the main study
+    (`main`), per norm, and whether their recipes are the same: the GPU study, the bfloat16 study."""
+    other = results / folder
+    summary, runs = read(other / 'summary.csv'), read(other / 'runs.csv')
     if summary is None: return None
-    cpu, cpu_runs = read_csv(results / 'summary.csv').set_index('norm'), read_csv(results / 'runs.csv')
+    base, base_runs = read_csv(results / 'summary.csv').set_index('norm'), read_csv(results / 'runs.csv')
     first = lambda r, n: r[r.norm == n].iloc[0]
-    same = {n: all(first(runs, n)[k] == first(cpu_runs, n)[k] for k in TRAINING_FIELDS) for n in summary.norm}
-    gpu_acc = summary.set_index('norm')
-    gap = gpu_acc.test_acc - cpu.test_acc[gpu_acc.index]   # GPU minus CPU, a norm each
-    spread_of = pd.concat([gpu_acc.test_acc_std, cpu.test_acc_std[gpu_acc.index]], axis=1).max(axis=1)
-    study = read_json(gpu / 'study.json') if (gpu / 'study.json').exists() else None
+    same = {n: all(first(runs, n)[k] == first(base_runs, n)[k] for k in TRAINING_FIELDS)
+            for n in summary.norm}
+    acc = summary.set_index('norm')
+    gap = acc.test_acc - base.test_acc[acc.index]   # this study minus the main one, a norm each
+    spread_of = pd.concat([acc.test_acc_std, base.test_acc_std[acc.index]], axis=1).max(axis=1)
+    study = read_json(other / 'study.json') if (other / 'study.json').exists() else None
     wall = ''
     if study:
         kept = study['runs'] - study['trained']
         before = f" ({kept} of its {study['runs']} runs kept from before)" if kept else ''
         wall = (f" The whole study, {study['how']}, took **{study['wall_seconds']:.0f} s** of wall time, "
                 f"data to last file{before}.")
-    return (f"# The study on a GPU\n\n{provenance(runs)}{wall}"
-            + (" [gpu/speed.md](gpu/speed.md) profiles a step." if (gpu / 'speed.json').exists() else '')
-            + "\n\n![the GPU study](gpu/comparison.png)\n\n"
+    speed = f"{folder}/speed.md"
+    return (f"# {title}\n\n{provenance(runs)}{wall}"
+            + (f" [{speed}]({speed}) profiles a step." if (other / 'speed.json').exists() else '')
+            + f"\n\n![{title}]({folder}/comparison.png)\n\n"
             + md(pd.DataFrame({
                 'norm': summary.norm,
-                'GPU test acc %': spread(summary, 'test_acc'),
-                'GPU train s a run': summary.seconds.map('{:.0f}'.format),
-                'CPU test acc %': [mean_std(cpu.test_acc[n], cpu.test_acc_std[n]) for n in summary.norm],
-                'same recipe as the CPU study': summary.norm.map(lambda n: 'yes' if same[n] else '**no**'),
+                f'{label} test acc %': spread(summary, 'test_acc'),
+                f'{label} train s a run': summary.seconds.map('{:.0f}'.format),
+                f'{main} test acc %': [mean_std(base.test_acc[n], base.test_acc_std[n])
+                                       for n in summary.norm],
+                f'same recipe as the {main} study': [('yes' if same[n] else '**no**') for n in summary.norm],
                 "today's recipe": [today_cell(first(runs, n)) for n in summary.norm],
-                'GPU minus CPU (points)': [f"{100 * d:+.2f}" if same[n] else '' for n, d in gap.items()],
+                f'{label} minus {main} (points)': [f"{100 * d:+.2f}" if same[n] else ''
+                                                   for n, d in gap.items()],
                 "within the seeds' spread": [('yes' if abs(d) <= spread_of[n] else 'no') if same[n] else ''
                                              for n, d in gap.items()]})))
 
@@ -443,7 +448,10 @@ PAGES = {'study.md': ('Every run', 'findings per norm, each run, accuracy per cl
                       lambda r: speed_page(r / 'speed.json')),
          'speed-bf16.md': ('Speed in bfloat16', 'the same on a CPU with bfloat16 arithmetic',
                            lambda r: speed_page(r / 'speed-bf16.json')),
-         'gpu.md': ('GPU', 'the study on a GPU beside the CPU study', gpu_page),
+         'gpu.md': ('GPU', 'the study on a GPU beside the CPU study',
+                    lambda r: beside_page(r, 'gpu', 'The study on a GPU', 'GPU', 'CPU')),
+         'bf16.md': ('bfloat16', 'the study in bfloat16 on a CPU beside the float32 study',
+                     lambda r: beside_page(r, 'bf16', 'The study in bfloat16 on a CPU', 'bf16', 'fp32')),
          'gpu/speed.md': ('GPU speed', 'the speed benchmark on a GPU',
                           lambda r: speed_page(r / 'gpu' / 'speed.json'))}
 

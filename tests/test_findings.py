@@ -20,7 +20,7 @@ from normnets_recipes import OPTIMIZER_SETTINGS, RECIPES, TRAINING_FIELDS, recip
 from normnets_runs import with_batch_statistics
 import normnets_report
 from normnets_study import findings_frame
-from normnets_pages import (ablation_page, batch_size_page, gpu_page, inference_page, layer_order,
+from normnets_pages import (PAGES, ablation_page, batch_size_page, inference_page, layer_order,
                             precision_page, search_page)
 from normnets_report import architecture_markdown, write_report
 
@@ -261,12 +261,12 @@ def test_the_gpu_study_is_set_beside_the_cpu_study_only_where_their_recipes_matc
     for d in (tmp_path, tmp_path / 'gpu'):
         d.mkdir(exist_ok=True)
         for f in ('summary.csv', 'runs.csv'): shutil.copy(REPO_DIR / 'results' / 'gpu' / f, d / f)
-    table = [r for r in md_rows(gpu_page(tmp_path)) if r[0] in NORMS]
+    table = [r for r in md_rows(PAGES['gpu.md'][2](tmp_path)) if r[0] in NORMS]
     assert [(r[4], r[6], r[7]) for r in table] == [('yes', '+0.00', 'yes')] * len(NORMS)
     runs = pd.read_csv(tmp_path / 'runs.csv')
     runs.loc[runs.norm == 'batch', 'lr'] *= 2   # a CPU study of another batch norm recipe
     runs.to_csv(tmp_path / 'runs.csv', index=False)
-    table = {r[0]: r for r in md_rows(gpu_page(tmp_path)) if r[0] in NORMS}
+    table = {r[0]: r for r in md_rows(PAGES['gpu.md'][2](tmp_path)) if r[0] in NORMS}
     assert table['batch'][4].startswith('**no**') and table['batch'][6:] == ['', '']
     assert table['group'][4] == 'yes'
     runs.loc[runs.norm == 'batch', 'lr'] /= 2   # the same recipe again, and a CPU study 1 point lower
@@ -274,7 +274,7 @@ def test_the_gpu_study_is_set_beside_the_cpu_study_only_where_their_recipes_matc
     cpu = pd.read_csv(tmp_path / 'summary.csv')
     cpu.loc[cpu.norm == 'batch', 'test_acc'] -= 0.01
     cpu.to_csv(tmp_path / 'summary.csv', index=False)
-    table = {r[0]: r for r in md_rows(gpu_page(tmp_path)) if r[0] in NORMS}
+    table = {r[0]: r for r in md_rows(PAGES['gpu.md'][2](tmp_path)) if r[0] in NORMS}
     assert table['batch'][6:] == ['+1.00', 'no'] and table['group'][6:] == ['+0.00', 'yes']
 
 
