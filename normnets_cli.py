@@ -59,8 +59,9 @@ def parse_fuse(text: str) -> bool | None:
     return FUSE[text]
 
 
-def check_jobs(jobs: int, fuse: bool | None = None):
-    """Refuse, before any work, a `jobs` (the runs a plan trains at once) below one, or several jobs with
-    `fuse` asked for (fused runs train in one process)."""
-    if jobs < 1: raise StudyError(f"--jobs {jobs}: need at least one")
-    if fuse and jobs > 1: raise StudyError("--fuse and --jobs: choose one way of training runs together")
+def check_jobs(jobs: int | None, fuse: bool | None = None):
+    """Refuse, before any work, a `jobs` (the runs a plan trains at once; None: as `how_to_train` decides)
+    below one, or several jobs with `fuse` asked for (fused runs train in one process)."""
+    if jobs is not None and jobs < 1: raise StudyError(f"--jobs {jobs}: need at least one")
+    if fuse and (jobs or 1) > 1:
+        raise StudyError("--fuse and --jobs: choose one way of training runs together")

@@ -62,29 +62,32 @@ def check_fusable(recipes: list) -> list:
     return recipes
 
 
-def fusable_groups(runs: list) -> list[list]:
+def fusable_groups(runs: list, only=None) -> list[list]:
     """The (title, recipe, folder) `runs` grouped into those that can train as one network, in their order;
-    a run that cannot be fused with any (a training trick) is a group of its own."""
+    a run that cannot be fused with any (a training trick), or whose recipe `only` refuses, is a group of its
+    own."""
     groups = {}
     for i, run in enumerate(runs):
         r = run[1]
+        alone = any(getattr(r, t) for t in TRICKS) or (only is not None and not only(r))
         same = json.dumps(shared_fields(r), sort_keys=True, default=str)
-        groups.setdefault(i if any(getattr(r, t) for t in TRICKS) else same, []).append(run)
+        groups.setdefault(i if alone else same, []).append(run)
     return list(groups.values())
 
 
-# Where fused runs train faster than the same runs one at a time, as (device type, precision): the rule
-# `--fuse auto` follows, written from benchmarks/speed.py's measurements (the median of its rounds). A kind
-# of machine enters here once speed.py measures every variant faster fused on it. Measured so far, on AMD
-# EPYC CPUs: in float32 every variant slower fused (0.67-0.86x one run alone, results/speed.md); in bfloat16
-# (AVX512-BF16) batch norm faster (1.30x at 3 runs, 1.18x at 8), the other variants not (0.80-1.03x,
-# results/speed-bf16.md). A GPU in the fastai loop is unmeasured.
-FUSED_FASTER: set[tuple[str, str]] = set()
+# Where fused runs train faster than the same runs one at a time, as (device type, precision, norm): the rule
+# `--fuse auto` follows, written from benchmarks/speed.py's measurements (the median of its rounds). A variant
+# enters here for a kind of machine once speed.py measures it faster fused there, at the study's seeds and at
+# 8 runs. Measured so far, on AMD EPYC CPUs: in float32 every variant slower fused (0.67-0.86x one run alone,
+# results/speed.md); in bfloat16 (AVX512-BF16) batch norm faster (1.30x at 3 runs, 1.18x at 8), the other
+# variants not (0.80-1.03x, results/speed-bf16.md). On an H200, 3 fused copies took 5.54 ms a step, 3 runs'
+# captured steps one after another 4.3 ms (../shared/gpu-results).
+FUSED_FASTER: set[tuple[str, str, str]] = {('cpu', 'bf16', 'batch')}
 
 
 def fuse_by_default(r) -> bool:
     "Whether runs of recipe `r` train fused when the command leaves it to normnets (`FUSED_FASTER`)."
-    return (torch.device(r.device).type, r.precision) in FUSED_FASTER
+    return (torch.device(r.device).type, r.precision, r.norm) in FUSED_FASTER
 
 
 # ---------------------------------------------------------------- data: K loaders in lockstep
@@ -241,11 +244,11 @@ def train_fused(recipes: list, outs: list, data=None, cifar=None, cell: bool = F
     """Train `recipes` as one fused network and write copy k as the run folder `outs[k]`, as `train_run`
     writes a run, with `fused_with` naming the runs' folders. Every recipe and folder is checked before any
     work. A run's seconds are its share of the fused run's. Returns each run's metrics."""
-    check_fusable(recipes)
     if len(outs) != len(recipes):
         raise RuleError(f"{len(recipes)} runs to fuse, {len(outs)} folders for them")
-    if len(recipes) == 1:   # nothing to fuse with
+    if len(recipes) == 1:   # nothing to fuse with: a run alone, whatever tricks it has (`fusable_groups`)
         return [train_run(recipes[0], outs[0], data, cifar, cell, cbs)]
+    check_fusable(recipes)
     outs = check_run_dirs(outs)
     start, learners = time.perf_counter(), []
     for r in recipes:

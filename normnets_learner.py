@@ -9,7 +9,7 @@ The callbacks keep a fit on its device (metrics summed there, mixed precision on
 one captured CUDA graph), show progress as a terminal or a log file wants it, and time and estimate the fit.
 Importing this module changes no process-wide state.
 """
-import contextlib, sys, time
+import contextlib, sys, threading, time
 from functools import partial
 
 import torch
@@ -215,6 +215,7 @@ class CapturedStep(Callback):
     # Last of a batch's callbacks: it cancels the batch, so every other `before_batch` (the schedulers that
     # set this step's hyperparameters, timers) must have run.
     order = 1000
+    capturing = threading.Lock()   # torch.cuda.graph synchronizes the GPU and empties its cache on entry
 
     def __init__(self, graph: bool = True, warmup: int = 3): self.graph, self.warmup = graph, warmup
 
@@ -236,6 +237,7 @@ class CapturedStep(Callback):
         self.autocast = torch.autocast(self.dls.device.type, dtype=amp.dtype, cache_enabled=False) \
             if amp else contextlib.nullcontext()
         self.x = self.y = self.cuda_graph = None
+        self.side = torch.cuda.Stream(self.dls.device) if self.graph else None
         self.eager = 0
 
     def step(self):
@@ -271,22 +273,26 @@ class CapturedStep(Callback):
         for t, v in zip(self.hp, scheduled_values(self.learn.recipe.opt, h, self.steps)): t.fill_(v)
         if self.cuda_graph is not None: self.cuda_graph.replay()
         elif not self.graph: self.out = self.step()
-        elif self.eager < self.warmup:   # warm-up, real steps: on a side stream, as capture needs
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side): self.out = self.step()
-            torch.cuda.current_stream().wait_stream(side)
+        elif self.eager < self.warmup:   # warm-up, real steps: on the side stream, as capture needs
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side): self.out = self.step()
+            torch.cuda.current_stream().wait_stream(self.side)
             self.eager += 1
         else:
+            # Captured on this learner's own side stream, checking this thread's calls only, one capture at
+            # a time in a process: several learners, each in a thread on a stream of its own, train at once.
             self.cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.cuda_graph): self.out = self.step()
+            with CapturedStep.capturing, torch.cuda.graph(self.cuda_graph, stream=self.side,
+                                                          capture_error_mode='thread_local'):
+                self.out = self.step()
             self.cuda_graph.replay()   # capturing records the step; replaying it trains on this batch
         self.learn.pred, self.learn.loss = self.out
         raise CancelBatchException()
 
     def after_fit(self):
         for s in self.state: s['step'] = self.steps
-        self.cuda_graph = self.x = self.y = self.out = self.hp = self.autocast = None   # picklable again
+        # picklable again
+        self.cuda_graph = self.side = self.x = self.y = self.out = self.hp = self.autocast = None
 
 
 def captured_step_fits(r: Recipe) -> bool:

@@ -362,7 +362,7 @@ def speed_page(f: Path) -> str | None:
             + f"\nProjected study ({len(s['variants'])} variants x {study['epochs']} epochs x "
             f"{study['seeds']} seeds, evaluation included): **{study['seconds'] / 60:.1f} minutes** one run "
             f"at a time, **{study['fused_seconds'] / 60:.1f} minutes** with each variant's seeds fused.\n\n"
-            + md(table) + fused_table(s)
+            + md(table) + at_once_table(s)
             + "\n## One change at a time\n\n" + rounds_text(s, 'its variant as run', c.ratios)
             + " The last row is the variant as run, measured again: its distance from 1.00 is the "
             "benchmark's own noise.\n\n"
@@ -385,18 +385,25 @@ def rounds_text(s: dict, baseline: str, ratios: pd.Series) -> str:
             "are the medians, the ratio the median of the rounds' ratios.")
 
 
-def fused_table(s: dict) -> str:
-    "Runs fused into one network against one run alone, as speed.json measured them."
-    f = pd.DataFrame(s['fused'])
-    median, each = rounds_cells(f.ratios)
-    table = pd.DataFrame({'variant': f.norm.map(lambda n: f'{n} norm'), 'runs fused': f.copies,
-                          'batch size a run': f.bs,
-                          'train images/s, all runs': f.train_ips.map('{:.0f}'.format),
-                          'one run alone': f.alone_ips.map('{:.0f}'.format), 'x alone': median,
+# How speed.py trains several runs at once (its `at_once` rows' `how`), as the speed pages say it.
+AT_ONCE_WAYS = {'fused': 'one fused network', 'processes': 'a process each',
+                'streams': 'a thread and CUDA stream each'}
+
+
+def at_once_table(s: dict) -> str:
+    "Several runs at once against one run alone, as speed.json measured them."
+    a = pd.DataFrame(s['at_once'])
+    median, each = rounds_cells(a.ratios)
+    table = pd.DataFrame({'variant': a.norm.map(lambda n: f'{n} norm'), 'runs': a.runs,
+                          'trained as': a.how.map(AT_ONCE_WAYS), 'batch size a run': a.bs,
+                          'train images/s, all runs': a.train_ips.map('{:.0f}'.format),
+                          'one run alone': a.alone_ips.map('{:.0f}'.format), 'x alone': median,
                           'each round': each})
-    return ("\n## Runs fused into one network\n\nEach variant's recipe, its runs (seeds 0, 1, ...) trained "
-            "as one fused network (`normnets_fused`), against one run alone. "
-            + rounds_text(s, 'one run alone', f.ratios) + "\n\n" + md(table))
+    return ("\n## Several runs at once\n\nA variant's recipe, several of its runs (seeds 0, 1, ...) trained "
+            "at once, images/s summed over the runs, against one run alone: as one fused network "
+            "(`--fuse yes`), each in a process of its own (`--jobs`), or each in a thread on a CUDA stream "
+            "of its own in one process (a GPU). "
+            + rounds_text(s, 'one run alone', a.ratios) + "\n\n" + md(table))
 
 
 def beside_page(results: Path, folder: str, title: str, label: str, main: str) -> str | None:

@@ -25,8 +25,8 @@ from normnets_fused import fusable_groups, fuse_by_default, train_fused
 import normnets_plots as plots
 import normnets_report as report
 
-__all__ = ['STUDY_FILES', 'run_dir', 'kept_run', 'plan_frame', 'find_runs', 'findings_frame',
-           'summarize', 'run_plan', 'run_parallel', 'run_fused', 'run_study']
+__all__ = ['STUDY_FILES', 'JOBS_AT_ONCE', 'how_to_train', 'run_dir', 'kept_run', 'plan_frame', 'find_runs',
+           'findings_frame', 'summarize', 'run_plan', 'run_parallel', 'run_fused', 'run_study']
 
 # What a study writes into its folder beside the runs' folders (`summarize`, `run_study`).
 STUDY_FILES = ('runs.csv', 'summary.csv', 'findings.csv', 'summary.md', 'per_class.csv', 'comparison.png',
@@ -34,6 +34,24 @@ STUDY_FILES = ('runs.csv', 'summary.csv', 'findings.csv', 'summary.md', 'per_cla
 SUMMARY_COLUMNS = ['norm', 'params', 'epochs', 'seeds', 'train_acc', 'train_acc_std', 'best_test_acc',
                    'test_acc', 'test_acc_std', 'tta_test_acc', 'train_loss', 'test_loss', 'epochs_to_70',
                    'seconds', 'device_name', 'data', 'data_md5']
+
+
+# Runs trained at once, a process each, where the command leaves it to normnets (no --jobs), by device type.
+# One small run leaves a GPU idle for most of each step: on an NVIDIA H200 (../shared/gpu-results, each
+# process replaying its captured step, group norm, batch 128) 1 process trained 78,500 images/s, 4 processes
+# 114,000 in all, 8: 109,000, 15: 91,000; speed.py's "runs at once" rows measure it in the Learner. A CPU's
+# runs would only share its cores: one at a time (or fused, `fuse_by_default`).
+JOBS_AT_ONCE = {'cuda': 4}
+
+
+def how_to_train(r: Recipe, jobs: int | None = None, fuse: bool | None = None) -> tuple[int, bool | None]:
+    """How a plan of runs like recipe `r` trains: (runs at once, fused), `jobs` and `fuse` as the command
+    gave them, or where it left them to normnets (None), as measured fastest on this kind of machine:
+    `JOBS_AT_ONCE` processes; else fused None, for `run_plan`: the runs whose variant measured faster fused
+    (`fuse_by_default`) as one network, the others one at a time. Refused: a bad `jobs`, fused with jobs."""
+    check_jobs(jobs, fuse)
+    if jobs is None: jobs = 1 if fuse else JOBS_AT_ONCE.get(torch.device(r.device).type, 1)
+    return jobs, False if jobs > 1 else fuse
 
 
 def run_dir(out: Path, norm: str, seed: int) -> Path:
@@ -180,10 +198,11 @@ def summarize(out: Path, overrides: dict, plan: list = ()) -> tuple[pd.DataFrame
 
 
 def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: int = 1,
-             fuse: bool = False, chosen=()) -> int:
+             fuse: bool | None = False, chosen=()) -> int:
     """Train each (title, recipe, folder) of `plan` in order, or keep its whole finished run with `resume`,
     printing progress with the time left; `cell`: grid cells (`train_run`); `jobs` > 1 trains that many at
-    once (`run_parallel`); `fuse` trains the runs that can train as one network as one (`run_fused`). Every
+    once (`run_parallel`); `fuse` trains the runs that can train as one network as one (`run_fused`), None
+    those whose variant measured faster fused on this machine (`fuse_by_default`), the others alone. Every
     folder is checked before the first run; with `resume`, runs that differ only in the hardware fields not
     `chosen` by the command are refused (`refuse_replacing_other_hardware`). Returns how many runs it
     trained. Ctrl-C or a kill stops after the finished runs, which stay on disk, and is raised again as
@@ -199,12 +218,13 @@ def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: 
             if problem: print(f"{title}: the run in {d} is damaged ({problem}): training it again")
     todo = [run for run, m in zip(plan, kept) if m is None]
     jobs = jobs if len(todo) > 1 else 1
-    groups = fusable_groups(todo) if fuse else None
+    groups = None if fuse is False else fusable_groups(todo, only=None if fuse else fuse_by_default)
+    if groups and max(map(len, groups)) == 1: groups = None   # nothing to fuse: one at a time
     print(plan_line(plan, len(todo), jobs, groups), flush=True)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C
     try:
         if jobs > 1: run_parallel(plan, kept, todo, cifar, cell, jobs)
-        elif fuse: run_fused(plan, kept, groups, cifar, cell)
+        elif groups: run_fused(plan, kept, groups, cifar, cell)
         else:   # one after another, each kept one named; progress with the time left before each run
             left, trained, train_seconds = len(todo), 0, 0.0
             for i, ((title, r, d), m) in enumerate(zip(plan, kept)):
@@ -236,7 +256,10 @@ def plan_line(plan: list, to_train: int, jobs: int, groups: list | None) -> str:
     are kept from before and how the others train (`jobs` at a time; `groups`: the fused networks; None: not
     fused)."""
     if not to_train: how = ''
-    elif groups: how = f" as {len(groups)} fused network(s) of {span(map(len, groups))} runs"
+    elif groups:
+        fused, alone = [g for g in groups if len(g) > 1], sum(len(g) == 1 for g in groups)
+        how = f" as {len(fused)} fused network(s) of {span(map(len, fused))} runs" + (
+            f" and {alone} alone" if alone else '')
     elif jobs > 1: how = f", {jobs} at a time"
     else: how = ", one at a time"
     first, epochs = plan[0][1], span(r.epochs for _, r, _ in plan)
@@ -255,7 +278,8 @@ def run_fused(plan: list, kept: list, groups: list, cifar, cell: bool):
         left = sum(map(len, groups[i:]))
         eta = f", about {(time.perf_counter() - start) / done * left / 60:.0f} min left" if done else ''
         titles, recipes, folders = ([run[j] for run in group] for j in range(3))
-        print(f"\n=== {len(group)} run(s) as one network ({i + 1}/{len(groups)}): {'; '.join(titles)}, "
+        what = f"{len(group)} runs as one network" if len(group) > 1 else "1 run alone"
+        print(f"\n=== {what} ({i + 1}/{len(groups)}): {'; '.join(titles)}, "
               f"{recipes[0].epochs} epochs{eta} ===", flush=True)
         first = [FirstStepsEstimate(len(groups), 'groups of runs')] if not i else []
         metrics = train_fused(recipes, folders, cifar=cifar, cell=cell, cbs=first)
@@ -320,30 +344,31 @@ def check_study_dir(out: Path) -> Path:
 
 
 def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='results', data=None,
-              resume: bool = False, jobs: int = 1, fuse: bool | None = None,
+              resume: bool = False, jobs: int | None = None, fuse: bool | None = None,
               **overrides) -> tuple[pd.DataFrame | None, list]:
     """Train every norm of `norms` (default: all registered) with its recipe and `overrides`, for `seeds`
     seeds from `first_seed`, into `out`; then summarize the folder. Every input is checked before any work.
-    `resume` keeps whole runs already in `out` whose whole recipe matches; `jobs` trains that many at once;
-    `fuse` trains each norm's seeds as one network (None: where measured faster on this kind of machine,
-    `fuse_by_default`).
+    `resume` keeps whole runs already in `out` whose whole recipe matches; `jobs` trains that many at once,
+    `fuse` each norm's seeds as one network (None: as measured fastest on this kind of machine,
+    `how_to_train`).
     Ctrl-C or a kill stops after the finished runs, which are kept and summarized, and the KeyboardInterrupt
     is raised again. Returns the summary and the missing runs."""
     norms = parse_norms(norms if norms is None or isinstance(norms, str) else ','.join(norms))
     if seeds < 1: raise StudyError(f"--seeds {seeds}: need at least one")
     if first_seed < 0: raise StudyError(f"--seed {first_seed}: must be 0 or more")
-    check_jobs(jobs, fuse)
     # bad values fail here, before any work
     recipes = {n: recipe(n, **overrides, seed=first_seed) for n in norms}
+    first = recipes[norms[0]]
+    jobs, fuse = how_to_train(first, jobs, fuse)
     out = check_study_dir(check_out(out))
     # every norm's first seed first
     seed_norms = [(s, n) for s in range(first_seed, first_seed + seeds) for n in norms]
     plan = [(f"{n} norm, seed {s}", dataclasses.replace(recipes[n], seed=s), run_dir(out, n, s))
             for s, n in seed_norms]
     check_run_dirs([d for _, _, d in plan])
-    first = recipes[norms[0]]
-    if fuse is None: fuse = jobs == 1 and seeds > 1 and fuse_by_default(first)
-    how = (f"each variant's {seeds} seeds trained as one network" if fuse else
+    fused = [n for n in norms if seeds > 1 and (fuse or fuse is None and fuse_by_default(recipes[n]))]
+    how = (f"{seeds} seeds as one network for {', '.join(fused)}"
+           + (", the other variants one run at a time" if len(fused) < len(norms) else '') if fused else
            f"{jobs} runs at a time" if jobs > 1 else "one run at a time")
     print(f"Study: {len(norms)} variants x {seeds} seeds into {out}, {how}", flush=True)
     start = time.perf_counter()
@@ -353,7 +378,7 @@ def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='re
         finally: summarized = summarize(out, overrides, seed_norms)   # also after a Ctrl-C, raised again
         # the study's own wall time, data to last file, and how it ran (the GPU page shows it)
         (out / 'study.json').write_text(json.dumps(dict(
-            runs=len(plan), trained=trained, how=how, fused=fuse, jobs=jobs,
+            runs=len(plan), trained=trained, how=how, fused=fused, jobs=jobs,
             device_name=device_name(first.device), precision=first.precision,
             wall_seconds=time.perf_counter() - start), indent=2) + '\n')
     return summarized

@@ -2,7 +2,7 @@
 
     python benchmarks/ablation.py --epochs 4 --only 0,17,18 --resume       # every norm, 3 rows of CHANGES
     python benchmarks/ablation.py --norms gn --epochs 20 --only 0,21       # one norm, full length
-    python benchmarks/ablation.py --epochs 4 --jobs 5 --resume             # on a GPU, 5 runs at once
+    python benchmarks/ablation.py --epochs 4 --jobs 8 --resume             # on a GPU, 8 runs at once
 
 Every row trains a variant with its recipe, the same seed and data for --epochs epochs (short runs rank
 changes cheaply), changing one thing of the recipe (`dataclasses.replace`; `net` changes are merged into the
@@ -26,9 +26,8 @@ from normnets_data import REPO_DIR, load_cifar
 from normnets_device import keep_freed_memory
 from normnets_recipes import HOLDOUT, OPTIMIZER_SETTINGS, RECIPES, Recipe, recipe, recipe_label
 from normnets_files import check_out, check_run_dir, locked
-from normnets_fused import fuse_by_default
 from normnets_cli import StudyError, check_jobs, cli_errors, parse_fuse, parse_norms, path_option
-from normnets_study import kept_run, run_plan
+from normnets_study import how_to_train, kept_run, run_plan
 
 
 def base_changes(r: Recipe) -> dict:
@@ -179,7 +178,7 @@ def main(
     precision: str = None,     # pin every run's precision (fp32, bf16), so one ablation can span machines
     out: str = None,           # results folder (default: results/): its ablation/ and ablation.csv
     resume: bool = False,      # keep runs already finished with the same recipe
-    jobs: int = 1,             # runs trained at once, each in a process of its own (a GPU: several; a CPU: 1)
+    jobs: int = None,          # runs trained at once, a process each (default: 4 on a GPU, 1 on a CPU)
     fuse: str = 'auto',        # yes: rows that differ only in lr, wd or crops as one network; no; auto: where
                                # measured faster on this kind of machine (normnets_fused.FUSED_FASTER)
 ):
@@ -195,7 +194,7 @@ def main(
         out = path_option('out', out, REPO_DIR / 'results')
         plan = ablation_plan(names, rows, out, **settings)   # every recipe checked first
         runs = [p[:3] for p in plan]
-        if fuse is None and runs: fuse = jobs == 1 and fuse_by_default(runs[0][1])
+        if runs: jobs, fuse = how_to_train(runs[0][1], jobs, fuse)
         check_out(out)
         cifar = load_cifar(data) if plan else None
         with locked(check_out(out / 'ablation')):

@@ -28,9 +28,8 @@ from normnets_data import REPO_DIR, load_cifar
 from normnets_device import keep_freed_memory
 from normnets_recipes import HOLDOUT, recipe
 from normnets_files import check_out, locked
-from normnets_fused import fuse_by_default
 from normnets_cli import StudyError, check_jobs, cli_errors, parse_fuse, parse_norms, path_option
-from normnets_study import plan_frame, run_plan
+from normnets_study import how_to_train, plan_frame, run_plan
 import normnets_plots as plots
 
 # Per optimizer: peak learning rates, a log grid of factor-2 steps around the usual values for it, and weight
@@ -86,7 +85,7 @@ def main(
     bs: int = None,        # batch size (default: each norm's recipe)
     precision: str = None,  # pin every cell's precision (fp32, bf16), so one search can span machines
     resume: bool = False,  # keep cells already finished with the same recipe
-    jobs: int = 1,         # cells trained at once, each in a process of its own (a GPU: several; a CPU: 1)
+    jobs: int = None,      # cells trained at once, a process each (default: 4 on a GPU, 1 on a CPU)
     fuse: str = 'auto',    # yes: a norm's cells of an optimizer as one network; no; auto: where it is faster
 ):
     """Search each norm's optimizer, peak learning rate and weight decay with the same budget; write
@@ -103,7 +102,7 @@ def main(
         out = path_option('out', out, REPO_DIR / 'results')
         screen = screen_plan(names, epochs, out, **subset)   # every recipe validated before any work
         check_out(out)
-        if fuse is None: fuse = jobs == 1 and fuse_by_default(screen[0][1])
+        jobs, fuse = how_to_train(screen[0][1], jobs, fuse)
         cifar = load_cifar(data)
         confirmed = []
         with locked(check_out(out / 'search')):

@@ -14,14 +14,16 @@ Measured in one run, on one machine (the GPU if there is one, else the CPU), wit
    inputs and for weights) as a fraction of it.
 4. What the speed choices are worth: each row of `CHANGES` changes one thing against a variant as run.
 5. A torch.profiler breakdown of the batch-norm variant's training step, and the projected time of the study.
-6. Fusion: each variant's runs trained as one fused network (`FUSED_COPIES` at a time) against one run alone,
-   and the study's projected time with each variant's seeds fused.
+6. Several runs at once against one run alone: each variant's runs trained as one fused network, and the
+   study's projected time with each variant's seeds fused; batch and group norm's runs each in a process of
+   its own (`--jobs`) and, on a GPU, each in a thread on a CUDA stream of its own in one process.
 Each comparison of 4 and 6 is measured `--rounds` times, each time right after what it is compared with
 (`paired`): on a shared machine one measurement can be 15% off, and the rounds' ratios show how far.
 Writes the measurements to results/speed.json (speed-bf16.json on a CPU with bfloat16 arithmetic,
 gpu/speed.json on a GPU); `scripts/report.py` turns them into the pages of the same names.
 """
-import functools, json, platform, statistics, time
+import contextlib, functools, json, multiprocessing, platform, statistics, threading, time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pandas as pd
 import torch
@@ -41,6 +43,7 @@ from normnets_recipes import STUDY_SEEDS, TRAINING_FIELDS, recipe
 from normnets_learner import normnet_learner
 from normnets_runs import recipe_dls, seed_run
 from normnets_cli import cli_errors, path_option
+from normnets_study import JOBS_AT_ONCE, start_worker
 
 # ---------------------------------------------------------------- the reference
 
@@ -133,17 +136,25 @@ def time_plain_loop(model, loader, device, steps, warmup, channels_last=False) -
 # ---------------------------------------------------------------- normnets through fastai
 
 class StepTimer(Callback):
-    "Times `steps` training batches after `warmup` of them, then stops the fit."
+    """Times `steps` training batches after `warmup` of them, then stops the fit. With a `barrier` (of runs
+    measured at once) the timed steps start when every run has warmed up."""
     order = 100
-    def __init__(self, warmup, steps): self.warmup, self.steps = warmup, steps
+    def __init__(self, warmup, steps, barrier=None):
+        self.warmup, self.steps, self.barrier = warmup, steps, barrier
     def before_fit(self): self.count, self.images = 0, 0
     def before_batch(self):
-        if self.count == self.warmup: sync(self.dls.device); self.start = time.perf_counter()
+        if self.count != self.warmup: return
+        sync(self.dls.device)
+        if self.barrier:
+            try: self.barrier.wait()
+            except threading.BrokenBarrierError: raise CancelFitException() from None   # another run failed
+        self.start = time.perf_counter()
     def after_batch(self):
         self.count += 1
         if self.count > self.warmup: self.images += len(self.xb[0])
         if self.count == self.warmup + self.steps:
-            sync(self.dls.device); self.seconds = time.perf_counter() - self.start
+            sync(self.dls.device); self.end = time.perf_counter()
+            self.seconds = self.end - self.start
             raise CancelFitException()
 
 
@@ -332,10 +343,17 @@ def measure_variants(dls_of, steps, warmup) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- several runs at once
+
 # How many runs are fused in one network: the study's seeds of a variant, and 8, a step towards a row of the
 # recipe search (the cells of one optimizer share a network and batch size: 24 and 18 in search.GRID), whose
 # --fuse auto takes every measured width where its own was not measured.
 FUSED_COPIES = (STUDY_SEEDS, 8)
+# How many runs train at once as processes (and, on a GPU, as threads): what a study trains at once where
+# left to normnets on a GPU (JOBS_AT_ONCE), and 8.
+RUNS_AT_ONCE = (JOBS_AT_ONCE['cuda'], 8)
+# The variants measured at once: batch norm (batch 256) and group norm (batch 128), the two step costs.
+AT_ONCE_NORMS = ('batch', 'group')
 
 
 def fused_throughput(cifar, device, norm, copies, steps, warmup) -> float:
@@ -352,19 +370,96 @@ def fused_throughput(cifar, device, norm, copies, steps, warmup) -> float:
     return copies * timer.images / timer.seconds
 
 
-def measure_fused(cifar, device, dls_of, steps, warmup, rounds) -> list[dict]:
-    """Each variant's runs fused `FUSED_COPIES` at a time, each round right after the same variant trained
-    alone (`paired`): images/s over all copies, at the same number of images per measurement."""
+def timed_run(cifar, device, norm, seed, steps, warmup, barrier) -> tuple[int, float, float]:
+    """One run of `norm`'s recipe at `seed`, on `DataLoaders` of its own, as `train_run` builds it, timed
+    beside the others at the `barrier`: its (images, start, end) over its timed steps. A run that fails
+    breaks the barrier and raises; the others stop there, untimed (None)."""
+    try:
+        r = recipe(norm, seed=seed, device=str(device))
+        seed_run(r)
+        learn, timer = normnet_learner(recipe_dls(r, cifar=cifar), r), StepTimer(warmup, steps, barrier)
+        epochs = -(-(warmup + steps) // len(learn.dls.train))
+        with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(epochs, cbs=timer)
+    except BaseException:
+        barrier.abort()
+        raise
+    return (timer.images, timer.start, timer.end) if hasattr(timer, 'end') else None
+
+
+def summed_throughput(timed: list) -> float:
+    "Images/s of runs timed at once (`timed_run`'s): all their images over the span of all their steps."
+    images, starts, ends = zip(*timed)
+    return sum(images) / (max(ends) - min(starts))
+
+
+def threads_throughput(cifar, device, norm, runs, steps, warmup) -> float:
+    """Training images/s summed over `runs` runs at once in this process, each in a thread of its own and, on
+    a GPU, on a CUDA stream of its own: while one run's Python prepares its step, the GPU replays the
+    others' captured steps, in one process (one CUDA context, one copy of the data)."""
+    barrier = threading.Barrier(runs)
+    def run(seed):
+        stream = torch.cuda.Stream(device) if device.type == 'cuda' else None
+        with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+            return timed_run(cifar, device, norm, seed, steps, warmup, barrier)
+    with ThreadPoolExecutor(runs) as pool: futures = [pool.submit(run, seed) for seed in range(runs)]
+    return summed_throughput([f.result() for f in futures])   # a failed run's error, not a stopped one's
+
+
+def start_timing_worker(threads, barrier, cifar):
+    "A process of `processes_throughput`: its share of the CPU threads, the runs' barrier and the images."
+    start_worker(threads)
+    global worker_barrier, worker_cifar
+    worker_barrier, worker_cifar = barrier, cifar
+
+
+def worker_run(device, norm, seed, steps, warmup):
+    return timed_run(worker_cifar, device, norm, seed, steps, warmup, worker_barrier)
+
+
+@contextlib.contextmanager
+def timing_processes(cifar, runs: int):
+    """`runs` processes started once for the measurements of `runs` runs at once (a started process keeps
+    the images and its CUDA context), each with its share of the CPU threads, as `run_parallel` starts
+    them."""
+    ctx = multiprocessing.get_context('spawn')   # CUDA cannot fork
+    pool = ProcessPoolExecutor(runs, mp_context=ctx, initializer=start_timing_worker,
+                               initargs=(max(1, torch.get_num_threads() // runs), ctx.Barrier(runs), cifar))
+    try: yield pool
+    finally: pool.shutdown(cancel_futures=True)
+
+
+def processes_throughput(pool, device, norm, runs, steps, warmup) -> float:
+    """Training images/s summed over `runs` runs at once, each in a process of its own (`timing_processes`:
+    as many processes as runs, so each takes one), as `run_all.py --jobs` trains them."""
+    futures = [pool.submit(worker_run, str(device), norm, seed, steps, warmup) for seed in range(runs)]
+    return summed_throughput([f.result() for f in futures])
+
+
+def measure_at_once(cifar, device, dls_of, steps, warmup, rounds) -> list[dict]:
+    """Several runs of a variant at once, against one run alone, each round right after it (`paired`):
+    images/s summed over the runs, each run `steps` steps. Each variant's runs fused into one network
+    (`FUSED_COPIES` runs); for batch and group norm, `RUNS_AT_ONCE` runs each in a process of its own and, on
+    a GPU, in a thread of its own in one process."""
     rows = []
+    def add(norm, how, runs, measure):
+        ips, alone, ratios = paired(measure, lambda: learner_throughput(dls_of(norm), norm, steps, warmup)[0],
+                                    rounds)
+        rows.append(dict(norm=norm, how=how, runs=runs, bs=recipe(norm).bs, train_ips=ips, alone_ips=alone,
+                         ratios=ratios))
+        print(f"{norm} norm, {runs} runs at once ({how}): {ips:.0f} training images/s ("
+              + ', '.join(f'{x:.2f}' for x in ratios) + "x one run alone)", flush=True)
     for copies in FUSED_COPIES:
         for norm in NORMS:
-            ips, alone, ratios = paired(
-                lambda: fused_throughput(cifar, device, norm, copies, max(4, steps // copies), warmup),
-                lambda: learner_throughput(dls_of(norm), norm, steps, warmup)[0], rounds)
-            rows.append(dict(norm=norm, copies=copies, bs=recipe(norm).bs, train_ips=ips, alone_ips=alone,
-                             ratios=ratios))
-            print(f"{norm} norm, {copies} runs fused: {ips:.0f} training images/s ("
-                  + ', '.join(f'{x:.2f}' for x in ratios) + "x one run alone)", flush=True)
+            add(norm, 'fused', copies,
+                lambda: fused_throughput(cifar, device, norm, copies, max(4, steps // copies), warmup))
+    for runs in RUNS_AT_ONCE:
+        with timing_processes(cifar, runs) as pool:
+            for norm in AT_ONCE_NORMS:
+                add(norm, 'processes', runs,
+                    lambda: processes_throughput(pool, device, norm, runs, steps, warmup))
+                if device.type == 'cuda':
+                    add(norm, 'streams', runs,
+                        lambda: threads_throughput(cifar, device, norm, runs, steps, warmup))
     return rows
 
 
@@ -462,9 +557,9 @@ def measure(cifar, device, steps, warmup, rounds) -> dict:
     ref_ips, ref = learner_throughput(ref_dls, REFERENCE_NORM, steps, warmup, **REFERENCE_RECIPE)
     print(f"reference: {ref_ips:.0f} training images/s", flush=True)
     variants = measure_variants(dls_of, steps, warmup)
-    fused = measure_fused(cifar, device, dls_of, steps, warmup, rounds)
-    by_seeds = pd.DataFrame(variants).set_index('norm').assign(
-        train_ips=pd.DataFrame([f for f in fused if f['copies'] == STUDY_SEEDS]).set_index('norm').train_ips)
+    at_once = measure_at_once(cifar, device, dls_of, steps, warmup, rounds)
+    fused = pd.DataFrame([a for a in at_once if a['how'] == 'fused' and a['runs'] == STUDY_SEEDS])
+    by_seeds = pd.DataFrame(variants).set_index('norm').assign(train_ips=fused.set_index('norm').train_ips)
     return dict(
         device_name=device_name(device),
         device=device.type,
@@ -485,7 +580,7 @@ def measure(cifar, device, steps, warmup, rounds) -> dict:
         ),
         changes=measure_changes(dls_of, cifar, steps, warmup, rounds, precision, allocator),
         profile=measure_profile(dls),
-        fused=fused,
+        at_once=at_once,
         study=dict(
             seeds=STUDY_SEEDS,
             epochs=r.epochs,

@@ -22,11 +22,10 @@ from fastcore.script import call_parse, CliError
 from normnets_data import REPO_DIR, load_cifar
 from normnets_files import check_out, locked
 from normnets import NORMS
-from normnets_fused import fuse_by_default
 from normnets_device import keep_freed_memory
 from normnets_recipes import at_batch_size, recipe
-from normnets_cli import StudyError, cli_errors, parse_fuse, parse_norms, path_option
-from normnets_study import plan_frame, run_plan
+from normnets_cli import StudyError, check_jobs, cli_errors, parse_fuse, parse_norms, path_option
+from normnets_study import how_to_train, plan_frame, run_plan
 import normnets_plots as plots
 
 SIZES = '8,16,32,64,128,256'
@@ -55,6 +54,7 @@ def main(
     n_train:int=None,      # train on a random subset (quick checks only)
     n_test:int=None,       # evaluate on a random subset (quick checks only)
     resume:bool=False,     # keep cells already finished with the same recipe
+    jobs:int=None,         # cells trained at once, a process each (default: 4 on a GPU, 1 on a CPU)
     fuse:str='auto',       # yes: a cell's seeds as one network; no; auto: where measured faster
 ):
     "Train every norm at every batch size; write batch_size.csv and batch_size.png."
@@ -62,6 +62,7 @@ def main(
     keep_freed_memory()
     with cli_errors():   # bad values, data or folders, before any work; Ctrl-C after the table is written
         names, fuse = parse_norms(norms), parse_fuse(fuse)
+        check_jobs(jobs, fuse)
         bss = parse_sizes(sizes)[::-1]   # the slow small batches last
         if seeds is not None and seeds < 1: raise StudyError(f"--seeds {seeds}: need at least one")
         n_seeds = {n: seeds or SEEDS[NORMS[n].exercise] for n in names}
@@ -72,10 +73,10 @@ def main(
                 for b in bss for n in names for s in range(seed, seed + n_seeds[n])
                 for r in [at_batch_size(recipe(n, seed=s, **given), b)]]   # validated here
         check_out(out)
-        if fuse is None: fuse = fuse_by_default(plan[0][1])
+        jobs, fuse = how_to_train(plan[0][1], jobs, fuse)
         cifar = load_cifar(data)
         with locked(check_out(out / 'batch_size')):   # one writer of the cells; other results stay free
-            try: run_plan(plan, cifar, resume, cell=True, fuse=fuse, chosen=set(given))
+            try: run_plan(plan, cifar, resume, cell=True, jobs=jobs, fuse=fuse, chosen=set(given))
             finally:   # the table of every finished cell, also after a Ctrl-C
                 df = plan_frame(plan, scores=('batch_stats_test_acc',))
                 if len(df):

@@ -4,7 +4,7 @@ summary, and for the default results/ the README's generated regions.
     python scripts/run_all.py                                   # every variant x 20 epochs x 3 seeds
     python scripts/run_all.py --data ../shared/data/cifar10-jpeg.tgz --resume
     python scripts/run_all.py --norms bn,gn --epochs 5 --seeds 1 --out /tmp/study
-    python scripts/run_all.py --out results/gpu --jobs 5               # on a GPU: 5 runs at once
+    python scripts/run_all.py --out results/gpu --jobs 8               # on a GPU: 8 runs at once
     python scripts/run_all.py --fuse yes                # each variant's seeds trained as one fused network
 
 Per variant (first seed): <out>/<norm>/ as scripts/train.py writes it. Further seeds:
@@ -45,7 +45,7 @@ def main(
     precision: str = None,  # auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16 (GPU)
     device: str = None,  # auto (the GPU if there is one), cpu, cuda or cuda:N
     autotune: bool = False,  # cuDNN picks its fastest kernels (GPU): faster, runs no longer repeat exactly
-    jobs: int = 1,  # runs trained at once, each in a process of its own (a GPU: one a variant; a CPU: 1)
+    jobs: int = None,  # runs trained at once, a process each (default: 4 on a GPU, 1 on a CPU)
     fuse: str = 'auto',  # yes: each variant's seeds as one network; no; auto: where measured faster
 ):
     "Train every variant with its recipe, the same data and seeds, and write the study's tables and figures."

@@ -1,10 +1,12 @@
 """The CUDA path, where there is a GPU (skipped elsewhere; the CPU tests cover its logic with faked devices
 and the captured step's function run eagerly): the augmentation never waits for the GPU, training waits for
 it a few times an epoch rather than every batch, the captured step's graph replays the eager step, fused runs
-keep every tensor on the GPU, and a run trains and records itself on the GPU in the precision `auto` picks
+keep every tensor on the GPU, runs in threads on streams of their own train as alone, and a run trains and
+records itself on the GPU in the precision `auto` picks
 there.
 Uses the real CIFAR-10 (NORMNETS_DATA, see the README)."""
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -69,6 +71,7 @@ def test_a_run_trains_on_the_gpu_and_says_so(tmp_path):
     m = train_run(recipe('gn', epochs=3, bs=256, n_train=16384, n_test=1024, device='cuda'), tmp_path / 'gn')
     assert m['device'].startswith('cuda') and torch.cuda.get_device_name() == m['device_name']
     assert m['precision'] == ('bf16' if native_bf16('cuda') else 'fp16')
+    assert m['training_step'] == ('captured CUDA graph' if m['precision'] != 'fp16' else "fastai's loop")
     assert m['test_acc'] > 0.25 and m['train_acc'] > 0.25   # it learns (chance: 0.1)
     assert (tmp_path / 'gn' / 'model.pkl').exists() and (tmp_path / 'gn' / 'misclassified.png').exists()
 
@@ -99,3 +102,22 @@ def test_the_captured_graph_replays_the_step_run_eagerly(norm):
     with learners[1].no_bar(), learners[1].no_logging(): learners[1].fit_one_cycle(1, cbs=forced)
     assert len(forced.gaps) == 24 and max(forced.gaps) < 1e-5, forced.gaps
     assert learners[1].recorder.values[0][1] == pytest.approx(learners[0].recorder.values[0][1], abs=0.02)
+
+
+def test_runs_in_threads_on_streams_of_their_own_train_as_they_would_alone():
+    """Two runs at once in one process, each in a thread on a CUDA stream of its own (speed.py's "runs at
+    once"): each warms up, captures and replays its own step, and ends where it ends trained alone."""
+    recipes = [recipe(n, device='cuda', n_train=16 * 256, n_test=256, epochs=1, bs=256) for n in ('bn', 'gn')]
+    def learner(r):
+        seed_run(r)
+        return normnet_learner(recipe_dls(r), r)
+    def fit(learn):
+        with torch.cuda.stream(torch.cuda.Stream()), learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(1)
+        torch.cuda.synchronize()
+        return torch.cat([p.detach().float().flatten() for p in learn.model.parameters()])
+    alone = [fit(learner(r)) for r in recipes]
+    learners = [learner(r) for r in recipes]
+    with ThreadPoolExecutor(2) as pool: together = list(pool.map(fit, learners))
+    assert all(hasattr(learn, 'captured_step') for learn in learners)
+    for a, t in zip(alone, together): torch.testing.assert_close(t, a, atol=1e-3, rtol=1e-3)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from fastai.learner import Learner
 
+import normnets_fused
 from normnets import NORMS, fuse, normnet, unfuse
 from normnets_data import load_cifar
 from normnets_files import RUN_FILES, damaged
@@ -134,6 +135,13 @@ def test_the_first_steps_estimate_reaches_every_fit(tmp_path, cifar, capsys):
         assert 'Estimated from the first steps' in capsys.readouterr().out, k
 
 
+def test_a_run_with_a_trick_trains_alone_in_a_fused_plan(tmp_path, cifar):
+    "`fusable_groups` gives a run with a trick a group of its own: it trains as a run, not refused."
+    ema = recipe('bn', ema=0.99, **TINY)
+    [m] = train_fused([ema], [tmp_path / 'ema'], cifar=cifar, cell=True)
+    assert m['ema'] == 0.99 and 'fused_with' not in m and damaged(tmp_path / 'ema') is None
+
+
 def test_runs_that_cannot_train_as_one_are_refused_before_any_work(tmp_path, cifar):
     bn = recipe('bn', **TINY)
     with pytest.raises(RuleError, match='runs whose norm, opt, net differ'):
@@ -162,10 +170,23 @@ def test_a_fused_study_is_the_study_of_separate_runs_and_resume_keeps_it(tmp_pat
         ['batch', 'batch-seed1'], ['layer', 'layer-seed1']]
     assert all(damaged(d) is None for d in [out / 'batch', out / 'layer', *(out / 'seeds').iterdir()])
     study = json.loads((out / 'study.json').read_text())   # how the study ran, and its wall time
-    assert (study['runs'], study['trained'], study['fused']) == (4, 4, True)
+    assert (study['runs'], study['trained'], study['fused']) == (4, 4, ['batch', 'layer'])
     assert 0 < study['wall_seconds'] < 600
     run_all.main(norms='bn,ln', seeds=2, fuse='yes', out=str(out), resume=True, **tiny)
     assert json.loads((out / 'study.json').read_text())['trained'] == 0
     with pytest.raises(CliError, match="--fuse 'maybe'"): run_all.main(fuse='maybe', out=str(tmp_path / 'x'))
     with pytest.raises(CliError, match='--fuse and --jobs'):
         run_all.main(norms='bn', seeds=2, fuse='yes', jobs=2, out=str(tmp_path / 'y'), **tiny)
+
+
+def test_left_to_normnets_only_the_variants_measured_faster_fused_train_fused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(normnets_fused, 'FUSED_FASTER', {('cpu', 'fp32', 'batch')})
+    out = tmp_path / 'results'
+    run_all.main(norms='bn,ln', seeds=2, out=str(out), **TINY)
+    printed = capsys.readouterr().out
+    assert '2 seeds as one network for batch, the other variants one run at a time' in printed
+    assert 'as 1 fused network(s) of 2 runs and 2 alone' in printed
+    fused_with = {d: json.loads((out / d / 'metrics.json').read_text()).get('fused_with')
+                  for d in ('batch', 'layer', 'seeds/layer-seed1')}
+    assert fused_with == {'batch': ['batch', 'batch-seed1'], 'layer': None, 'seeds/layer-seed1': None}
+    assert json.loads((out / 'study.json').read_text())['fused'] == ['batch']

@@ -353,6 +353,7 @@ def test_run_writes_its_files(quick_run):
                 'device_name', 'data', 'data_source', 'data_md5']:
         assert saved[key] is not None, key
     assert saved['data_md5'] == load_cifar().fingerprint
+    assert saved['training_step'] == "fastai's loop"   # a CPU's; a GPU's: the captured step (test_cuda)
     assert not [p for p in out.parent.iterdir() if p.name.startswith('.')]    # no temporary folder left
 
 

@@ -232,8 +232,9 @@ def test_fusion_by_default_follows_a_rule_in_the_code_not_files(monkeypatch):
     r = recipe('bn', precision='fp32')
     monkeypatch.setattr(normnets_fused, 'FUSED_FASTER', set())
     assert not normnets_fused.fuse_by_default(r)
-    monkeypatch.setattr(normnets_fused, 'FUSED_FASTER', {('cpu', 'fp32')})
+    monkeypatch.setattr(normnets_fused, 'FUSED_FASTER', {('cpu', 'fp32', 'batch')})
     assert normnets_fused.fuse_by_default(r) == (r.device == 'cpu')
+    assert not normnets_fused.fuse_by_default(recipe('gn', precision='fp32'))   # a rule per variant
     assert 'speed.json' not in (REPO_DIR / 'normnets_fused.py').read_text().split('def fuse_by_default')[1]
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import speed
 from normnets import count_macs, count_params, normnet
-from normnets_data import get_dls
+from normnets_data import Cifar, get_dls, load_cifar
 from normnets_device import keep_freed_memory
 from normnets_recipes import RECIPES, TRAINING_FIELDS, recipe
 from normnets_pages import speed_page
@@ -57,6 +57,40 @@ def test_step_timer_times_the_steps_after_warm_up_then_stops_the_fit(small_dls):
     timer = speed.StepTimer(warmup=2, steps=3)
     with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(1, cbs=timer)   # an epoch has 8 batches
     assert timer.count == 5 and timer.images == 3 * 64 and timer.seconds > 0
+
+
+@pytest.fixture(scope='module')
+def small_cifar():
+    c = load_cifar()
+    sizes = dict(x_train=1024, y_train=1024, x_test=256, y_test=256)
+    return Cifar({k: getattr(c, k)[:n] for k, n in sizes.items()}, c.source, c.fingerprint)
+
+
+def test_runs_at_once_train_side_by_side_and_count_every_image(small_cifar, monkeypatch):
+    """Runs at once, as threads or as processes, each train their own recipe's steps, and their timed steps
+    start together (the barrier): each one's window overlaps every other's."""
+    timed = []
+    monkeypatch.setattr(speed, 'summed_throughput', lambda t: timed.append(t) or 1.0)
+    cpu = torch.device('cpu')
+    speed.threads_throughput(small_cifar, cpu, 'batch', 2, steps=3, warmup=1)
+    with speed.timing_processes(small_cifar, 2) as pool:
+        speed.processes_throughput(pool, cpu, 'group', 2, steps=3, warmup=1)
+    for t, norm in zip(timed, ('batch', 'group')):
+        images, starts, ends = zip(*t)
+        assert images == (3 * recipe(norm).bs,) * 2 and max(starts) < min(ends)
+
+
+def test_a_failed_run_at_once_stops_the_others_waiting_for_it(small_cifar, monkeypatch):
+    def recipe_failing_at_seed_1(norm, seed, **kw):
+        if seed == 1: raise ValueError('seed 1 fails')
+        return recipe(norm, seed=seed, **kw)
+    monkeypatch.setattr(speed, 'recipe', recipe_failing_at_seed_1)
+    with pytest.raises(ValueError, match='seed 1 fails'):
+        speed.threads_throughput(small_cifar, torch.device('cpu'), 'batch', 2, steps=3, warmup=1)
+
+
+def test_runs_at_once_are_all_their_images_over_the_span_of_all_their_steps():
+    assert speed.summed_throughput([(100, 0.0, 2.0), (300, 1.0, 4.0)]) == 100.0
 
 
 def test_each_comparison_is_measured_in_rounds_right_after_its_baseline():
@@ -117,8 +151,10 @@ def test_speed_page_renders_every_measurement(tmp_path):
             conv_gflops=50.0,
             top_ops=[dict(op='aten::conv', calls=10, ms_per_step=3.0, share=0.5)],
         ),
-        fused=[dict(norm='batch', copies=3, bs=256, train_ips=1500.0, alone_ips=2000.0,
-                    ratios=[0.7, 0.75, 0.8])],
+        at_once=[dict(norm='batch', how='fused', runs=3, bs=256, train_ips=1500.0, alone_ips=2000.0,
+                      ratios=[0.7, 0.75, 0.8]),
+                 dict(norm='group', how='streams', runs=4, bs=128, train_ips=8000.0, alone_ips=4000.0,
+                      ratios=[2.0, 1.9, 2.1])],
         study=dict(seeds=3, epochs=20, seconds=600.0, fused_seconds=900.0),
     )
     (tmp_path / 'speed.json').write_text(json.dumps(s))
@@ -132,7 +168,10 @@ def test_speed_page_renders_every_measurement(tmp_path):
     assert ['usual pipeline (49,672-parameter solution)', '49,672', '21.10 M', 'fp32', '128', '500'] in [
         r[:6] for r in table]
     assert ['batch norm', 'without channels-last', '1000', '1900', '0.50', '0.50, 0.60, 0.45'] in table
-    assert ['batch norm', '3', '256', '1500', '2000', '0.75', '0.70, 0.75, 0.80'] in table
+    assert ['batch norm', '3', 'one fused network', '256', '1500', '2000', '0.75',
+            '0.70, 0.75, 0.80'] in table
+    assert ['group norm', '4', 'a thread and CUDA stream each', '128', '8000', '4000', '2.00',
+            '2.00, 1.90, 2.10'] in table
     assert page.count('measured 3 times') == 2 and page.count('(a row with one ratio was measured once)') == 1
     assert ['batch norm', "glibc's allocator", '900', '1000', '0.90', '0.90'] in table
     assert 'failed: no compiler' in page and 'floor' not in page

@@ -2,6 +2,7 @@
 README generated from it, and no run lost or mixed (interruptions, other recipes, a second writer, bad --out).
 """
 import importlib, json, os, re, shutil, stat, subprocess, sys, time
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -17,7 +18,7 @@ from fastcore.script import CliError
 from normnets_files import RUN_FILES, FolderError, check_run_dir, damaged, locked
 from normnets_recipes import RECIPES, Recipe, TRAINING_FIELDS, recipe
 from normnets_cli import StudyError, parse_norms
-from normnets_study import SUMMARY_COLUMNS, run_plan, run_study
+from normnets_study import SUMMARY_COLUMNS, how_to_train, run_plan, run_study
 import run_all, train
 report_script = importlib.import_module('report')   # scripts/report.py, beside normnets_report as `report`
 
@@ -215,6 +216,20 @@ def test_runs_trained_at_once_are_the_runs_trained_one_by_one(tmp_path):
         assert (at_once['test_acc'], at_once['train_loss']) == pytest.approx(
             (one_by_one['test_acc'], one_by_one['train_loss']), abs=1e-6)
     assert set(pd.read_csv(tmp_path / 'at_once' / 'summary.csv').norm) == {'batch', 'group'}
+
+
+def test_runs_train_as_measured_fastest_unless_the_command_says_how():
+    """Left to normnets, a GPU trains JOBS_AT_ONCE runs at once and a CPU one at a time, fusing the variants
+    measured faster fused (None: `run_plan` asks `fuse_by_default`); --jobs and --fuse as given win, and
+    together are refused."""
+    gpu = SimpleNamespace(device='cuda', precision='bf16')
+    cpu = SimpleNamespace(device='cpu', precision='fp32')
+    assert how_to_train(gpu) == (normnets_study.JOBS_AT_ONCE['cuda'], False)
+    assert how_to_train(cpu) == (1, None) and how_to_train(cpu, jobs=2) == (2, False)
+    assert how_to_train(cpu, fuse=False) == (1, False) and how_to_train(gpu, fuse=True) == (1, True)
+    assert how_to_train(gpu, jobs=1) == (1, None)
+    for jobs, fuse in ((0, None), (2, True)):
+        with pytest.raises(StudyError): how_to_train(cpu, jobs, fuse)
 
 
 def test_a_kill_stops_every_run_in_flight(tmp_path):
