@@ -39,7 +39,8 @@ SUMMARY_COLUMNS = ['norm', 'params', 'epochs', 'seeds', 'train_acc', 'train_acc_
 # Runs trained at once, a process each, where the command leaves it to normnets (no --jobs), by device type.
 # One small run leaves a GPU idle for most of each step: on an NVIDIA H200 (../shared/gpu-results, each
 # process replaying its captured step, group norm, batch 128) 1 process trained 78,500 images/s, 4 processes
-# 114,000 in all, 8: 109,000, 15: 91,000; speed.py's "runs at once" rows measure it in the Learner. A CPU's
+# 114,000 in all, 8: 109,000, 15: 91,000; speed.py's "runs at once" rows measure it in the Learner. Each
+# process drives the GPU from a CPU core of its own: at most one a core (a free notebook's GPU has 2). A CPU's
 # runs would only share its cores: one at a time (or fused, `fuse_by_default`).
 JOBS_AT_ONCE = {'cuda': 4}
 
@@ -50,7 +51,8 @@ def how_to_train(r: Recipe, jobs: int | None = None, fuse: bool | None = None) -
     `JOBS_AT_ONCE` processes; else fused None, for `run_plan`: the runs whose variant measured faster fused
     (`fuse_by_default`) as one network, the others one at a time. Refused: a bad `jobs`, fused with jobs."""
     check_jobs(jobs, fuse)
-    if jobs is None: jobs = 1 if fuse else JOBS_AT_ONCE.get(torch.device(r.device).type, 1)
+    if jobs is None:
+        jobs = 1 if fuse else min(JOBS_AT_ONCE.get(torch.device(r.device).type, 1), os.cpu_count())
     return jobs, False if jobs > 1 else fuse
 
 

@@ -273,6 +273,8 @@ CHANGES = [
         dict(reproducible=False),
     ),
     ('batch', 'without channels-last', lambda dev, p: True, dict(tweak=without_channels_last)),
+    # PyTorch's CUDA group norm returns NCHW for channels-last input (its issue 111824): copies at each layer
+    ('group', 'without channels-last', lambda dev, p: dev == 'cuda', dict(tweak=without_channels_last)),
     # what the captured step gains over fastai's loop, where a run takes it (`captured_step_fits`)
     *[(n, "fastai's loop (no captured step)", lambda dev, p: dev == 'cuda' and p != 'fp16',
        dict(tweak=fastai_loop)) for n in ('batch', 'group')],
@@ -349,9 +351,11 @@ def measure_variants(dls_of, steps, warmup) -> list[dict]:
 # recipe search (the cells of one optimizer share a network and batch size: 24 and 18 in search.GRID), whose
 # --fuse auto takes every measured width where its own was not measured.
 FUSED_COPIES = (STUDY_SEEDS, 8)
-# How many runs train at once as processes (and, on a GPU, as threads): what a study trains at once where
-# left to normnets on a GPU (JOBS_AT_ONCE), and 8.
-RUNS_AT_ONCE = (JOBS_AT_ONCE['cuda'], 8)
+# How many runs train at once as processes (and, on a GPU, as threads), by device type: on a GPU what a study
+# trains at once where left to normnets (JOBS_AT_ONCE), and 8; on a CPU 2, whose runs only share its cores,
+# and a process holds its own copy of the images and libraries (1-2 GB: 8 beside a training run ran a 24 GB
+# machine out of memory).
+RUNS_AT_ONCE = {'cuda': (JOBS_AT_ONCE['cuda'], 8), 'cpu': (2,)}
 # The variants measured at once: batch norm (batch 256) and group norm (batch 128), the two step costs.
 AT_ONCE_NORMS = ('batch', 'group')
 
@@ -452,7 +456,7 @@ def measure_at_once(cifar, device, dls_of, steps, warmup, rounds) -> list[dict]:
         for norm in NORMS:
             add(norm, 'fused', copies,
                 lambda: fused_throughput(cifar, device, norm, copies, max(4, steps // copies), warmup))
-    for runs in RUNS_AT_ONCE:
+    for runs in RUNS_AT_ONCE.get(device.type, (2,)):
         with timing_processes(cifar, runs) as pool:
             for norm in AT_ONCE_NORMS:
                 add(norm, 'processes', runs,

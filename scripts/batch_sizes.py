@@ -54,7 +54,7 @@ def main(
     n_train:int=None,      # train on a random subset (quick checks only)
     n_test:int=None,       # evaluate on a random subset (quick checks only)
     resume:bool=False,     # keep cells already finished with the same recipe
-    jobs:int=None,         # cells trained at once, a process each (default: 4 on a GPU, 1 on a CPU)
+    jobs:int=None,  # cells at once, a process each (default: on a GPU 4, at most 1 a CPU core; else 1)
     fuse:str='auto',       # yes: a cell's seeds as one network; no; auto: where measured faster
 ):
     "Train every norm at every batch size; write batch_size.csv and batch_size.png."

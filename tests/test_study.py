@@ -218,16 +218,19 @@ def test_runs_trained_at_once_are_the_runs_trained_one_by_one(tmp_path):
     assert set(pd.read_csv(tmp_path / 'at_once' / 'summary.csv').norm) == {'batch', 'group'}
 
 
-def test_runs_train_as_measured_fastest_unless_the_command_says_how():
+def test_runs_train_as_measured_fastest_unless_the_command_says_how(monkeypatch):
     """Left to normnets, a GPU trains JOBS_AT_ONCE runs at once and a CPU one at a time, fusing the variants
     measured faster fused (None: `run_plan` asks `fuse_by_default`); --jobs and --fuse as given win, and
     together are refused."""
     gpu = SimpleNamespace(device='cuda', precision='bf16')
     cpu = SimpleNamespace(device='cpu', precision='fp32')
+    monkeypatch.setattr(os, 'cpu_count', lambda: 16)   # a GPU server's cores
     assert how_to_train(gpu) == (normnets_study.JOBS_AT_ONCE['cuda'], False)
     assert how_to_train(cpu) == (1, None) and how_to_train(cpu, jobs=2) == (2, False)
     assert how_to_train(cpu, fuse=False) == (1, False) and how_to_train(gpu, fuse=True) == (1, True)
     assert how_to_train(gpu, jobs=1) == (1, None)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 2)   # a free notebook's GPU: a process a core
+    assert how_to_train(gpu) == (2, False)
     for jobs, fuse in ((0, None), (2, True)):
         with pytest.raises(StudyError): how_to_train(cpu, jobs, fuse)
 
