@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Everything normnets uses a GPU for, in one command on the GPU machine, in the order it pays off:
+#   0. tests/test_cuda.py         the CUDA path's tests (the captured step, runs in threads, fused runs)
 #   1. scripts/run_all.py         -> results/gpu/ (the study as a plain `run_all.py` trains it on a GPU: each
 #                                    run's steps one captured CUDA graph, JOBS_AT_ONCE processes at once)
 #   2. benchmarks/speed.py        -> results/gpu/speed.json (the captured step against fastai's loop, several
@@ -8,8 +9,8 @@
 #   4. scripts/batch_sizes.py     -> results/batch_size.csv (every batch size at full length)
 #
 #   ../shared/gpu/prepare                  # here, once: .gpu/ gets the data archive and fastai's wheels,
-#   pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d .gpu/wheels tabulate
-#                                          # and pandas' markdown tables (the GPU image lacks them)
+#   pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d .gpu/wheels tabulate pytest \
+#       pluggy iniconfig packaging pygments # pandas' markdown tables and pytest (the GPU image lacks them)
 #   FRESH=1 bash benchmarks/gpu.sh         # there (the device tool, carrying .gpu), from the repo root
 #
 # FRESH=1 trains the study anew, replacing the runs results/gpu holds (a new training step, a new GPU): its
@@ -46,6 +47,7 @@ step() {   # run "$@" with what is left of the budget; a step cut short keeps wh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 speed_steps=$([ -n "$TRIAL" ] && echo "--steps 3 --warmup 1 --rounds 1")
+python -c "import pytest" 2>/dev/null && step python -m pytest -q -x tests/test_cuda.py
 step python scripts/run_all.py --out "$ROOT/gpu" $study_resume $norms $TRIAL
 step python benchmarks/speed.py --out "$ROOT/gpu/speed.json" $speed_steps
 step python benchmarks/search.py --out "$ROOT" --resume --confirm "$CONFIRM" $norms $TRIAL
