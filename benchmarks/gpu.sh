@@ -18,8 +18,9 @@
 # what comes back before the next call). A step is stopped like a Ctrl-C, its finished runs and tables kept,
 # when the call's BUDGET seconds (default 540) are spent. What the steps wrote is copied to $OUT (when set),
 # the results/ layout kept.
-# A trial on a CPU, in a few minutes:
-#   ROOT=/tmp/trial NORMS=bn CONFIRM=0 TRIAL="--n-train 512 --n-test 256 --epochs 1" bash benchmarks/gpu.sh
+# A trial on a CPU (every step, about 15 minutes on 2 cores):
+#   BUDGET=1800 ROOT=/tmp/trial NORMS=bn CONFIRM=0 TRIAL="--n-train 512 --n-test 256 --epochs 1" \
+#       bash benchmarks/gpu.sh
 set -uo pipefail
 BUDGET=${BUDGET:-540}
 ROOT=${ROOT:-results}      # the results folder the steps write to
