@@ -28,7 +28,7 @@ from normnets_data import REPO_DIR, load_cifar
 from normnets_device import keep_freed_memory
 from normnets_recipes import HOLDOUT, recipe
 from normnets_files import check_out, locked
-from normnets_cli import StudyError, check_jobs, cli_errors, parse_fuse, parse_norms, path_option
+from normnets_cli import StudyError, cli_errors, parse_fuse, parse_norms, path_option
 from normnets_study import how_to_train, plan_frame, run_plan
 import normnets_plots as plots
 
@@ -94,15 +94,14 @@ def main(
     keep_freed_memory()
     with cli_errors():   # bad values, data or folders, before any work; Ctrl-C after the table is written
         names, fuse = parse_norms(norms), parse_fuse(fuse)
-        check_jobs(jobs, fuse)
         if confirm < 0: raise StudyError(f"--confirm {confirm}: the best k cells of each norm, 0 or more")
         if seeds < 1: raise StudyError(f"--seeds {seeds}: a confirmed cell runs at 1 or more seeds more")
         given = dict(n_train=n_train, n_test=n_test, bs=bs, seed=seed, precision=precision)
         subset = {k: v for k, v in given.items() if v is not None}
         out = path_option('out', out, REPO_DIR / 'results')
         screen = screen_plan(names, epochs, out, **subset)   # every recipe validated before any work
+        jobs, fuse = how_to_train(screen[0][1], jobs, fuse)   # bad --jobs too
         check_out(out)
-        jobs, fuse = how_to_train(screen[0][1], jobs, fuse)
         cifar = load_cifar(data)
         confirmed = []
         with locked(check_out(out / 'search')):

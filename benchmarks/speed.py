@@ -161,9 +161,22 @@ class StepTimer(Callback):
 def recipe_learner(dls, norm, **overrides):
     "The learner of `norm`'s recipe on `dls` (its batch size and device), set up as `train_run` sets it up."
     r = recipe(norm, bs=dls.train.bs, device=str(dls.device), **overrides)
-    # also cuDNN autotuning: off where the recipe is reproducible
     seed_run(r)   # cuDNN autotuning too: off where the recipe is reproducible
     return normnet_learner(dls, r)
+
+
+def own_learner(cifar, device, norm, seed):
+    "The learner of `norm`'s recipe at `seed` on `DataLoaders` of its own, as `train_run` builds it."
+    r = recipe(norm, seed=seed, device=str(device))
+    seed_run(r)
+    return normnet_learner(recipe_dls(r, cifar=cifar), r)
+
+
+def timed_fit(learn, timer: StepTimer, *args) -> StepTimer:
+    "Fit `learn` quietly for enough epochs to reach the last step `timer` times (it stops the fit there)."
+    epochs = -(-(timer.warmup + timer.steps) // len(learn.dls.train))
+    with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(epochs, *args, cbs=timer)
+    return timer
 
 
 def learner_throughput(dls, norm, steps, warmup, tweak=None, **overrides) -> tuple:
@@ -171,9 +184,7 @@ def learner_throughput(dls, norm, steps, warmup, tweak=None, **overrides) -> tup
     `tweak`: a function that changes the learner before it trains (one of the alternatives below)."""
     learn = recipe_learner(dls, norm, **overrides)
     if tweak: tweak(learn)
-    timer = StepTimer(warmup, steps)
-    epochs = -(-(warmup + steps) // len(dls.train))   # enough epochs to reach the last timed step
-    with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(epochs, cbs=timer)
+    timer = timed_fit(learn, StepTimer(warmup, steps))
     return timer.images / timer.seconds, learn
 
 
@@ -363,27 +374,16 @@ AT_ONCE_NORMS = ('batch', 'group')
 def fused_throughput(cifar, device, norm, copies, steps, warmup) -> float:
     """Training images/s, summed over `copies` runs of `norm`'s recipe (seeds 0, 1, ...) trained as one fused
     network through the real fastai loop, each with its own `DataLoaders`, as `train_fused` builds them."""
-    learners = []
-    for seed in range(copies):
-        r = recipe(norm, seed=seed, device=str(device))
-        seed_run(r)
-        learners.append(normnet_learner(recipe_dls(r, cifar=cifar), r))
-    learn, timer = fused_learner(learners), StepTimer(warmup, steps)
-    epochs = -(-(warmup + steps) // len(learn.dls.train))
-    with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(epochs, 1., cbs=timer)
+    learn = fused_learner([own_learner(cifar, device, norm, seed) for seed in range(copies)])
+    timer = timed_fit(learn, StepTimer(warmup, steps), 1.)
     return copies * timer.images / timer.seconds
 
 
 def timed_run(cifar, device, norm, seed, steps, warmup, barrier) -> tuple[int, float, float]:
-    """One run of `norm`'s recipe at `seed`, on `DataLoaders` of its own, as `train_run` builds it, timed
-    beside the others at the `barrier`: its (images, start, end) over its timed steps. A run that fails
-    breaks the barrier and raises; the others stop there, untimed (None)."""
-    try:
-        r = recipe(norm, seed=seed, device=str(device))
-        seed_run(r)
-        learn, timer = normnet_learner(recipe_dls(r, cifar=cifar), r), StepTimer(warmup, steps, barrier)
-        epochs = -(-(warmup + steps) // len(learn.dls.train))
-        with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(epochs, cbs=timer)
+    """One run of `norm`'s recipe at `seed`, on `DataLoaders` of its own, timed beside the others at the
+    `barrier`: its (images, start, end) over its timed steps. A run that fails breaks the barrier and raises;
+    the others stop there, untimed (None)."""
+    try: timer = timed_fit(own_learner(cifar, device, norm, seed), StepTimer(warmup, steps, barrier))
     except BaseException:
         barrier.abort()
         raise

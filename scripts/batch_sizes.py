@@ -24,7 +24,7 @@ from normnets_files import check_out, locked
 from normnets import NORMS
 from normnets_device import keep_freed_memory
 from normnets_recipes import at_batch_size, recipe
-from normnets_cli import StudyError, check_jobs, cli_errors, parse_fuse, parse_norms, path_option
+from normnets_cli import StudyError, cli_errors, parse_fuse, parse_norms, path_option
 from normnets_study import how_to_train, plan_frame, run_plan
 import normnets_plots as plots
 
@@ -62,7 +62,6 @@ def main(
     keep_freed_memory()
     with cli_errors():   # bad values, data or folders, before any work; Ctrl-C after the table is written
         names, fuse = parse_norms(norms), parse_fuse(fuse)
-        check_jobs(jobs, fuse)
         bss = parse_sizes(sizes)[::-1]   # the slow small batches last
         if seeds is not None and seeds < 1: raise StudyError(f"--seeds {seeds}: need at least one")
         n_seeds = {n: seeds or SEEDS[NORMS[n].exercise] for n in names}
@@ -72,8 +71,8 @@ def main(
         plan = [(f"{n} norm, batch size {b}, seed {s}", r, out / 'batch_size' / f'{n}-bs{b}-seed{s}')
                 for b in bss for n in names for s in range(seed, seed + n_seeds[n])
                 for r in [at_batch_size(recipe(n, seed=s, **given), b)]]   # validated here
+        jobs, fuse = how_to_train(plan[0][1], jobs, fuse)   # bad --jobs too
         check_out(out)
-        jobs, fuse = how_to_train(plan[0][1], jobs, fuse)
         cifar = load_cifar(data)
         with locked(check_out(out / 'batch_size')):   # one writer of the cells; other results stay free
             try: run_plan(plan, cifar, resume, cell=True, jobs=jobs, fuse=fuse, chosen=set(given))

@@ -240,6 +240,8 @@ def test_every_ablation_row_keeps_every_norm_within_the_rules(tmp_path, capsys, 
     (batch_sizes, dict(sizes='0'), "--sizes '0': expected batch sizes of 1 or more"),
     (batch_sizes, dict(sizes='-4,16'), "--sizes '-4,16': expected batch sizes"),
     (batch_sizes, dict(sizes='abc'), "--sizes 'abc': expected batch sizes"),
+    (batch_sizes, dict(jobs=0), '--jobs 0: need at least one'),
+    (batch_sizes, dict(jobs=2, fuse='yes'), '--fuse and --jobs'),
     (speed, dict(rounds=0), '--rounds 0: must be at least 1'),
     (speed, dict(steps=0), '--steps 0: must be at least 1'),
 ])
