@@ -10,8 +10,8 @@ import ctypes, platform
 import torch
 from fastai.torch_core import default_device
 
-__all__ = ['PRECISIONS', 'RuleError', 'resolve_device', 'cpuinfo', 'native_bf16', 'resolve_precision',
-           'device_name', 'keep_freed_memory']
+__all__ = ['PRECISIONS', 'RuleError', 'resolve_device', 'cpuinfo', 'cpu_kind', 'machine_kind', 'native_bf16',
+           'resolve_precision', 'device_name', 'keep_freed_memory']
 
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 
@@ -47,18 +47,29 @@ def cpuinfo(field: str) -> str:
         return ''
 
 
+def cpu_kind() -> str:
+    """This CPU's kind, as normnets measures speed by it (benchmarks/speed.py's files, `JOBS_AT_ONCE`): 'amx'
+    (Intel AMX tiles multiply bfloat16 matrices), 'bf16' (AVX512-BF16 instructions), else 'fp32' (no bfloat16
+    arithmetic: oneDNN emulates it on AVX-512 CPUs without them, such as many Intel laptops). Read from
+    /proc/cpuinfo; 'fp32' where PyTorch has no oneDNN."""
+    if not torch.backends.mkldnn.is_available(): return 'fp32'
+    flags = set(cpuinfo('flags').split())
+    return 'amx' if 'amx_bf16' in flags else 'bf16' if 'avx512_bf16' in flags else 'fp32'
+
+
+def machine_kind(device) -> str:
+    "The kind of machine `device` is, as speed rules key it: 'cuda', 'mps' or 'cpu-' + `cpu_kind()`."
+    device = torch.device(device)
+    return f'cpu-{cpu_kind()}' if device.type == 'cpu' else device.type
+
+
 def native_bf16(device) -> bool:
     """Whether `device` has bfloat16 arithmetic. A GPU from compute capability 8.0 on (A100, H100, RTX 30xx
     and later): `torch.cuda.is_bf16_supported()` also says yes for a T4 or V100, which emulate bfloat16 and
-    have no bfloat16 convolutions. An x86 CPU with AVX512-BF16 or AMX (read from /proc/cpuinfo): oneDNN also
-    emulates it on AVX-512 CPUs without them (many Intel laptops), untested here, so those count as without.
-    """
+    have no bfloat16 convolutions. A CPU of kind 'amx' or 'bf16' (`cpu_kind`)."""
     device = torch.device(device)
     if device.type == 'cuda': return torch.cuda.get_device_capability(device) >= (8, 0)
-    if device.type != 'cpu': return False
-    return torch.backends.mkldnn.is_available() and bool(
-        {'avx512_bf16', 'amx_bf16'} & set(cpuinfo('flags').split())
-    )
+    return device.type == 'cpu' and cpu_kind() != 'fp32'
 
 
 def resolve_precision(precision: str, device) -> str:

@@ -78,10 +78,11 @@ def fusable_groups(runs: list, only=None) -> list[list]:
 # Where fused runs train faster than the same runs one at a time, as (device type, precision, norm): the rule
 # `--fuse auto` follows, written from benchmarks/speed.py's measurements (the median of its rounds). A variant
 # enters here for a kind of machine once speed.py measures it faster fused there, at the study's seeds and at
-# 8 runs. Measured so far, on AMD EPYC CPUs: in float32 every variant slower fused (0.67-0.86x one run alone,
-# results/speed.md); in bfloat16 (AVX512-BF16) batch norm faster (1.30x at 3 runs, 1.18x at 8), the other
-# variants not (0.80-1.03x, results/speed-bf16.md). On an H200, 3 fused copies took 5.54 ms a step, 3 runs'
-# captured steps one after another 4.3 ms (../shared/gpu-results).
+# 8 runs. Measured so far on CPUs: on AMD EPYC in float32 every variant slower fused (0.67-0.86x one run
+# alone, results/speed.md); in bfloat16 batch norm faster, on AMD EPYC with AVX512-BF16 (1.30x at 3 runs,
+# 1.18x at 8) and on Intel Xeon with AMX (1.23x, 1.75x), the other variants within the benchmark's noise of
+# one run alone or slower (0.80-1.12x; results/speed-bf16.md, speed-amx.md). On an H200, 3 fused copies
+# took 5.54 ms a step, 3 runs' captured steps one after another 4.3 ms (../shared/gpu-results).
 FUSED_FASTER: set[tuple[str, str, str]] = {('cpu', 'bf16', 'batch')}
 
 

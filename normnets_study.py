@@ -16,7 +16,7 @@ import torch
 from normnets import NORMS, architecture_id
 from normnets_cli import StudyError, check_jobs, parse_norms
 from normnets_data import load_cifar
-from normnets_device import device_name
+from normnets_device import device_name, machine_kind
 from normnets_files import FolderError, check_out, check_run_dirs, damaged, locked, read_json
 from normnets_recipes import HARDWARE_FIELDS, STUDY_SEEDS, TRAINING_FIELDS, Recipe, recipe, recorded_recipe
 from normnets_learner import FirstStepsEstimate
@@ -36,13 +36,17 @@ SUMMARY_COLUMNS = ['norm', 'params', 'epochs', 'seeds', 'train_acc', 'train_acc_
                    'seconds', 'device_name', 'data', 'data_md5']
 
 
-# Runs trained at once, a process each, where the command leaves it to normnets (no --jobs), by device type.
-# One small run leaves a GPU idle for most of each step: on an NVIDIA H200 (../shared/gpu-results, each
-# process replaying its captured step, group norm, batch 128) 1 process trained 78,500 images/s, 4 processes
-# 114,000 in all, 8: 109,000, 15: 91,000; speed.py's "runs at once" rows measure it in the Learner. Each
-# process drives the GPU from a CPU core of its own: at most one a core (a free notebook's GPU has 2). A CPU's
-# runs would only share its cores: one at a time (or fused, `fuse_by_default`).
-JOBS_AT_ONCE = {'cuda': 4}
+# Runs trained at once, a process each, where the command leaves it to normnets (no --jobs), by kind of
+# machine (`machine_kind`). One small run leaves a GPU idle for most of each step: on an NVIDIA H200
+# (../shared/gpu-results, each process replaying its captured step, group norm, batch 128) 1 process trained
+# 78,500 images/s, 4 processes 114,000 in all, 8: 109,000, 15: 91,000. Each process drives the GPU from a CPU
+# core of its own: at most one a core (a free notebook's GPU has 2). Neither does one run keep the 2 threads
+# of an Intel Xeon with AMX busy: 2 runs at once, a process and a thread each, trained 2.03x the images/s of
+# one run alone in batch norm, 0.95x in group norm (results/speed-amx.md); at full length (bf16, 20 epochs,
+# seed 0) batch and group norm took 808 and 1092 s side by side against 743 and 704 s one after the other,
+# and the three exercise norms 1810 s of wall time against 2053 s. Other CPUs, unmeasured, train one run at a
+# time (or fused, `fuse_by_default`). speed.py's "runs at once" rows measure it.
+JOBS_AT_ONCE = {'cuda': 4, 'cpu-amx': 2}
 
 
 def how_to_train(r: Recipe, jobs: int | None = None, fuse: bool | None = None) -> tuple[int, bool | None]:
@@ -52,7 +56,7 @@ def how_to_train(r: Recipe, jobs: int | None = None, fuse: bool | None = None) -
     (`fuse_by_default`) as one network, the others one at a time. Refused: a bad `jobs`, fused with jobs."""
     check_jobs(jobs, fuse)
     if jobs is None:
-        jobs = 1 if fuse else min(JOBS_AT_ONCE.get(torch.device(r.device).type, 1), os.cpu_count())
+        jobs = 1 if fuse else min(JOBS_AT_ONCE.get(machine_kind(r.device), 1), os.cpu_count())
     return jobs, False if jobs > 1 else fuse
 
 

@@ -178,7 +178,7 @@ def main(
     precision: str = None,     # pin every run's precision (fp32, bf16), so one ablation can span machines
     out: str = None,           # results folder (default: results/): its ablation/ and ablation.csv
     resume: bool = False,      # keep runs already finished with the same recipe
-    jobs: int = None,  # runs at once, a process each (default: on a GPU 4, at most 1 a CPU core; else 1)
+    jobs: int = None,  # runs at once, a process each (default: GPU 4, AMX CPU 2, at most 1 a core; else 1)
     fuse: str = 'auto',        # yes: rows that differ only in lr, wd or crops as one network; no; auto: where
                                # measured faster on this kind of machine (normnets_fused.FUSED_FASTER)
 ):

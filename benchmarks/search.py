@@ -85,7 +85,7 @@ def main(
     bs: int = None,        # batch size (default: each norm's recipe)
     precision: str = None,  # pin every cell's precision (fp32, bf16), so one search can span machines
     resume: bool = False,  # keep cells already finished with the same recipe
-    jobs: int = None,  # cells at once, a process each (default: on a GPU 4, at most 1 a CPU core; else 1)
+    jobs: int = None,  # cells at once, a process each (default: GPU 4, AMX CPU 2, at most 1 a core; else 1)
     fuse: str = 'auto',    # yes: a norm's cells of an optimizer as one network; no; auto: where it is faster
 ):
     """Search each norm's optimizer, peak learning rate and weight decay with the same budget; write

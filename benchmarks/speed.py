@@ -19,8 +19,9 @@ Measured in one run, on one machine (the GPU if there is one, else the CPU), wit
    its own (`--jobs`) and, on a GPU, each in a thread on a CUDA stream of its own in one process.
 Each comparison of 4 and 6 is measured `--rounds` times, each time right after what it is compared with
 (`paired`): on a shared machine one measurement can be 15% off, and the rounds' ratios show how far.
-Writes the measurements to results/speed.json (speed-bf16.json on a CPU with bfloat16 arithmetic,
-gpu/speed.json on a GPU); `scripts/report.py` turns them into the pages of the same names.
+Writes the measurements to results/speed.json on a CPU without bfloat16 arithmetic, speed-bf16.json on one
+with AVX512-BF16, speed-amx.json on one with AMX (`cpu_kind`), gpu/speed.json on a GPU; `scripts/report.py`
+turns them into the pages of the same names.
 """
 import contextlib, functools, json, multiprocessing, platform, statistics, threading, time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -38,7 +39,7 @@ from normnets import NORMS, FloatGroupNorm, normnet, count_macs, count_params
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_files import FolderError, check_out
 from normnets_fused import fused_learner
-from normnets_device import device_name, keep_freed_memory, resolve_device
+from normnets_device import cpu_kind, device_name, keep_freed_memory, resolve_device
 from normnets_recipes import STUDY_SEEDS, TRAINING_FIELDS, recipe
 from normnets_learner import normnet_learner
 from normnets_runs import recipe_dls, seed_run
@@ -363,9 +364,9 @@ def measure_variants(dls_of, steps, warmup) -> list[dict]:
 # --fuse auto takes every measured width where its own was not measured.
 FUSED_COPIES = (STUDY_SEEDS, 8)
 # How many runs train at once as processes (and, on a GPU, as threads), by device type: on a GPU what a study
-# trains at once where left to normnets (JOBS_AT_ONCE), and 8; on a CPU 2, whose runs only share its cores,
-# and a process holds its own copy of the images and libraries (1-2 GB: 8 beside a training run ran a 24 GB
-# machine out of memory).
+# trains at once where left to normnets (JOBS_AT_ONCE), and 8; on a CPU 2, a thread each on 2 cores, since a
+# process holds its own copy of the images and libraries (1-2 GB: 8 beside a training run ran a 24 GB machine
+# out of memory).
 RUNS_AT_ONCE = {'cuda': (JOBS_AT_ONCE['cuda'], 8), 'cpu': (2,)}
 # The variants measured at once: batch norm (batch 256) and group norm (batch 128), the two step costs.
 AT_ONCE_NORMS = ('batch', 'group')
@@ -604,13 +605,13 @@ def main(
     warmup:int=10,     # untimed steps first
     rounds:int=3,      # measurements of each comparison, each beside what it is compared with
     device:str=None,   # cpu or cuda (default: the GPU if there is one)
-    out:str=None,      # JSON to write (default: results/speed.json; speed-bf16.json, gpu/speed.json)
+    out:str=None,      # JSON to write (default: results/speed[-bf16|-amx].json by the CPU, gpu/speed.json)
 ):
     "Measure normnets' speed; write the measurements as JSON for scripts/report.py."
     with cli_errors():   # a bad device, an unwritable folder or bad data before any measurement; Ctrl-C
         device = torch.device(resolve_device(device))
-        # a GPU's, a CPU's in float32, a CPU's with bfloat16 arithmetic: one file each
-        cpu_file = 'speed.json' if recipe('bn', device='cpu').precision == 'fp32' else 'speed-bf16.json'
+        # one file a kind of machine: a GPU, and each kind of CPU
+        cpu_file = 'speed.json' if cpu_kind() == 'fp32' else f'speed-{cpu_kind()}.json'
         default = REPO_DIR / 'results' / ('gpu/speed.json' if device.type == 'cuda' else cpu_file)
         out = path_option('out', out, default)
         for name, value, least in (('steps', steps, 1), ('warmup', warmup, 0), ('rounds', rounds, 1)):

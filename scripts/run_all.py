@@ -45,7 +45,7 @@ def main(
     precision: str = None,  # auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16 (GPU)
     device: str = None,  # auto (the GPU if there is one), cpu, cuda or cuda:N
     autotune: bool = False,  # cuDNN picks its fastest kernels (GPU): faster, runs no longer repeat exactly
-    jobs: int = None,  # runs at once, a process each (default: on a GPU 4, at most 1 a CPU core; else 1)
+    jobs: int = None,  # runs at once, a process each (default: GPU 4, AMX CPU 2, at most 1 a core; else 1)
     fuse: str = 'auto',  # yes: each variant's seeds as one network; no; auto: where measured faster
 ):
     "Train every variant with its recipe, the same data and seeds, and write the study's tables and figures."

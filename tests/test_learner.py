@@ -20,7 +20,7 @@ from fastcore.script import CliError
 from normnets import NORMS, FloatGroupNorm
 from fastai.torch_core import TensorImage
 from normnets_data import REPO_DIR, RandomCropFlip, get_dls, load_cifar
-from normnets_device import RuleError, resolve_precision
+from normnets_device import RuleError, cpu_kind, resolve_precision
 from normnets_recipes import OPTIMIZERS, RECIPES, Recipe, recipe, recorded_recipe
 from normnets_learner import CapturedStep, WeightEMA, normnet_learner
 from normnets_runs import finite, recipe_dls, seed_run, train_run
@@ -146,17 +146,18 @@ def test_precision_auto_on_gpus(monkeypatch, capability, name, auto):
 
 
 @pytest.mark.parametrize(
-    'flags, auto',
+    'flags, kind, auto',
     [
-        ('fpu avx2 avx512f avx512_bf16', 'bf16'),
-        ('fpu amx_bf16 amx_tile', 'bf16'),
-        ('fpu avx2 avx512f avx512bw', 'fp32'),
-        ('', 'fp32'),
+        ('fpu avx2 avx512f avx512_bf16', 'bf16', 'bf16'),
+        ('fpu avx512_bf16 amx_bf16 amx_tile', 'amx', 'bf16'),
+        ('fpu avx2 avx512f avx512bw', 'fp32', 'fp32'),
+        ('', 'fp32', 'fp32'),
     ],
 )
-def test_precision_auto_takes_bf16_only_where_the_cpu_has_it(monkeypatch, flags, auto):
+def test_precision_auto_takes_bf16_only_where_the_cpu_has_it(monkeypatch, flags, kind, auto):
     "AVX-512 alone is not enough (oneDNN would emulate bfloat16); no readable flags means float32."
     monkeypatch.setattr(normnets_device, 'cpuinfo', lambda field: flags if field == 'flags' else '')
+    assert cpu_kind() == kind
     assert resolve_precision('auto', 'cpu') == auto
     assert resolve_precision('fp32', 'cpu') == 'fp32'
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import normnets_report as report
-import normnets_files, normnets_study
+import normnets_device, normnets_files, normnets_study
+from conftest import MEASURED_JOBS_AT_ONCE
 from normnets import NORMS, Norm
 from normnets_data import REPO_DIR
 from fastcore.script import CliError
@@ -35,9 +36,9 @@ def run(args, **kw): return subprocess.run(args, capture_output=True, text=True,
 
 @pytest.fixture(scope='module')
 def study(tmp_path_factory):
-    "run_all.py as a user runs it: every registered norm, 1 seed, 1 epoch, on a subset."
+    "run_all.py as a user runs it: every registered norm, 1 seed, 1 epoch, on a subset, one run at a time."
     out = tmp_path_factory.mktemp('study') / 'results'
-    r = run(RUN_ALL + TINY_ARGS + ['--out', str(out)])
+    r = run(RUN_ALL + TINY_ARGS + ['--jobs', '1', '--out', str(out)])   # on every CPU (AMX: 2 unless given)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r.stdout
 
@@ -207,7 +208,8 @@ def test_runs_trained_at_once_are_the_runs_trained_one_by_one(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert '2 runs to train, 2 at a time' in r.stdout and '(2/2 trained)' in r.stdout
     threads = str(max(1, torch.get_num_threads() // 2))   # each job's share, as run_parallel gives it
-    r = run(args + ['--out', str(tmp_path / 'one_by_one')], env={**os.environ, 'OMP_NUM_THREADS': threads})
+    r = run(args + ['--jobs', '1', '--out', str(tmp_path / 'one_by_one')],
+            env={**os.environ, 'OMP_NUM_THREADS': threads})
     assert r.returncode == 0, r.stderr[-3000:]
     for norm in ('batch', 'group'):
         one_by_one, at_once = (json.loads((tmp_path / d / norm / 'metrics.json').read_text())
@@ -219,13 +221,16 @@ def test_runs_trained_at_once_are_the_runs_trained_one_by_one(tmp_path):
 
 
 def test_runs_train_as_measured_fastest_unless_the_command_says_how(monkeypatch):
-    """Left to normnets, a GPU trains JOBS_AT_ONCE runs at once and a CPU one at a time, fusing the variants
-    measured faster fused (None: `run_plan` asks `fuse_by_default`); --jobs and --fuse as given win, and
-    together are refused."""
+    """Left to normnets, a GPU trains JOBS_AT_ONCE runs at once, and so does a CPU with AMX; other CPUs one at
+    a time, fusing the variants measured faster fused (None: `run_plan` asks `fuse_by_default`); --jobs and
+    --fuse as given win, and together are refused."""
+    monkeypatch.setattr(normnets_study, 'JOBS_AT_ONCE', MEASURED_JOBS_AT_ONCE)   # not conftest's
+    flags = 'fpu avx2 avx512f'   # a CPU without bfloat16 arithmetic
+    monkeypatch.setattr(normnets_device, 'cpuinfo', lambda field: flags if field == 'flags' else '')
     gpu = SimpleNamespace(device='cuda', precision='bf16')
     cpu = SimpleNamespace(device='cpu', precision='fp32')
     monkeypatch.setattr(os, 'cpu_count', lambda: 16)   # a GPU server's cores
-    assert how_to_train(gpu) == (normnets_study.JOBS_AT_ONCE['cuda'], False)
+    assert how_to_train(gpu) == (MEASURED_JOBS_AT_ONCE['cuda'], False)
     assert how_to_train(cpu) == (1, None) and how_to_train(cpu, jobs=2) == (2, False)
     assert how_to_train(cpu, fuse=False) == (1, False) and how_to_train(gpu, fuse=True) == (1, True)
     assert how_to_train(gpu, jobs=1) == (1, None)
@@ -233,6 +238,9 @@ def test_runs_train_as_measured_fastest_unless_the_command_says_how(monkeypatch)
     assert how_to_train(gpu) == (2, False)
     for jobs, fuse in ((0, None), (2, True)):
         with pytest.raises(StudyError): how_to_train(cpu, jobs, fuse)
+    flags = 'fpu avx512_bf16 amx_bf16 amx_tile'   # an Intel Xeon with AMX: 2 runs at once, a core each
+    assert how_to_train(cpu) == (2, False) and how_to_train(cpu, jobs=1) == (1, None)
+    assert how_to_train(cpu, fuse=True) == (1, True)
 
 
 def test_a_kill_stops_every_run_in_flight(tmp_path):
