@@ -53,8 +53,9 @@ def main(
     out:str=None,          # results folder (default: results/)
     n_train:int=None,      # train on a random subset (quick checks only)
     n_test:int=None,       # evaluate on a random subset (quick checks only)
+    precision:str=None,    # pin every cell's precision (fp32, bf16), so one grid can span machines
     resume:bool=False,     # keep cells already finished with the same recipe
-    jobs:int=None,  # cells at once, a process each (default: on a GPU 4, at most 1 a CPU core; else 1)
+    jobs:int=None,  # cells at once, a process each (default: GPU 4, AMX CPU 2, at most 1 a core; else 1)
     fuse:str='auto',       # yes: a cell's seeds as one network; no; auto: where measured faster
 ):
     "Train every norm at every batch size; write batch_size.csv and batch_size.png."
@@ -65,8 +66,8 @@ def main(
         bss = parse_sizes(sizes)[::-1]   # the slow small batches last
         if seeds is not None and seeds < 1: raise StudyError(f"--seeds {seeds}: need at least one")
         n_seeds = {n: seeds or SEEDS[NORMS[n].exercise] for n in names}
-        given = {k: v for k, v in dict(epochs=epochs, n_train=n_train, n_test=n_test).items()
-                 if v is not None}
+        given = dict(epochs=epochs, n_train=n_train, n_test=n_test, precision=precision)
+        given = {k: v for k, v in given.items() if v is not None}
         out = path_option('out', out, REPO_DIR / 'results')
         plan = [(f"{n} norm, batch size {b}, seed {s}", r, out / 'batch_size' / f'{n}-bs{b}-seed{s}')
                 for b in bss for n in names for s in range(seed, seed + n_seeds[n])

@@ -16,6 +16,7 @@ import search
 import speed
 from normnets import NORMS, PARAM_LIMIT, count_macs, count_params, normnet
 from normnets_data import REPO_DIR
+from normnets_files import read_json
 from normnets_recipes import OPTIMIZER_SETTINGS, RECIPES, TRAINING_FIELDS, recipe, recipe_label
 from normnets_runs import with_batch_statistics
 import normnets_report
@@ -34,10 +35,13 @@ def md_rows(markdown: str) -> list[list[str]]:
 def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
     r = subprocess.run([sys.executable, str(REPO_DIR / 'scripts' / 'batch_sizes.py'), '--sizes', '50,100',
                         '--epochs', '1', '--seeds', '1', '--n-train', '400', '--n-test', '200',
-                        '--out', str(tmp_path)], capture_output=True, text=True, timeout=600)
+                        '--precision', 'fp32', '--out', str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_csv(tmp_path / 'batch_size.csv')
     assert len(df) == 2 * len(NORMS) and set(df.bs) == {50, 100} and set(df.norm) == set(NORMS)
+    # the precision given, whatever this machine's 'auto' is, so that one grid can span machines
+    assert {read_json(tmp_path / f'{run}/metrics.json')['precision'] for run in df.run} == {'fp32'}
     assert df.test_acc.between(0, 1).all() and df.seconds.gt(0).all() and (df.epochs == 1).all()
     for n, g in df.groupby('norm'):   # the square-root rule, the same for every norm
         lr = g.set_index('bs').lr
@@ -242,6 +246,7 @@ def test_every_ablation_row_keeps_every_norm_within_the_rules(tmp_path, capsys, 
     (batch_sizes, dict(sizes='abc'), "--sizes 'abc': expected batch sizes"),
     (batch_sizes, dict(jobs=0), '--jobs 0: need at least one'),
     (batch_sizes, dict(jobs=2, fuse='yes'), '--fuse and --jobs'),
+    (batch_sizes, dict(precision='fp8'), "unknown precision 'fp8'"),
     (speed, dict(rounds=0), '--rounds 0: must be at least 1'),
     (speed, dict(steps=0), '--steps 0: must be at least 1'),
 ])
