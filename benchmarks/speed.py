@@ -457,7 +457,7 @@ def measure_at_once(cifar, device, dls_of, steps, warmup, rounds) -> list[dict]:
         for norm in NORMS:
             add(norm, 'fused', copies,
                 lambda: fused_throughput(cifar, device, norm, copies, max(4, steps // copies), warmup))
-    for runs in RUNS_AT_ONCE.get(device.type, (2,)):
+    for runs in RUNS_AT_ONCE.get(device.type, RUNS_AT_ONCE['cpu']):
         with timing_processes(cifar, runs) as pool:
             for norm in AT_ONCE_NORMS:
                 add(norm, 'processes', runs,
@@ -610,8 +610,8 @@ def main(
     "Measure normnets' speed; write the measurements as JSON for scripts/report.py."
     with cli_errors():   # a bad device, an unwritable folder or bad data before any measurement; Ctrl-C
         device = torch.device(resolve_device(device))
-        # one file a kind of machine: a GPU, and each kind of CPU
-        cpu_file = 'speed.json' if cpu_kind() == 'fp32' else f'speed-{cpu_kind()}.json'
+        kind = cpu_kind()   # one file a kind of machine: a GPU, and each kind of CPU
+        cpu_file = 'speed.json' if kind == 'fp32' else f'speed-{kind}.json'
         default = REPO_DIR / 'results' / ('gpu/speed.json' if device.type == 'cuda' else cpu_file)
         out = path_option('out', out, default)
         for name, value, least in (('steps', steps, 1), ('warmup', warmup, 0), ('rounds', rounds, 1)):
