@@ -10,20 +10,23 @@ usual per-image PIL pipeline costs more than the tiny network itself. The
 same `DataLoaders` still take image files the fastai way (`learn.predict(path)`,
 `dls.test_dl(files)`), item by item through `ToTensorImage`.
 """
-import contextlib, hashlib, io, os, tarfile, tempfile, warnings
+import contextlib, hashlib, io, os, sys, tarfile, tempfile, warnings, zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from fastai.data.core import Datasets, DataLoaders, TfmdDL
-from fastai.data.transforms import AttrGetter, Categorize, IntToFloatTensor, Normalize
-from fastai.torch_core import TensorImage, TensorCategory, default_device
-from fasttransform import Transform, DisplayedTransform
-from fastprogress.fastprogress import progress_bar
+# fastai 2.8's layers call torch.jit.script on import, which torch 2.10+ warns of at every start of every
+# command: a warning for fastai's maintainers, not for our users. This is the first module to import fastai.
+warnings.filterwarnings('ignore', r'`torch\.jit\.script` is deprecated', FutureWarning)
+from fastai.data.core import Datasets, DataLoaders, TfmdDL  # noqa: E402
+from fastai.data.transforms import AttrGetter, Categorize, IntToFloatTensor, Normalize  # noqa: E402
+from fastai.torch_core import TensorImage, TensorCategory, default_device  # noqa: E402
+from fasttransform import Transform, DisplayedTransform  # noqa: E402
+from fastprogress.fastprogress import progress_bar  # noqa: E402
 
-from normnets_files import readable_mode
+from normnets_files import readable_mode  # noqa: E402
 
 __all__ = ['REPO_DIR', 'DATA_DIR', 'CIFAR10_CLASSES', 'CIFAR10_COUNTS', 'CifarDataError', 'Cifar',
            'Sample', 'find_data', 'load_cifar', 'ToTensorImage', 'to_rgb8', 'crop_flip', 'RandomCropFlip',
@@ -51,6 +54,8 @@ class CifarDataError(ValueError):
 def find_data(data=None) -> Path:
     """The CIFAR-10 source: `data` if given, else $NORMNETS_DATA, else `data/cifar10` in the repo,
     else fastai's `untar_data(URLs.CIFAR)` downloads the official release into `data/`."""
+    if data is not None and not str(data).strip():   # an unset shell variable, say: not the default
+        raise CifarDataError("--data is empty: give a folder or .tgz of CIFAR-10, or leave the option out")
     data = data or os.environ.get('NORMNETS_DATA')
     if data:
         path = Path(data).expanduser()
@@ -95,7 +100,7 @@ def _image_files(path: Path):
                     parts = m.name.split('/')
                     if m.isfile() and len(parts) >= 3 and parts[-1].lower().endswith(IMAGE_SUFFIXES):
                         yield parts[-3], parts[-2], parts[-1], tar.extractfile(m).read()
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:   # zlib: a damaged .tgz
             raise CifarDataError(
                 f"{path} is not a readable tar archive ({e}): expected a .tgz in {LAYOUT}"
             ) from e
@@ -121,11 +126,21 @@ def _decode(data: bytes, where: str) -> np.ndarray:
     return img
 
 
+def decoding_progress(items: list):
+    """`items`, with fastprogress's bar on a terminal; elsewhere (a log file) a line at each quarter, not the
+    bar's redraws, which a file keeps as one long line."""
+    if sys.stdout.isatty(): yield from progress_bar(items); return
+    quarter = max(1, len(items) // 4)
+    for i, item in enumerate(items, 1):
+        yield item
+        if i % quarter == 0 or i == len(items): print(f"decoded {i:,} of {len(items):,} images", flush=True)
+
+
 def _read(path: Path, counts: dict) -> dict:
     "Decode and check every image; return uint8 arrays (N,32,32,3) and int64 labels per split."
     found = {split: {} for split in counts}
-    print(f"Decoding {path} (once: the arrays are cached for later runs)")
-    for split, cls, name, data in progress_bar(list(_image_files(path))):
+    print(f"Decoding {path} (once: the arrays are cached for later runs)", flush=True)
+    for split, cls, name, data in decoding_progress(list(_image_files(path))):
         if split in found:
             found[split].setdefault(cls, []).append((name, _decode(data, f"{path}: {split}/{cls}/{name}")))
     arrays = {}

@@ -85,12 +85,14 @@ def resolve_precision(precision: str, device) -> str:
     return 'fp16' if on_gpu else 'fp32'
 
 
-def device_name(device) -> str:
-    "What computed the numbers: the GPU's name, or the CPU's model and the threads torch used."
+def device_name(device, threads: int | None = None) -> str:
+    """What computed the numbers: the GPU's name, or the CPU's model and the threads torch uses (or
+    `threads`, those a run will use in a process of its own)."""
     device = torch.device(device)
     if device.type == 'cuda': return torch.cuda.get_device_name(device)
     cpu = cpuinfo('model name') or platform.processor() or platform.machine()
-    return f"{cpu} (CPU, {torch.get_num_threads()} threads)"
+    threads = threads or torch.get_num_threads()
+    return f"{cpu} (CPU, {threads} thread{'s' * (threads != 1)})"
 
 
 def keep_freed_memory() -> bool:

@@ -9,7 +9,7 @@ The callbacks keep a fit on its device (metrics summed there, mixed precision on
 one captured CUDA graph), show progress as a terminal or a log file wants it, and time and estimate the fit.
 Importing this module changes no process-wide state.
 """
-import contextlib, sys, threading, time
+import contextlib, dataclasses, sys, threading, time
 from functools import partial
 
 import torch
@@ -31,13 +31,14 @@ import fastai.vision.learner      # noqa: F401  adds plot_top_losses for images
 from fastcore.foundation import L
 
 from normnets import init_whitening
+from normnets_data import Cutout, RandomCropFlip
 from normnets_device import RuleError
 from normnets_recipes import OPTIMIZERS, Recipe, recipe, with_lookahead
 
 __all__ = ['normnet_learner', 'recipe', 'DeviceMixedPrecision', 'autocast_of', 'DeviceAvgMetric',
-           'DeviceAvgLoss', 'DeviceAvgSmoothLoss', 'SparseProgress', 'LineProgress', 'progress', 'WeightEMA',
-           'adam_step', 'sgd_step', 'scheduled_values', 'CapturedStep', 'captured_step_fits',
-           'FirstStepsEstimate', 'EpochSeconds']
+           'RecorderOnHost', 'DeviceAvgLoss', 'DeviceAvgSmoothLoss', 'SparseProgress', 'LineProgress',
+           'progress', 'WeightEMA', 'adam_step', 'sgd_step', 'scheduled_values', 'CapturedStep',
+           'captured_step_fits', 'FirstStepsEstimate', 'EpochSeconds']
 
 
 class DeviceMixedPrecision(MixedPrecision):
@@ -116,6 +117,15 @@ class LineProgress(Callback):
         print('  '.join(f'{v:.4f}' if isinstance(v, float) else str(v) for v in row), flush=True)
 
     def after_fit(self): self.learn.logger = self.was
+
+
+class RecorderOnHost(Callback):
+    """The Recorder's losses as numbers after a fit: `DeviceAvgSmoothLoss` keeps each on the device, so that
+    a step never waits for the GPU, and fastai's `plot_loss` plots numbers on the host. One copy a fit."""
+    order = 100   # after the Recorder's own after_fit
+    def after_fit(self):
+        r = self.learn.recorder
+        if r.losses and torch.is_tensor(r.losses[0]): r.losses = L(torch.stack(list(r.losses)).tolist())
 
 
 def progress() -> Callback:
@@ -237,7 +247,9 @@ class CapturedStep(Callback):
         self.autocast = torch.autocast(self.dls.device.type, dtype=amp.dtype, cache_enabled=False) \
             if amp else contextlib.nullcontext()
         self.x = self.y = self.cuda_graph = None
-        self.side = torch.cuda.Stream(self.dls.device) if self.graph else None
+        # a learner exported with this callback and loaded on a machine without a GPU trains eagerly there
+        self.capture = self.graph and self.dls.device.type == 'cuda'
+        self.side = torch.cuda.Stream(self.dls.device) if self.capture else None
         self.eager = 0
 
     def step(self):
@@ -272,11 +284,12 @@ class CapturedStep(Callback):
         self.steps += 1
         for t, v in zip(self.hp, scheduled_values(self.learn.recipe.opt, h, self.steps)): t.fill_(v)
         if self.cuda_graph is not None: self.cuda_graph.replay()
-        elif not self.graph: self.out = self.step()
+        elif not self.capture: self.out = self.step()
         elif self.eager < self.warmup:   # warm-up, real steps: on the side stream, as capture needs
-            self.side.wait_stream(torch.cuda.current_stream())
+            main = torch.cuda.current_stream(self.dls.device)   # the run's device's, not device 0's
+            self.side.wait_stream(main)
             with torch.cuda.stream(self.side): self.out = self.step()
-            torch.cuda.current_stream().wait_stream(self.side)
+            main.wait_stream(self.side)
             self.eager += 1
         else:
             # Captured on this learner's own side stream, checking this thread's calls only, one capture at
@@ -291,8 +304,10 @@ class CapturedStep(Callback):
 
     def after_fit(self):
         for s in self.state: s['step'] = self.steps
-        # picklable again
+        # picklable again, and holding none of the optimizer's state (an exported learner carries no Adam
+        # moments) nor the model's parameters: the next fit takes them afresh
         self.cuda_graph = self.side = self.x = self.y = self.out = self.hp = self.autocast = None
+        self.params = self.state = self.do_wd = None
 
 
 def captured_step_fits(r: Recipe) -> bool:
@@ -303,16 +318,34 @@ def captured_step_fits(r: Recipe) -> bool:
         r.ema or r.lookahead or r.mixup)
 
 
+def dls_settings(dls) -> dict:
+    """The recipe fields that the `DataLoaders` decide: batch size, device, and the training batches' crop
+    padding and cutout (`get_dls`' transforms; a loader without them keeps the recipe's)."""
+    tfms = dls.train.after_batch.fs
+    crop = next((t for t in tfms if isinstance(t, RandomCropFlip)), None)
+    cut = next((t for t in tfms if isinstance(t, Cutout)), None)
+    return {'bs': dls.train.bs, 'device': dls.device.type,
+            **({'crop_pad': crop.pad, 'cutout': cut.size if cut else 0} if crop else {})}
+
+
 def normnet_learner(dls, norm: str | Recipe, **overrides) -> Learner:
     """A fastai `Learner` of the `norm` variant with its recipe (`recipe(norm, **overrides)`, or a `Recipe`):
     label-smoothed cross-entropy, the recipe's optimizer, peak learning rate (`fit_one_cycle(n)` uses it) and
     weight decay, accuracy on train and test, channels-last, and mixed precision where the hardware has it.
-    The batch size and device are the `DataLoaders`'."""
-    from_dls = {'bs': dls.train.bs, 'device': dls.device.type}
-    r = norm if isinstance(norm, Recipe) else recipe(norm, **{**from_dls, **overrides})
-    if torch.device(r.device).type != dls.device.type:   # 'cuda' and 'cuda:0' are one device
-        raise RuleError(f"the recipe trains on {r.device} but the DataLoaders are on {dls.device.type}: "
+    The batch size, device and training augmentation are the `DataLoaders`' (`dls_settings`), and
+    `learn.recipe` records them: an option of `overrides` that contradicts them is refused."""
+    from_dls = dls_settings(dls)
+    clash = {k: v for k, v in overrides.items() if k in from_dls and k != 'device' and v != from_dls[k]}
+    if clash:
+        said = ', '.join(f"{k}={v} but the DataLoaders' {k} is {from_dls[k]}" for k, v in clash.items())
+        raise RuleError(f"{said}: pass it to get_dls instead")
+    if isinstance(norm, Recipe) and torch.device(norm.device).type != dls.device.type:   # cuda is cuda:0
+        raise RuleError(f"the recipe trains on {norm.device} but the DataLoaders are on {dls.device.type}: "
                         "pass device= to get_dls, or move them with dls.to(device)")
+    if isinstance(norm, Recipe):
+        differ = {k: v for k, v in from_dls.items() if k != 'device' and getattr(norm, k) != v}
+        r = dataclasses.replace(norm, **differ) if differ else norm
+    else: r = recipe(norm, **{**from_dls, **overrides})
     if len(dls.train) == 0:
         raise RuleError(f"the training set ({len(dls.train_ds)} images) holds no batch of {dls.train.bs}")
     opt_func = partial(with_lookahead, opt_func=OPTIMIZERS[r.opt]) if r.lookahead else OPTIMIZERS[r.opt]
@@ -321,7 +354,7 @@ def normnet_learner(dls, norm: str | Recipe, **overrides) -> Learner:
     learn = Learner(dls, r.model().to(dls.device),
                     loss_func=CrossEntropyLossFlat(label_smoothing=r.label_smoothing),
                     opt_func=opt_func, lr=r.lr, wd=r.wd, metrics=DeviceAvgMetric(accuracy))
-    learn.remove_cb(learn.progress).add_cb(progress())   # fastai's default bar, replaced
+    learn.remove_cb(learn.progress).add_cbs([progress(), RecorderOnHost()])   # fastai's default bar, replaced
     learn.recipe = r
     learn.recorder.train_metrics = True   # accuracy of the augmented training batches, each epoch
     learn.recorder.loss, learn.recorder.smooth_loss = DeviceAvgLoss(), DeviceAvgSmoothLoss()

@@ -351,8 +351,6 @@ def speed_page(f: Path) -> str | None:
         'as run': c.as_run_ips.map(lambda x: num(x, '{:.0f}')), 'relative to as run': median,
         'each round': each})
     prof, study = s['profile'], s['study']
-    ops = pd.DataFrame(prof['top_ops'])
-    top = max(peaks, key=lambda p: p != 'fp32')   # the training precision's peak
     return (f"# Speed on {s['device_name']}\n\n`benchmarks/speed.py`: torch {s['torch']}, {s['threads']} "
             f"threads, {s['steps']} timed training steps after {s['warmup']} of warm-up, all in one run; "
             f"normnets trains in {s['precision']} here. The reference is normnets' network and recipe before "
@@ -366,8 +364,14 @@ def speed_page(f: Path) -> str | None:
             + "\n## One change at a time\n\n" + rounds_text(s, 'its variant as run', c.ratios)
             + " The last row is the variant as run, measured again: its distance from 1.00 is the "
             "benchmark's own noise.\n\n"
-            + md(changes)
-            + f"\n## Where the time goes\n\ntorch.profiler over {prof['steps']} training steps of "
+            + md(changes) + (profile_text(prof, peaks) if prof else ''))
+
+
+def profile_text(prof: dict, peaks: dict) -> str:
+    "Where a training step's time goes, from speed.py's profile (measured on a CPU only)."
+    ops = pd.DataFrame(prof['top_ops'])
+    top = max(peaks, key=lambda p: p != 'fp32')   # the training precision's peak
+    return (f"\n## Where the time goes\n\ntorch.profiler over {prof['steps']} training steps of "
             f"{prof['norm']} norm (self time, forward and backward): "
             + ', '.join(f'{kind} {100 * x:.0f}%' for kind, x in prof['shares'].items())
             + f". The convolutions run at {prof['conv_gflops']:.0f} GFLOP/s, "
@@ -413,6 +417,8 @@ def beside_page(results: Path, folder: str, title: str, label: str, main: str) -
     summary, runs = read(other / 'summary.csv'), read(other / 'runs.csv')
     if summary is None: return None
     base, base_runs = read_csv(results / 'summary.csv').set_index('norm'), read_csv(results / 'runs.csv')
+    summary = summary[summary.norm.isin(base.index) & summary.norm.isin(base_runs.norm)]   # norms of both
+    if not len(summary): return None
     first = lambda r, n: r[r.norm == n].iloc[0]
     same = {n: all(first(runs, n)[k] == first(base_runs, n)[k] for k in TRAINING_FIELDS)
             for n in summary.norm}

@@ -8,10 +8,11 @@ every recipe depends on.
 entry. A saved recipe (metrics.json) says what really ran: 'auto' device and precision are resolved on
 creation.
 """
-import copy, dataclasses, json, math, numbers
+import copy, dataclasses, functools, json, math, numbers
 from dataclasses import dataclass, field
 from functools import partial
 
+import torch
 from torch import nn
 from fastai.optimizer import Adam, Lookahead, Optimizer, average_grad, l2_reg
 
@@ -124,13 +125,21 @@ class Recipe:
             raise RuleError(f"n_test {self.n_test}: must be 1 to the {n_test:,} images scored on")
         if self.opt not in OPTIMIZERS:
             raise RuleError(f"unknown optimizer {self.opt!r}: expected one of {', '.join(OPTIMIZERS)}")
-        n = count_params(self.model())
+        n = params_of(self.norm, json.dumps(self.net, sort_keys=True))
         if n >= PARAM_LIMIT:
             raise RuleError(f"the model has {n:,} parameters: the rules require fewer than {PARAM_LIMIT:,}")
 
     def model(self) -> nn.Module: return normnet(self.norm, **self.net)
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
+
+
+@functools.lru_cache(maxsize=None)
+def params_of(norm: str, net: str) -> int:
+    """Parameters of the network of `norm` with options `net` (JSON), built once: a plan of thousands of
+    runs checks each recipe's network without building it again. Its initialization draws nothing from the
+    generators that a run has seeded, so that making a recipe never changes what a run draws."""
+    with torch.random.fork_rng(devices=[]): return count_params(normnet(norm, **json.loads(net)))
 
 
 # Each norm's own settings where they differ from Recipe's defaults: its best cell of the recipe search,

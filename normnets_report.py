@@ -9,7 +9,7 @@ which `fill` rewrites from `regions(results)`. `stale` lists the regions and pag
 files, for `scripts/report.py --check` and the tests. Values are tables; the few sentences are the study's
 conclusions (`conclusions`), each from the findings table.
 """
-import os, re
+import math, os, re, tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -17,12 +17,12 @@ import torch
 
 from normnets import NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY, WIDTHS
 from normnets import normnet, count_params, count_macs
-from normnets_files import FolderError, locked, read_csv
+from normnets_files import FolderError, locked, read_csv, read_json, readable_mode
 from normnets_recipes import recipe
 from normnets_pages import (BAR, PAGES, layer_order, md, mean_std, num, pages, pct, provenance,
                             recipes_markdown, spread)
 
-__all__ = ['summary_markdown', 'conclusions', 'regions', 'fill', 'stale', 'write_report']
+__all__ = ['summary_markdown', 'conclusions', 'regions', 'fill', 'problems', 'stale', 'write_report']
 
 REGION = re.compile(r'<!--g:(?P<name>[\w-]+)-->(?P<body>.*?)<!--/g-->', re.S)
 
@@ -168,45 +168,108 @@ def marker_problems(text: str, names) -> list[str]:
 def fill(text: str, values: dict) -> str:
     "`text` with every region's body replaced by its value; markers that do not pair up are an error."
     problems = marker_problems(text, values)
-    if problems: raise FolderError(f"README markers: {'; '.join(problems)}")
+    if problems: raise FolderError(f"README markers: {'; '.join(problems)} ({BY_HAND})")
     return REGION.sub(lambda m: f"<!--g:{m['name']}-->{values[m['name']]}<!--/g-->", text)
 
 
 LINK = re.compile(r'\]\((?P<target>[^)\s#]+)\)')
 
 
-def broken_links(text: str, folder: Path) -> list[str]:
-    "The files that the Markdown links of `text` (relative to `folder`) point to and that do not exist."
+def broken_links(text: str, folder: Path, written=()) -> list[str]:
+    """The files that the Markdown links of `text` (relative to `folder`) point to and that neither exist nor
+    are about to be `written`."""
     targets = {m['target'] for m in LINK.finditer(text) if '://' not in m['target']}
-    return sorted(t for t in targets if not (Path(folder) / t).exists())
+    written = {Path(f).resolve() for f in written}
+    return sorted(t for t in targets if not (Path(folder) / t).exists()
+                  and (Path(folder) / t).resolve() not in written)
+
+
+# What fixes each kind of problem that `problems` finds.
+REWRITE = 'python scripts/report.py rewrites them'
+BY_HAND = 'fix the markers in README.md by hand'
+RESTORE = 'restore them (git checkout -- FILE) or run again what writes them'
+SUMMARIZE = "summarize the study again from its runs: python scripts/run_all.py --resume"
+
+
+def runs_disagreeing(results: Path) -> list[str]:
+    """The study's runs in runs.csv, which its tables are made of, whose own metrics.json now says otherwise
+    (a run trained again since, by train.py say) or is gone."""
+    out = []
+    for row in read_csv(results / 'runs.csv').to_dict('records'):
+        f = results / row['run'] / 'metrics.json'
+        if not f.exists(): out.append(f"{row['run']} is in runs.csv, but its metrics.json is gone"); continue
+        m = read_json(f)
+        differ = [k for k in ('seed', 'epochs', 'train_acc', 'test_acc')
+                  if not isinstance(m.get(k), (int, float)) or not math.isclose(m[k], row[k], rel_tol=1e-6)]
+        out += [f"{f} says {k} {m.get(k)}, runs.csv {row[k]}" for k in differ[:1]]
+    return out
+
+
+def problems(results: Path, readme: Path, written=()) -> list[tuple[str, str]]:
+    """(what, what fixes it) for everything the files no longer match: runs that disagree with the tables
+    made of them, broken region markers, README regions and pages under results/, and figures or pages that
+    the regions or pages link to and that do not exist, nor are about to be `written` (empty when all is
+    current)."""
+    results, readme = Path(results), Path(readme)
+    out = [(what, SUMMARIZE) for what in runs_disagreeing(results)]
+    text, values = readme.read_text(), regions(results, readme.parent)
+    out += [(f"README markers: {problem}", BY_HAND) for problem in marker_problems(text, values)]
+    if not out:
+        out += [(f"README region {m['name']!r}", REWRITE) for m in REGION.finditer(text)
+                if m['body'] != values[m['name']]]
+    named = pages(results)
+    out += [(f"{results / name}", REWRITE) for name, page in named.items()
+            if not (results / name).is_file() or (results / name).read_text() != page]
+    out += [(f"README links to {t}, which does not exist", RESTORE)
+            for t in broken_links(''.join(values.values()), readme.parent, written)]
+    out += [(f"{results / name} links to {t}, which does not exist", RESTORE)
+            for name, page in named.items() for t in broken_links(page, results, written)]
+    return out
 
 
 def stale(results: Path, readme: Path) -> list[str]:
-    """What the files no longer match: README regions and pages under results/, broken region markers, and
-    figures or pages that the regions or pages link to and that do not exist (empty when all is current)."""
-    results, readme = Path(results), Path(readme)
-    text, values = readme.read_text(), regions(results, readme.parent)
-    out = [f"README markers: {problem}" for problem in marker_problems(text, values)]
-    if not out:
-        out += [f"README region {m['name']!r}" for m in REGION.finditer(text)
-                if m['body'] != values[m['name']]]
-    named = pages(results)
-    out += [f"{results / name}" for name, page in named.items()
-            if not (results / name).exists() or (results / name).read_text() != page]
-    out += [f"README links to {t}, which does not exist"
-            for t in broken_links(''.join(values.values()), readme.parent)]
-    out += [f"{results / name} links to {t}, which does not exist"
-            for name, page in named.items() for t in broken_links(page, results)]
-    return out
+    "What `problems` finds, without what fixes it."
+    return [what for what, _ in problems(results, readme)]
+
+
+def said(found: list[tuple[str, str]]) -> str:
+    "`problems`' findings in one line, grouped by what fixes them."
+    fixes = dict.fromkeys(fix for _, fix in found)
+    return '; '.join(f"{', '.join(what for what, f in found if f == fix)} ({fix})" for fix in fixes)
+
+
+def write_all(files: dict):
+    """Write {path: text} all or nothing: every text to a temporary file beside its path first, then each
+    renamed over its path. A file that cannot be written (read-only, immutable, a full disk) is named, and
+    none of them is changed."""
+    written = {}
+    try:
+        for path, text in files.items():
+            try:
+                if path.exists():   # the file itself can be written: not read-only or immutable
+                    with open(path, 'a'): pass
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}-', suffix='.tmp')
+                written[path] = tmp
+                with os.fdopen(fd, 'w') as f: f.write(text)
+                readable_mode(tmp, 0o666)
+            except OSError as e:
+                raise FolderError(f"cannot write {path} ({e.strerror or e}): nothing was written") from e
+        for path, tmp in written.items(): os.replace(tmp, path)
+    finally:
+        for tmp in written.values():
+            if os.path.exists(tmp): os.remove(tmp)
 
 
 def write_report(results: Path, readme: Path) -> list[Path]:
     """Fill the README's regions and write the pages under results/, holding results/ as a study does; returns
-    what was written. Everything is computed before anything is written, so that result files that
-    contradict each other, or broken region markers, change nothing."""
+    what was written. Everything is computed and checked before anything is written, and then written all or
+    nothing (`write_all`): result files that contradict each other or their runs, broken region markers,
+    or figures that the pages would link to and that are missing change nothing."""
     results, readme = Path(results), Path(readme)
-    with locked(results):
+    with locked(results, elsewhere=''):
         text, named = fill(readme.read_text(), regions(results, readme.parent)), pages(results)
-        readme.write_text(text)
-        for name, page in named.items(): (results / name).write_text(page)
-    return [readme, *(results / name for name in named)]
+        files = {readme: text, **{results / name: page for name, page in named.items()}}
+        blocking = [(what, fix) for what, fix in problems(results, readme, written=files) if fix != REWRITE]
+        if blocking: raise FolderError(f"nothing written: {said(blocking)}")
+        write_all(files)
+    return list(files)

@@ -186,7 +186,11 @@ def write_run(learn: Learner, r: Recipe, out: Path, hist: pd.DataFrame, start: f
             # on a GPU brings mixed precision back.
             for cb in ('device_mixed_precision', 'captured_step'):
                 if hasattr(learn, cb): learn.remove_cb(getattr(learn, cb))
-            learn.export(tmp / 'model.pkl')
+            try: learn.export(tmp / 'model.pkl')
+            except RuntimeError as e:   # torch's writer says only "unexpected pos" when the disk is full
+                free = shutil.disk_usage(tmp).free / 2**20
+                raise OSError(f"cannot write {out / 'model.pkl'}: {free:.0f} MB free on its disk ({e})") \
+                    from e
         # Everything this run cost: data, training, evaluation, figures and export (what the study's wall time
         # adds up).
         metrics['wall_seconds'] = time.perf_counter() - start

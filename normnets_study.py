@@ -6,7 +6,7 @@ any point (Ctrl-C, a kill) leaves a summary of every finished run that belongs t
 recipes in the same folder are named, not mixed in. One writer at a time: the folder is locked while a study
 writes to it.
 """
-import contextlib, dataclasses, json, multiprocessing, os, signal, time
+import contextlib, dataclasses, json, multiprocessing, os, signal, threading, time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import torch
 
 from normnets import NORMS, architecture_id
 from normnets_cli import StudyError, check_jobs, parse_norms
-from normnets_data import load_cifar
+from normnets_data import REPO_DIR, find_data, load_cifar
 from normnets_device import device_name, machine_kind
 from normnets_files import FolderError, check_out, check_run_dirs, damaged, locked, read_json
 from normnets_recipes import HARDWARE_FIELDS, STUDY_SEEDS, TRAINING_FIELDS, Recipe, recipe, recorded_recipe
@@ -25,7 +25,8 @@ from normnets_fused import fusable_groups, fuse_by_default, train_fused
 import normnets_plots as plots
 import normnets_report as report
 
-__all__ = ['STUDY_FILES', 'JOBS_AT_ONCE', 'how_to_train', 'run_dir', 'kept_run', 'plan_frame', 'find_runs',
+__all__ = ['STUDY_FILES', 'JOBS_AT_ONCE', 'COMMITTED', 'quick_options', 'check_committed', 'how_to_train',
+           'run_dir', 'kept_run', 'plan_frame', 'find_runs',
            'findings_frame', 'summarize', 'run_plan', 'run_parallel', 'run_fused', 'run_study']
 
 # What a study writes into its folder beside the runs' folders (`summarize`, `run_study`).
@@ -58,6 +59,30 @@ def how_to_train(r: Recipe, jobs: int | None = None, fuse: bool | None = None) -
     if jobs is None:
         jobs = 1 if fuse else min(JOBS_AT_ONCE.get(machine_kind(r.device), 1), os.cpu_count())
     return jobs, False if jobs > 1 else fuse
+
+
+# The results this clone commits: the study the README reports, and every page and grid beside it.
+COMMITTED = REPO_DIR / 'results'
+
+
+def quick_options(norms, given: dict) -> dict:
+    """The options of `given` ({recipe field: value}) that make a run of a norm of `norms` other than today's
+    recipe at full length: a quick check's fewer epochs or subsets, another batch size or lr. How it runs
+    (HARDWARE_FIELDS, reproducibility) and its seed leave it today's recipe."""
+    return {k: v for k, v in given.items() if k not in (*HARDWARE_FIELDS, 'reproducible', 'seed')
+            and any(getattr(recipe(n), k) != v for n in norms)}
+
+
+def check_committed(out: Path, quick: dict, replace: bool = False):
+    """Refuse, before any work, runs of other than today's recipes at full length (`quick`, {option: value},
+    from `quick_options`) into the committed results (`COMMITTED` or a folder inside it), unless the command
+    says so (--replace-results): a user's first quick check would replace the study the README reports."""
+    out, committed = Path(out).resolve(), COMMITTED.resolve()
+    if not quick or replace or not (out == committed or committed in out.parents): return
+    given = ' '.join(f"--{k.replace('_', '-')} {v}" for k, v in quick.items())
+    raise StudyError(f"{out} holds the committed results, which only today's recipes at full length replace: "
+                     f"give this check ({given}) a folder of its own with --out (--out /tmp/quick), or pass "
+                     "--replace-results to replace them")
 
 
 def run_dir(out: Path, norm: str, seed: int) -> Path:
@@ -235,7 +260,8 @@ def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: 
             left, trained, train_seconds = len(todo), 0, 0.0
             for i, ((title, r, d), m) in enumerate(zip(plan, kept)):
                 eta = f", about {train_seconds / trained * left / 60:.0f} min left" if trained else ''
-                print(f"\n=== run {i + 1}/{len(plan)}: {title}, {r.epochs} epochs{eta} ===", flush=True)
+                print(f"\n=== run {i + 1}/{len(plan)}: {title}, {plural(r.epochs, 'epoch')}{eta} ===",
+                      flush=True)
                 if m: print(f"kept the finished run in {d}")
                 else:
                     start, first = time.perf_counter(), [FirstStepsEstimate(left)] if not trained else []
@@ -269,9 +295,18 @@ def plan_line(plan: list, to_train: int, jobs: int, groups: list | None) -> str:
     elif jobs > 1: how = f", {jobs} at a time"
     else: how = ", one at a time"
     first, epochs = plan[0][1], span(r.epochs for _, r, _ in plan)
-    return (f"Plan: {len(plan)} runs of {epochs} epoch{'s' * (epochs != '1')} on "
-            f"{device_name(first.device)}, {first.precision}; {len(plan) - to_train} kept, {to_train} to "
-            f"train{how}")
+    threads = worker_threads(jobs) if jobs > 1 and to_train else None   # what each run will record
+    return (f"Plan: {plural(len(plan), 'run')} of {epochs} epoch{'s' * (epochs != '1')} on "
+            f"{device_name(first.device, threads)}, {first.precision}; {len(plan) - to_train} kept, "
+            f"{to_train} to train{how}")
+
+
+def plural(n: int, what: str) -> str: return f"{n} {what}{'s' * (n != 1)}"
+
+
+def worker_threads(jobs: int) -> int:
+    "The CPU threads of each of `jobs` runs at once: the process's threads shared out."
+    return max(1, torch.get_num_threads() // jobs)
 
 
 def run_fused(plan: list, kept: list, groups: list, cifar, cell: bool):
@@ -294,10 +329,43 @@ def run_fused(plan: list, kept: list, groups: list, cifar, cell: bool):
         done += len(group)
 
 
-def start_worker(threads: int):
-    "A process of `run_parallel`: its share of the CPU threads, and a Ctrl-C that stops its run."
+TRAINING = threading.Event()   # set while a worker of `run_parallel` trains a run
+
+
+def start_worker(threads: int, parent: int | None = None):
+    """A process of `run_parallel`: its share of the CPU threads; a Ctrl-C or a kill that stops its run as in
+    one process, or ends it quietly between runs; and no life of its own once its `parent` (the process that
+    started it) is gone."""
     torch.set_num_threads(threads)
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # also where its parent started ignoring it
+    parent = parent or os.getppid()
+    for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, stop_worker)
+    threading.Thread(target=exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def stop_worker(signum, frame):
+    """A worker's Ctrl-C or kill: during a run, a KeyboardInterrupt, so that the run removes what it half
+    wrote (`train_in_worker` then ends the process); between runs, the end of the process, without the
+    traceback that a KeyboardInterrupt in multiprocessing's loop prints."""
+    if TRAINING.is_set(): raise KeyboardInterrupt
+    os._exit(130)
+
+
+def exit_when_orphaned(parent: int):
+    """End this worker once `parent` has died (a SIGKILL gives it no time to stop its workers): otherwise it
+    would wait forever on the queue of runs its parent no longer feeds, holding its memory."""
+    while os.getppid() == parent: time.sleep(1)
+    if TRAINING.is_set():   # stop the run, which removes its half-written folder
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        time.sleep(60)
+    os._exit(130)
+
+
+def train_in_worker(r: Recipe, d: Path, cell: bool, cifar) -> dict:
+    "`train_run` in a worker of `run_parallel`; a run stopped by a Ctrl-C or kill ends the worker quietly."
+    TRAINING.set()
+    try: return train_run(r, d, cifar=cifar, cell=cell)
+    except KeyboardInterrupt: os._exit(130)   # its folder is cleaned up; the parent is stopping the plan
+    finally: TRAINING.clear()
 
 
 def run_parallel(plan: list, kept: list, todo: list, cifar, cell: bool, jobs: int):
@@ -308,11 +376,15 @@ def run_parallel(plan: list, kept: list, todo: list, cifar, cell: bool, jobs: in
     for (title, _, d), m in zip(plan, kept):
         if m: print(f"kept the finished run in {d}: {title}, test accuracy {m['test_acc']:.4f}")
     print(f"\n=== {len(todo)} runs to train, {jobs} at a time ===", flush=True)
-    threads, start = max(1, torch.get_num_threads() // jobs), time.perf_counter()
+    threads, start = worker_threads(jobs), time.perf_counter()
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'),   # CUDA cannot fork
-                               initializer=start_worker, initargs=(threads,))
+                               initializer=start_worker, initargs=(threads, os.getpid()))
     try:
-        runs = {pool.submit(train_run, r, d, cifar=cifar, cell=cell): title for title, r, d in todo}
+        # The workers start ignoring Ctrl-C until `start_worker` sets theirs: one pressed while they import
+        # would print a traceback from each.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try: runs = {pool.submit(train_in_worker, r, d, cell, cifar): title for title, r, d in todo}
+        finally: signal.signal(signal.SIGINT, previous)
         pending, trained = set(runs), 0
         while pending:
             # a second at most: the wait must end for a kill's KeyboardInterrupt to be raised
@@ -337,26 +409,30 @@ def run_parallel(plan: list, kept: list, todo: list, cifar, cell: bool, jobs: in
 
 
 def check_study_dir(out: Path) -> Path:
-    """Refuse, before any work, a folder holding files under a study's names (STUDY_FILES) that no study
-    wrote: a folder is a study's once it holds a run or a study.json of a study."""
+    """Refuse, before any work, a folder of someone else's files, which a study's files would be scattered
+    among or overwrite (STUDY_FILES): a folder is a study's once it holds a run or a study.json of a study;
+    otherwise it may hold only the folders of a study's runs."""
     ours = any(out.glob('*/metrics.json')) or any(out.glob('seeds/*/metrics.json'))
     with contextlib.suppress(FolderError, TypeError):
         ours = ours or 'how' in read_json(out / 'study.json')
-    theirs = [name for name in STUDY_FILES if (out / name).exists()]
+    theirs = sorted(p.name for p in out.iterdir() if not p.name.startswith('.')
+                    and not (p.is_dir() and p.name in (*NORMS, 'seeds'))) if out.is_dir() else []
     if theirs and not ours:
-        raise FolderError(f"{out} holds {', '.join(theirs)} but no study: a study would overwrite them; "
-                          "choose an empty or new --out")
+        shown = ', '.join(theirs[:5]) + (f' and {len(theirs) - 5} more' if len(theirs) > 5 else '')
+        raise FolderError(f"{out} holds files of its own ({shown}) but no study: a study would write among "
+                          "them; choose an empty or new --out")
     return out
 
 
 def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='results', data=None,
               resume: bool = False, jobs: int | None = None, fuse: bool | None = None,
-              **overrides) -> tuple[pd.DataFrame | None, list]:
+              replace_results: bool = False, **overrides) -> tuple[pd.DataFrame | None, list]:
     """Train every norm of `norms` (default: all registered) with its recipe and `overrides`, for `seeds`
     seeds from `first_seed`, into `out`; then summarize the folder. Every input is checked before any work.
     `resume` keeps whole runs already in `out` whose whole recipe matches; `jobs` trains that many at once,
     `fuse` each norm's seeds as one network (None: as measured fastest on this kind of machine,
-    `how_to_train`).
+    `how_to_train`). Runs of other than today's recipes at full length go into the committed results only
+    with `replace_results` (`check_committed`).
     Ctrl-C or a kill stops after the finished runs, which are kept and summarized, and the KeyboardInterrupt
     is raised again. Returns the summary and the missing runs."""
     norms = parse_norms(norms if norms is None or isinstance(norms, str) else ','.join(norms))
@@ -366,24 +442,27 @@ def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='re
     recipes = {n: recipe(n, **overrides, seed=first_seed) for n in norms}
     first = recipes[norms[0]]
     jobs, fuse = how_to_train(first, jobs, fuse)
+    check_committed(out, quick_options(norms, overrides), replace_results)
+    find_data(data)   # data that is not there, before the folder is made
     out = check_study_dir(check_out(out))
     # every norm's first seed first
     seed_norms = [(s, n) for s in range(first_seed, first_seed + seeds) for n in norms]
-    plan = [(f"{n} norm, seed {s}", dataclasses.replace(recipes[n], seed=s), run_dir(out, n, s))
-            for s, n in seed_norms]
-    check_run_dirs([d for _, _, d in plan])
     fused = [n for n in norms if seeds > 1 and (fuse or fuse is None and fuse_by_default(recipes[n]))]
     how = (f"{seeds} seeds as one network for {', '.join(fused)}"
            + (", the other variants one run at a time" if len(fused) < len(norms) else '') if fused else
            f"{jobs} runs at a time" if jobs > 1 else "one run at a time")
-    print(f"Study: {len(norms)} variants x {seeds} seeds into {out}, {how}", flush=True)
+    print(f"Study: {plural(len(norms), 'variant')} x {plural(seeds, 'seed')} into {out}, {how}", flush=True)
+    plan = [(f"{n} norm, seed {s}", dataclasses.replace(recipes[n], seed=s), run_dir(out, n, s))
+            for s, n in seed_norms]
+    check_run_dirs([d for _, _, d in plan])
     start = time.perf_counter()
     cifar = load_cifar(data)   # bad data fails here too, and it is decoded only once
     with locked(out):
         try: trained = run_plan(plan, cifar, resume, jobs=jobs, fuse=fuse, chosen=set(overrides))
         finally: summarized = summarize(out, overrides, seed_norms)   # also after a Ctrl-C, raised again
-        # the study's own wall time, data to last file, and how it ran (the GPU page shows it)
-        (out / 'study.json').write_text(json.dumps(dict(
+        # the study's own wall time, data to last file, and how it ran (the GPU page shows it): a study that
+        # trained nothing keeps the record of the one that did
+        if trained: (out / 'study.json').write_text(json.dumps(dict(
             runs=len(plan), trained=trained, how=how, fused=fused, jobs=jobs,
             device_name=device_name(first.device), precision=first.precision,
             wall_seconds=time.perf_counter() - start), indent=2) + '\n')

@@ -22,12 +22,12 @@ import pandas as pd
 from fastcore.script import call_parse
 
 from normnets import NORMS
-from normnets_data import REPO_DIR, load_cifar
+from normnets_data import REPO_DIR, find_data, load_cifar
 from normnets_device import keep_freed_memory
 from normnets_recipes import HOLDOUT, OPTIMIZER_SETTINGS, RECIPES, Recipe, recipe, recipe_label
 from normnets_files import check_out, check_run_dir, locked
 from normnets_cli import StudyError, check_jobs, cli_errors, parse_fuse, parse_norms, path_option
-from normnets_study import how_to_train, kept_run, run_plan
+from normnets_study import check_committed, how_to_train, kept_run, quick_options, run_plan
 
 
 def base_changes(r: Recipe) -> dict:
@@ -105,6 +105,8 @@ def parse_rows(only: str | None) -> list[int]:
     except ValueError: rows = []
     if not rows or any(not 0 <= i < len(CHANGES) for i in rows):
         raise StudyError(f"--only {only!r}: expected row numbers 0 to {len(CHANGES) - 1}, comma-separated")
+    twice = sorted({i for i in rows if rows.count(i) > 1})
+    if twice: raise StudyError(f"--only {only!r}: row {', '.join(map(str, twice))} given twice")
     return rows
 
 
@@ -181,6 +183,7 @@ def main(
     jobs: int = None,  # runs at once, a process each (default: GPU 4, AMX CPU 2, at most 1 a core; else 1)
     fuse: str = 'auto',        # yes: rows that differ only in lr, wd or crops as one network; no; auto: where
                                # measured faster on this kind of machine (normnets_fused.FUSED_FASTER)
+    replace_results: bool = False,   # let rows of subsets (--n-train, --n-test) replace results/
 ):
     "Train each norm once per change; record its accuracy and seconds beside its recipe's."
     keep_freed_memory()
@@ -195,6 +198,8 @@ def main(
         plan = ablation_plan(names, rows, out, **settings)   # every recipe checked first
         runs = [p[:3] for p in plan]
         if runs: jobs, fuse = how_to_train(runs[0][1], jobs, fuse)
+        check_committed(out, quick_options(names, dict(n_train=n_train, n_test=n_test)), replace_results)
+        if plan: find_data(data)
         check_out(out)
         cifar = load_cifar(data) if plan else None
         with locked(check_out(out / 'ablation')):

@@ -19,12 +19,12 @@ import matplotlib
 import pandas as pd
 import torch
 from torch import nn
-from fastai.learner import load_learner
 from fastcore.script import call_parse
 
 from normnets import NORMS, fold_batchnorm
-from normnets_data import REPO_DIR, get_dls, load_cifar
-from normnets_files import FolderError, check_out, read_json
+from normnets_data import REPO_DIR, get_dls, load_cifar   # first: it quiets fastai's import warning
+from fastai.learner import load_learner
+from normnets_files import FolderError, check_out, damaged, read_json
 from normnets_device import device_name, keep_freed_memory, resolve_device
 from normnets_recipes import TRAINING_FIELDS
 from normnets_runs import accuracy_at, shuffled_test_set, with_batch_statistics
@@ -73,6 +73,27 @@ def paired_images_per_second(a: nn.Module, b: nn.Module, x, bs: int = 512, reps:
             if x.device.type == 'cuda': torch.cuda.synchronize()
             if i: best[id(m)] = min(best[id(m)], time.perf_counter() - start)
     return len(x) / best[id(a)], len(x) / best[id(b)]
+
+
+def study_models(results, device) -> dict:
+    """{norm: float32 model on `device`} of each variant's first-seed run in the study's folder `results`
+    (<norm>/, a metrics.json and a model.pkl), every run read before any is measured: a run that lost its
+    model, or whose model cannot be read, is an error that names it."""
+    found = [n for n in NORMS if (results / n / 'metrics.json').exists()]
+    if not found:
+        raise FolderError(f"{results} holds no study model (<norm>/model.pkl): run scripts/run_all.py "
+                          "first, or pass the study's folder as --results")
+    for n in found:
+        problem = damaged(results / n) or ('model.pkl missing' if not (results / n / 'model.pkl').is_file()
+                                           else None)
+        if problem: raise FolderError(f"{results / n}: {problem}; train it again (scripts/run_all.py "
+                                      "--resume) or restore it")
+    models = {}
+    for n in found:
+        try: models[n] = load_learner(results / n / 'model.pkl').model.to(device).float()
+        except Exception as e:   # a pickle of another project or version: torch's, pickle's own errors
+            raise FolderError(f"{results / n / 'model.pkl'}: cannot load it ({type(e).__name__}: {e})") from e
+    return models
 
 
 def accuracy_rows(models: dict, x, y) -> list:
@@ -126,15 +147,11 @@ def main(
     with cli_errors():   # a bad device or folder, no models, damaged runs, bad data: before measuring
         device = resolve_device(device)
         results = check_out(path_option('results', results, REPO_DIR / 'results'), create=False)
-        found = [n for n in NORMS if (results / n / 'model.pkl').is_file()]
-        if not found:
-            raise FolderError(f"{results} holds no study model (<norm>/model.pkl): run scripts/run_all.py "
-                              "first, or pass the study's folder as --results")
+        torch.manual_seed(0)
+        models = study_models(results, device)
         # each model's recipe as its run recorded it, so that the page can say whether it is today's
         recipes = pd.DataFrame([{'norm': n, **{k: m.get(k) for k in TRAINING_FIELDS}}
-                                for n in found for m in [read_json(results / n / 'metrics.json')]])
-        torch.manual_seed(0)
-        models = {n: load_learner(results / n / 'model.pkl').model.to(device).float() for n in found}
+                                for n in models for m in [read_json(results / n / 'metrics.json')]])
         x, y = test_tensors(load_cifar(data), device)
         df = pd.DataFrame(measure(models, x, y))
     df = df.merge(recipes.assign(net=recipes.net.map(json.dumps)), on='norm', how='left')

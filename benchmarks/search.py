@@ -24,12 +24,12 @@ import pandas as pd
 from fastcore.script import call_parse, CliError
 
 from normnets import MAX_EPOCHS
-from normnets_data import REPO_DIR, load_cifar
+from normnets_data import REPO_DIR, find_data, load_cifar
 from normnets_device import keep_freed_memory
 from normnets_recipes import HOLDOUT, recipe
 from normnets_files import check_out, locked
 from normnets_cli import StudyError, cli_errors, parse_fuse, parse_norms, path_option
-from normnets_study import how_to_train, plan_frame, run_plan
+from normnets_study import check_committed, how_to_train, plan_frame, quick_options, run_plan
 import normnets_plots as plots
 
 # Per optimizer: peak learning rates, a log grid of factor-2 steps around the usual values for it, and weight
@@ -87,6 +87,7 @@ def main(
     resume: bool = False,  # keep cells already finished with the same recipe
     jobs: int = None,  # cells at once, a process each (default: GPU 4, AMX CPU 2, at most 1 a core; else 1)
     fuse: str = 'auto',    # yes: a norm's cells of an optimizer as one network; no; auto: where it is faster
+    replace_results: bool = False,   # let cells of other settings (--n-train, --bs...) replace results/
 ):
     """Search each norm's optimizer, peak learning rate and weight decay with the same budget; write
     search.csv/png."""
@@ -101,6 +102,8 @@ def main(
         out = path_option('out', out, REPO_DIR / 'results')
         screen = screen_plan(names, epochs, out, **subset)   # every recipe validated before any work
         jobs, fuse = how_to_train(screen[0][1], jobs, fuse)   # bad --jobs too
+        check_committed(out, quick_options(names, dict(epochs=epochs, **subset)), replace_results)
+        find_data(data)
         check_out(out)
         cifar = load_cifar(data)
         confirmed = []

@@ -23,7 +23,8 @@ Writes the measurements to results/speed.json on a CPU without bfloat16 arithmet
 with AVX512-BF16, speed-amx.json on one with AMX (`cpu_kind`), gpu/speed.json on a GPU; `scripts/report.py`
 turns them into the pages of the same names.
 """
-import contextlib, functools, json, multiprocessing, platform, statistics, threading, time
+import contextlib, functools, json, multiprocessing, os, platform, statistics, threading, time
+from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pandas as pd
@@ -37,7 +38,7 @@ from torchvision import transforms
 
 from normnets import NORMS, FloatGroupNorm, normnet, count_macs, count_params
 from normnets_data import REPO_DIR, get_dls, load_cifar
-from normnets_files import FolderError, check_out
+from normnets_files import FolderError, check_out, read_json
 from normnets_fused import fused_learner
 from normnets_device import cpu_kind, device_name, keep_freed_memory, resolve_device
 from normnets_recipes import STUDY_SEEDS, TRAINING_FIELDS, recipe
@@ -112,7 +113,9 @@ def usual_loader(cifar, bs=128, workers=2):
 
 
 def sync(device):
-    if torch.device(device).type == 'cuda': torch.cuda.synchronize()
+    """Wait for the work this thread launched on `device`: its current stream's alone (a device-wide sync
+    would fail while a run in another thread captures its step), on the run's own device, not device 0."""
+    if torch.device(device).type == 'cuda': torch.cuda.current_stream(device).synchronize()
 
 
 def time_plain_loop(model, loader, device, steps, warmup, channels_last=False) -> float:
@@ -166,11 +169,15 @@ def recipe_learner(dls, norm, **overrides):
     return normnet_learner(dls, r)
 
 
+SEEDING = threading.Lock()   # runs in threads seed the process's generators and build their networks in turn
+
+
 def own_learner(cifar, device, norm, seed):
     "The learner of `norm`'s recipe at `seed` on `DataLoaders` of its own, as `train_run` builds it."
     r = recipe(norm, seed=seed, device=str(device))
-    seed_run(r)
-    return normnet_learner(recipe_dls(r, cifar=cifar), r)
+    with SEEDING:
+        seed_run(r)
+        return normnet_learner(recipe_dls(r, cifar=cifar), r)
 
 
 def timed_fit(learn, timer: StepTimer, *args) -> StepTimer:
@@ -536,8 +543,10 @@ def projected_study_seconds(
     return float(seeds * per_run.sum())
 
 
-def measure(cifar, device, steps, warmup, rounds) -> dict:
-    "Every measurement of the benchmark, in one run."
+def measure(cifar, device, steps, warmup, rounds, saved: dict | None = None,
+            save=lambda result: None) -> dict:
+    """Every measurement of the benchmark, in one run; each table handed to `save` as soon as it is measured,
+    and the tables of `saved` (an earlier run's, cut short) kept instead of measured again."""
     dls_of = recipe_loaders(cifar, device)
     r = recipe('batch', device=str(device))
     dls, precision = dls_of('batch'), r.precision   # the profile: batch norm's recipe
@@ -545,55 +554,70 @@ def measure(cifar, device, steps, warmup, rounds) -> dict:
         f"device: {device_name(device)}; torch {torch.__version__}; normnets trains in {precision}",
         flush=True,
     )
+    result = dict(device_name=device_name(device), device=device.type, torch=torch.__version__,
+                  python=platform.python_version(), threads=torch.get_num_threads(), precision=precision,
+                  bs=dls.train.bs, steps=steps, warmup=warmup, rounds=rounds)
+    if saved and all(saved.get(k) == v for k, v in result.items()):
+        result = saved
+        print(f"kept from before: {', '.join(k for k in MEASURED if k in saved)}", flush=True)
+
+    def table(key, measured):
+        if key not in result:
+            result[key] = measured()
+            save(result)
+        return result[key]
+
     # glibc's default allocator first, as a fresh training process meets it: glibc adapts its thresholds to
     # the blocks a process has freed, which would hide what keep_freed_memory() saves. It cannot be undone in
     # a process, so everything after it runs with it.
-    default_ips = learner_throughput(dls, 'batch', steps, warmup)[0] if device.type == 'cpu' else None
+    measure_allocator = 'changes' not in result and device.type == 'cpu'
+    default_ips = learner_throughput(dls, 'batch', steps, warmup)[0] if measure_allocator else None
     keep_freed_memory()
     allocator = (default_ips, learner_throughput(dls, 'batch', steps, warmup)[0]) if default_ips else None
-    peaks = {'fp32': matmul_gflops(device)}
-    if precision != 'fp32':
-        peaks[precision] = matmul_gflops(device, torch.bfloat16 if precision == 'bf16' else torch.float16)
-    print('matmul: ' + ', '.join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()), flush=True)
-    usual = usual_net()
-    usual_ips = time_plain_loop(usual, usual_loader(cifar), device, steps, warmup)
-    print(f"usual pipeline: {usual_ips:.0f} images/s", flush=True)
-    ref_dls = dls_of(REFERENCE_NORM, bs=REFERENCE_BS, **REFERENCE_RECIPE)
-    ref_ips, ref = learner_throughput(ref_dls, REFERENCE_NORM, steps, warmup, **REFERENCE_RECIPE)
-    print(f"reference: {ref_ips:.0f} training images/s", flush=True)
-    variants = measure_variants(dls_of, steps, warmup)
-    at_once = measure_at_once(cifar, device, dls_of, steps, warmup, rounds)
+
+    def peaks():
+        found = {'fp32': matmul_gflops(device)}
+        if precision != 'fp32':
+            found[precision] = matmul_gflops(device, torch.bfloat16 if precision == 'bf16' else torch.float16)
+        print('matmul: ' + ', '.join(f"{p} {g:.0f} GFLOP/s" for p, g in found.items()), flush=True)
+        return found
+
+    def usual():
+        net = usual_net()
+        ips = time_plain_loop(net, usual_loader(cifar), device, steps, warmup)
+        print(f"usual pipeline: {ips:.0f} images/s", flush=True)
+        return dict(params=count_params(net), macs=count_macs(net), precision='fp32', bs=128, train_ips=ips)
+
+    def reference():
+        ref_dls = dls_of(REFERENCE_NORM, bs=REFERENCE_BS, **REFERENCE_RECIPE)
+        ips, ref = learner_throughput(ref_dls, REFERENCE_NORM, steps, warmup, **REFERENCE_RECIPE)
+        print(f"reference: {ips:.0f} training images/s", flush=True)
+        return dict(norm=REFERENCE_NORM, bs=REFERENCE_BS, params=count_params(ref.model),
+                    macs=count_macs(ref.model), precision=ref.recipe.precision, train_ips=ips)
+
+    table('matmul_gflops', peaks)
+    table('usual', usual)
+    table('reference', reference)
+    variants = table('variants', lambda: measure_variants(dls_of, steps, warmup))
+    at_once = table('at_once', lambda: measure_at_once(cifar, device, dls_of, steps, warmup, rounds))
+    table('changes', lambda: measure_changes(dls_of, cifar, steps, warmup, rounds, precision, allocator))
+    # On a GPU the profiler would see a few eager steps, a capture and replays it names by kernel alone: the
+    # captured step is measured by its images/s instead.
+    table('profile', lambda: measure_profile(dls) if device.type == 'cpu' else None)
     fused = pd.DataFrame([a for a in at_once if a['how'] == 'fused' and a['runs'] == STUDY_SEEDS])
     by_seeds = pd.DataFrame(variants).set_index('norm').assign(train_ips=fused.set_index('norm').train_ips)
-    return dict(
-        device_name=device_name(device),
-        device=device.type,
-        torch=torch.__version__,
-        python=platform.python_version(),
-        threads=torch.get_num_threads(),
-        precision=precision,
-        bs=dls.train.bs,
-        steps=steps,
-        warmup=warmup,
-        rounds=rounds,
-        matmul_gflops=peaks,
-        variants=variants,
-        reference=dict(norm=REFERENCE_NORM, bs=REFERENCE_BS, params=count_params(ref.model),
-                       macs=count_macs(ref.model), precision=ref.recipe.precision, train_ips=ref_ips),
-        usual=dict(
-            params=count_params(usual), macs=count_macs(usual), precision='fp32', bs=128, train_ips=usual_ips
-        ),
-        changes=measure_changes(dls_of, cifar, steps, warmup, rounds, precision, allocator),
-        profile=measure_profile(dls),
-        at_once=at_once,
-        study=dict(
-            seeds=STUDY_SEEDS,
-            epochs=r.epochs,
-            seconds=projected_study_seconds(pd.DataFrame(variants), STUDY_SEEDS, r.epochs),
-            # each variant's seeds trained as one fused network; evaluation as above
-            fused_seconds=projected_study_seconds(by_seeds, STUDY_SEEDS, r.epochs),
-        ),
+    result['study'] = dict(
+        seeds=STUDY_SEEDS,
+        epochs=r.epochs,
+        seconds=projected_study_seconds(pd.DataFrame(variants), STUDY_SEEDS, r.epochs),
+        # each variant's seeds trained as one fused network; evaluation as above
+        fused_seconds=projected_study_seconds(by_seeds, STUDY_SEEDS, r.epochs),
     )
+    return result
+
+
+# The tables `measure` saves one by one, in the order it measures them.
+MEASURED = ('matmul_gflops', 'usual', 'reference', 'variants', 'at_once', 'changes', 'profile')
 
 
 # ---------------------------------------------------------------- write
@@ -606,6 +630,7 @@ def main(
     rounds:int=3,      # measurements of each comparison, each beside what it is compared with
     device:str=None,   # cpu or cuda (default: the GPU if there is one)
     out:str=None,      # JSON to write (default: results/speed[-bf16|-amx].json by the CPU, gpu/speed.json)
+    resume:bool=False,  # keep the tables a run cut short saved (<out>.partial.json), of the same settings
 ):
     "Measure normnets' speed; write the measurements as JSON for scripts/report.py."
     with cli_errors():   # a bad device, an unwritable folder or bad data before any measurement; Ctrl-C
@@ -618,6 +643,17 @@ def main(
             if value < least: raise ValueError(f"--{name} {value}: must be at least {least}")
         check_out(out.parent)
         if out.is_dir(): raise FolderError(f"--out {out} is a folder: name the JSON file to write")
-        result = measure(load_cifar(data), device, steps, warmup, rounds)
-    out.write_text(json.dumps(result, indent=2) + '\n')
+        partial = out.with_suffix('.partial.json')   # each table as it is measured: a cut run loses none
+        saved = read_json(partial) if resume and partial.exists() else None
+        save = lambda result: write_json(partial, result)
+        result = measure(load_cifar(data), device, steps, warmup, rounds, saved, save)
+        write_json(out, result)
+        partial.unlink(missing_ok=True)
     print(f"wrote {out}; run python scripts/report.py to render it")
+
+
+def write_json(f: Path, data: dict):
+    "Write `data` to `f` at once: to a temporary file beside it, then renamed over it."
+    tmp = f.with_name(f'.{f.name}.tmp')
+    tmp.write_text(json.dumps(data, indent=2) + '\n')
+    os.replace(tmp, f)

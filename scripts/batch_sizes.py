@@ -19,13 +19,13 @@ seconds).
 import matplotlib
 from fastcore.script import call_parse, CliError
 
-from normnets_data import REPO_DIR, load_cifar
+from normnets_data import REPO_DIR, find_data, load_cifar
 from normnets_files import check_out, locked
 from normnets import NORMS
 from normnets_device import keep_freed_memory
 from normnets_recipes import at_batch_size, recipe
 from normnets_cli import StudyError, cli_errors, parse_fuse, parse_norms, path_option
-from normnets_study import how_to_train, plan_frame, run_plan
+from normnets_study import check_committed, how_to_train, plan_frame, quick_options, run_plan
 import normnets_plots as plots
 
 SIZES = '8,16,32,64,128,256'
@@ -57,6 +57,7 @@ def main(
     resume:bool=False,     # keep cells already finished with the same recipe
     jobs:int=None,  # cells at once, a process each (default: GPU 4, AMX CPU 2, at most 1 a core; else 1)
     fuse:str='auto',       # yes: a cell's seeds as one network; no; auto: where measured faster
+    replace_results:bool=False,   # let cells of other settings (--epochs, --n-train...) replace results/
 ):
     "Train every norm at every batch size; write batch_size.csv and batch_size.png."
     matplotlib.use('Agg')
@@ -73,6 +74,8 @@ def main(
                 for b in bss for n in names for s in range(seed, seed + n_seeds[n])
                 for r in [at_batch_size(recipe(n, seed=s, **given), b)]]   # validated here
         jobs, fuse = how_to_train(plan[0][1], jobs, fuse)   # bad --jobs too
+        check_committed(out, quick_options(names, given), replace_results)
+        find_data(data)
         check_out(out)
         cifar = load_cifar(data)
         with locked(check_out(out / 'batch_size')):   # one writer of the cells; other results stay free

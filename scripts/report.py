@@ -25,8 +25,8 @@ def main(
         if not results.is_dir(): raise FolderError(f"--results {results}: no such folder")
         if not readme.is_file(): raise FolderError(f"--readme {readme}: no such file")
         if check:   # reads only: a read-only checkout can be checked
-            old = report.stale(results, readme)
-            if old: raise CliError("stale, run python scripts/report.py: " + '; '.join(old))
+            found = report.problems(results, readme)
+            if found: raise CliError(f"out of date: {report.said(found)}")
             print("README and results pages are current")
         else:
             check_out(results, create=False)

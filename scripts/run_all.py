@@ -3,14 +3,15 @@ summary, and for the default results/ the README's generated regions.
 
     python scripts/run_all.py                                   # every variant x 20 epochs x 3 seeds
     python scripts/run_all.py --data ../shared/data/cifar10-jpeg.tgz --resume
-    python scripts/run_all.py --norms bn,gn --epochs 5 --seeds 1 --out /tmp/study
+    python scripts/run_all.py --norms bn,gn --epochs 5 --seeds 1 --out /tmp/study   # a quick check
     python scripts/run_all.py --out results/gpu --jobs 8               # on a GPU: 8 runs at once
     python scripts/run_all.py --fuse yes                # each variant's seeds trained as one fused network
 
 Per variant (first seed): <out>/<norm>/ as scripts/train.py writes it. Further seeds:
 <out>/seeds/<norm>-seed<k>/. Study: summary.csv and summary.md (mean and spread over seeds), findings.csv (a
 row a norm), runs.csv (a row a run), per_class.csv, comparison.png, all written from the whole finished runs
-in the folder. A Ctrl-C keeps every finished run, and exits with status 130.
+in the folder. A Ctrl-C keeps every finished run, and exits with status 130. The committed results/ take only
+today's recipes at full length: a quick check (fewer epochs, a subset) needs an --out of its own.
 """
 
 import matplotlib
@@ -47,6 +48,7 @@ def main(
     autotune: bool = False,  # cuDNN picks its fastest kernels (GPU): faster, runs no longer repeat exactly
     jobs: int = None,  # runs at once, a process each (default: GPU 4, AMX CPU 2, at most 1 a core; else 1)
     fuse: str = 'auto',  # yes: each variant's seeds as one network; no; auto: where measured faster
+    replace_results: bool = False,  # let runs of other settings (--epochs, --n-train...) replace results/
 ):
     "Train every variant with its recipe, the same data and seeds, and write the study's tables and figures."
     matplotlib.use('Agg')
@@ -54,12 +56,13 @@ def main(
     # bad values or data, a busy, unwritable or foreign folder, files that contradict each other; Ctrl-C
     with cli_errors():
         fuse, out_dir = parse_fuse(fuse), path_option('out', out, REPO_DIR / 'results')
-        summary, missing = run_study(norms, seeds, seed, out_dir, data, resume, jobs, fuse, **given(
-            epochs=epochs, bs=bs, lr=lr, wd=wd, opt=opt, n_train=n_train, n_test=n_test, precision=precision,
-            device=device, reproducible=False if autotune else None))
+        settings = given(epochs=epochs, bs=bs, lr=lr, wd=wd, opt=opt, n_train=n_train, n_test=n_test,
+                         precision=precision, device=device, reproducible=False if autotune else None)
+        summary, missing = run_study(norms, seeds, seed, out_dir, data, resume, jobs, fuse, replace_results,
+                                     **settings)
         if summary is None:
             raise CliError(f"no finished run of this study in {out_dir}: its files are left as they were")
-        if out is None and not missing:
+        if out is None and not missing:   # the README reports results/
             for path in report.write_report(out_dir, REPO_DIR / 'README.md'): print(f"wrote {path}")
     print('\n' + (out_dir / 'summary.md').read_text())
     if missing: raise CliError(f"incomplete study: missing {', '.join(missing)} (run again with --resume)")

@@ -112,12 +112,22 @@ def test_runs_in_threads_on_streams_of_their_own_train_as_they_would_alone():
         seed_run(r)
         return normnet_learner(recipe_dls(r), r)
     def fit(learn):
-        with torch.cuda.stream(torch.cuda.Stream()), learn.no_bar(), learn.no_logging():
-            learn.fit_one_cycle(1)
-        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream), learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1)
+        stream.synchronize()   # this run's stream alone: the other thread may be capturing its step
         return torch.cat([p.detach().float().flatten() for p in learn.model.parameters()])
     alone = [fit(learner(r)) for r in recipes]
     learners = [learner(r) for r in recipes]
     with ThreadPoolExecutor(2) as pool: together = list(pool.map(fit, learners))
     assert all(hasattr(learn, 'captured_step') for learn in learners)
     for a, t in zip(alone, together): torch.testing.assert_close(t, a, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs a second GPU')
+def test_a_run_on_a_second_gpu_captures_and_waits_on_its_own_device():
+    r = recipe('gn', device='cuda:1', n_train=8 * 128, n_test=128, epochs=1)
+    seed_run(r)
+    learn = normnet_learner(recipe_dls(r), r)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1)
+    assert next(learn.model.parameters()).device == torch.device('cuda:1')
+    assert learn.recorder.values[0][1] > 0

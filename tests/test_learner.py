@@ -174,7 +174,7 @@ def tiny_dls(): return get_dls(n_train=256, n_test=128, bs=64, device='cpu')
 def test_learner_carries_the_norms_recipe(tiny_dls, norm):
     learn = normnet_learner(tiny_dls, norm, wd=0.02)
     r = learn.recipe
-    assert r == recipe(norm, bs=64, device='cpu', wd=0.02)
+    assert r == recipe(norm, bs=64, device='cpu', wd=0.02, crop_pad=4)   # the DataLoaders' crops
     assert learn.lr == r.lr and learn.wd == 0.02 and learn.loss_func.func.label_smoothing == r.label_smoothing
     assert learn.model.norm == norm and hasattr(learn, 'channels_last')
     assert any(isinstance(cb, MixedPrecision) for cb in learn.cbs) == (r.precision != 'fp32')

@@ -18,7 +18,7 @@ from normnets_cli import cli_errors
 from normnets_data import REPO_DIR, get_dls, load_cifar
 from normnets_files import FolderError, check_run_dir, damaged, locked
 from normnets_fused import train_fused
-from normnets_device import RuleError, resolve_device
+from normnets_device import RuleError, device_name, resolve_device
 from normnets_recipes import recipe
 from normnets_learner import normnet_learner
 from normnets_study import run_dir, run_study
@@ -135,7 +135,7 @@ def test_inference_reads_every_runs_metrics_before_measuring(tmp_path, monkeypat
     def measured(*args): raise AssertionError('measured before the runs were read')
     monkeypatch.setattr(inference, 'measure', measured)
     monkeypatch.setattr(inference, 'load_learner', measured)
-    with pytest.raises(CliError, match='metrics.json: cannot read it'): inference.main(results=str(tmp_path))
+    with pytest.raises(CliError, match='metrics.json unreadable'): inference.main(results=str(tmp_path))
 
 
 def test_a_kill_ends_a_command_as_ctrl_c_does_after_its_clean_up(capsys):
@@ -179,7 +179,7 @@ def test_files_under_a_runs_or_a_studys_names_are_not_taken_for_ours(tmp_path):
     notes = tmp_path / 'notes'
     notes.mkdir()
     (notes / 'summary.md').write_text('my notes')
-    with pytest.raises(CliError, match='holds summary.md but no study'):
+    with pytest.raises(CliError, match=r'holds files of its own \(summary.md\) but no study'):
         run_all.main(norms='bn', seeds=1, out=str(notes), **TINY)
     assert (notes / 'summary.md').read_text() == 'my notes' and (run / 'history.csv').exists()
 
@@ -190,7 +190,7 @@ def test_report_names_a_missing_cut_or_empty_table(study, tmp_path):
     summary = study / 'summary.csv'
     text = summary.read_text()
     for damage, message in ((None, 'summary.csv: cannot read it'), (text[:-20], 'cut short'),
-                            ('', 'summary.csv: cannot read it')):
+                            ('', r'summary.csv: cannot read it \(empty\)')):
         if damage is None: summary.unlink()
         else: summary.write_text(damage)
         with pytest.raises(CliError, match=message):
@@ -245,3 +245,218 @@ def test_a_session_in_the_clones_parent_folder_imports_normnets(tmp_path):
     r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == '50000', r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the committed results
+
+QUICK = dict(epochs=1, n_train=512, n_test=256)
+
+
+def never(*args, **kw): raise AssertionError('work began')
+
+
+def test_a_quick_check_without_out_is_refused_before_it_touches_the_committed_results(monkeypatch):
+    "The README's study, and every grid beside it, is replaced only by today's recipes at full length."
+    import ablation, batch_sizes, normnets_study
+    for module in (normnets_study, batch_sizes, search, ablation):
+        monkeypatch.setattr(module, 'run_plan', never)
+    monkeypatch.setattr(train, 'train_run', never)
+    before = {f: f.read_bytes() for f in (REPO_DIR / 'results').glob('*.csv')}
+    for main, args in ((run_all.main, dict(norms='bn', seeds=1, **QUICK)), (train.main, QUICK),
+                       (batch_sizes.main, dict(norms='bn', sizes='64', **QUICK)),
+                       (search.main, dict(norms='bn', n_train=512)),
+                       (ablation.main, dict(only='0', n_test=256))):
+        with pytest.raises(CliError, match=r'holds the committed results.*--out.*--replace-results'):
+            main(**args)
+    # today's recipe at full length may replace them, and so may any check the command says may
+    normnets_study.check_committed(REPO_DIR / 'results', normnets_study.quick_options(['bn'], {}))
+    normnets_study.check_committed(REPO_DIR / 'results' / 'batch', {'epochs': 1}, replace=True)
+    assert normnets_study.quick_options(['bn', 'gn'], dict(epochs=20, precision='fp32', seed=3)) == {}
+    assert {f: f.read_bytes() for f in (REPO_DIR / 'results').glob('*.csv')} == before
+
+
+def test_train_without_out_writes_its_seeds_folder_of_the_study():
+    assert train.run_dir(train.COMMITTED, 'batch', 1) == REPO_DIR / 'results' / 'seeds' / 'batch-seed1'
+
+
+@pytest.fixture
+def reported(study, tmp_path):
+    "The tiny study with a README of its own, current."
+    readme = tmp_path / 'README.md'
+    readme.write_text((REPO_DIR / 'README.md').read_text())
+    report.write_report(study, readme)
+    return study, readme
+
+
+def test_check_fails_when_a_committed_run_disagrees_with_the_tables(reported):
+    study, readme = reported
+    m = json.loads((study / 'batch' / 'metrics.json').read_text())
+    (study / 'batch' / 'metrics.json').write_text(json.dumps({**m, 'test_acc': 0.09}))
+    with pytest.raises(CliError, match=r'batch/metrics.json says test_acc 0.09.*run_all.py --resume'):
+        report_script.main(results=str(study), readme=str(readme), check=True)
+    with pytest.raises(FolderError, match='nothing written'): report.write_report(study, readme)
+
+
+def test_report_writes_all_or_nothing_and_names_what_it_cannot_write(reported):
+    study, readme = reported
+    text = readme.read_text()
+    (study / 'study.md').unlink()
+    (study / 'study.md').mkdir()   # a page that cannot be written
+    with pytest.raises(FolderError, match=r'cannot write .*study.md .*nothing was written'):
+        report.write_report(study, readme)
+    assert readme.read_text() == text and not list(study.glob('.*.tmp'))
+
+
+def test_report_refuses_to_write_links_to_missing_figures_and_says_what_fixes_each_problem(reported):
+    study, readme = reported
+    (study / 'batch' / 'curves.png').unlink()
+    text = readme.read_text()
+    with pytest.raises(FolderError, match=r'nothing written: .*curves.png, which does not exist \(restore'):
+        report.write_report(study, readme)
+    assert readme.read_text() == text
+    with pytest.raises(CliError) as e: report_script.main(results=str(study), readme=str(readme), check=True)
+    assert 'restore them' in str(e.value) and 'report.py rewrites' not in str(e.value)
+    readme.write_text(text.replace('<!--/g-->', '', 1))
+    with pytest.raises(CliError, match='by hand') as e:
+        report_script.main(results=str(study), readme=str(readme), check=True)
+    assert 'report.py rewrites' not in str(e.value)
+
+
+def test_the_report_of_a_study_without_a_norm_of_a_page_beside_it_is_written(tmp_path):
+    "The bfloat16 page beside a main study that lacks its group and layer norm: the norms of both only."
+    shutil.copytree(REPO_DIR / 'results' / 'bf16', tmp_path / 'bf16', ignore=shutil.ignore_patterns('*.pkl'))
+    for name in ('summary.csv', 'runs.csv'):
+        df = pd.read_csv(REPO_DIR / 'results' / name)
+        df[df.norm == 'batch'].to_csv(tmp_path / name, index=False)
+    from normnets_pages import beside_page
+    page = beside_page(tmp_path, 'bf16', 'bfloat16', 'bf16', 'float32')
+    assert '| batch ' in page and '| group ' not in page
+
+
+def test_a_resume_that_trains_nothing_keeps_the_studys_record(study, capsys):
+    before = (study / 'study.json').read_text()
+    run_study('bn', 2, 0, study, resume=True, precision='fp32', **TINY)
+    assert '; 2 kept, 0 to train' in capsys.readouterr().out
+    assert (study / 'study.json').read_text() == before
+
+
+# ---------------------------------------------------------------- damaged files, one line each
+
+def test_inference_names_a_missing_or_damaged_model(study):
+    model = study / 'batch' / 'model.pkl'
+    good = model.read_bytes()
+    model.unlink()
+    with pytest.raises(CliError, match=r'batch: model.pkl missing'): inference.main(results=str(study))
+    for junk, message in ((good[:len(good) // 2], 'model.pkl unreadable'), (b'', 'model.pkl unreadable'),
+                          (b'junk' * 100, 'model.pkl unreadable')):
+        model.write_bytes(junk)
+        with pytest.raises(CliError, match=message): inference.main(results=str(study))
+    import zipfile
+    with zipfile.ZipFile(model, 'w') as z: z.writestr('archive/data.pkl', b'not a pickle')
+    with pytest.raises(CliError, match=r'batch/model.pkl: cannot load it'): inference.main(results=str(study))
+
+
+def test_a_damaged_data_archive_is_one_error_naming_it(tmp_path):
+    "Bytes flipped in the middle of a .tgz: zlib's or gzip's own errors become one line."
+    import io, tarfile
+    from normnets_data import CifarDataError
+    archive = tmp_path / 'cifar.tgz'
+    with tarfile.open(archive, 'w:gz') as tar:
+        for i in range(40):
+            data = (f'image {i} ' * 400).encode()
+            info = tarfile.TarInfo(f'cifar10/train/cat/{i}.png')
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    good = archive.read_bytes()
+    for where in (len(good) // 3, len(good) // 2, 2 * len(good) // 3):
+        flipped = bytes(b ^ 0xFF for b in good[where:where + 50])
+        archive.write_bytes(good[:where] + flipped + good[where + 50:])
+        with pytest.raises(CifarDataError, match=f'{archive}'): load_cifar(archive, cache_dir=tmp_path)
+
+
+def test_a_full_disk_is_said_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    real = torch.save
+    monkeypatch.setattr(torch, 'save', lambda obj, f, **kw: real(obj, '/dev/full', **kw))
+    with pytest.raises(CliError, match=r'cannot write .*model.pkl: \d+ MB free on its disk'):
+        train.main(norm='bn', out=str(tmp_path / 'run'), precision='fp32', **TINY)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('data, message', [('', '--data is empty'), ('/nonexistent', 'not found at')])
+def test_bad_data_is_refused_before_any_folder_is_made(tmp_path, data, message):
+    for main in (run_all.main, train.main):
+        with pytest.raises(CliError, match=message): main(data=data, out=str(tmp_path / 'new'), **TINY)
+        assert not (tmp_path / 'new').exists()
+
+
+def test_the_learner_records_the_crops_and_batch_size_it_trains_with(cifar):
+    learn = normnet_learner(get_dls(cifar=cifar, n_train=300, n_test=100, device='cpu'), 'gn')
+    assert (learn.recipe.crop_pad, learn.recipe.bs) == (4, 256)   # get_dls' defaults, not the recipe's
+    dls = get_dls(cifar=cifar, n_train=200, n_test=100, device='cpu', crop_pad=2, bs=100, cutout=8)
+    learn = normnet_learner(dls, 'gn')
+    assert (learn.recipe.crop_pad, learn.recipe.bs, learn.recipe.cutout) == (2, 100, 8)
+    assert normnet_learner(dls, recipe('gn', crop_pad=4, device='cpu')).recipe.crop_pad == 2
+    with pytest.raises(RuleError, match="crop_pad=4 but the DataLoaders' crop_pad is 2"):
+        normnet_learner(dls, 'gn', crop_pad=4)
+
+
+# ---------------------------------------------------------------- folders and small things
+
+def test_a_folder_inside_one_being_written_is_refused(tmp_path):
+    with locked(tmp_path):
+        with pytest.raises(CliError, match=r'inside .*which another normnets command is writing'):
+            run_all.main(norms='bn', seeds=1, out=str(tmp_path / 'sub'), **TINY)
+        with pytest.raises(FolderError) as e:
+            with locked(tmp_path, elsewhere=''): pass
+    assert '--out' not in str(e.value)   # report.py's lock: no option it does not have
+
+
+def test_a_folder_of_someone_elses_files_is_refused(tmp_path):
+    (tmp_path / 'notes.txt').write_text('mine')
+    with pytest.raises(CliError, match=r'holds files of its own \(notes.txt\)'):
+        run_all.main(norms='bn', seeds=1, out=str(tmp_path), **TINY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.txt']
+
+
+def test_a_row_given_twice_is_refused_before_any_folder(tmp_path):
+    import ablation
+    with pytest.raises(CliError, match=r"--only '1,1': row 1 given twice"):
+        ablation.main(only='1,1', out=str(tmp_path / 'out'))
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_writer(tmp_path):
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
+                          text=True).stdout.strip()
+    left = tmp_path / f'.batch-run-{dead}-{normnets_files.HOST}-abc_12'
+    other_machine = tmp_path / f'.batch-run-{dead}-00000000-abc_12'
+    live = normnets_files.private_tmp_dir(tmp_path / 'group')   # this process's: in use
+    for d in (left, other_machine): d.mkdir()
+    normnets_files.private_tmp_dir(tmp_path / 'batch')
+    assert not left.exists() and other_machine.exists() and live.exists()
+
+
+def test_a_plan_of_many_runs_tries_each_folder_for_writing_once(tmp_path, monkeypatch):
+    tried = []
+    monkeypatch.setattr(normnets_files, 'check_writable', lambda folder, what: tried.append(folder))
+    normnets_files.check_run_dirs([tmp_path / 'seeds' / f'batch-seed{s}' for s in range(1000)])
+    assert tried == [tmp_path]
+
+
+def test_the_plan_says_the_threads_each_run_will_record(capsys):
+    from normnets_study import plan_line, plural
+    r = recipe('bn', device='cpu')
+    line = plan_line([('a', r, None), ('b', r, None)], 2, 2, None)
+    assert 'thread' in line and device_name('cpu', max(1, torch.get_num_threads() // 2)) in line
+    assert plural(1, 'seed') == '1 seed' and plural(2, 'variant') == '2 variants'
+    assert device_name('cpu', 1).endswith('(CPU, 1 thread)')
+
+
+def test_logs_show_no_progress_bar_redraws_or_fastais_import_warning(capsys):
+    from normnets_data import decoding_progress
+    assert list(decoding_progress(list(range(100)))) == list(range(100))
+    out = capsys.readouterr().out
+    assert '\r' not in out and out.splitlines()[-1] == 'decoded 100 of 100 images'
+    r = subprocess.run([sys.executable, str(REPO_DIR / 'scripts' / 'train.py'), '--help'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and 'Warning' not in r.stderr, r.stderr

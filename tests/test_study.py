@@ -1,7 +1,7 @@
 """The study end to end on a small subset of the real data for 1 epoch: every file written and well-formed, a
 README generated from it, and no run lost or mixed (interruptions, other recipes, a second writer, bad --out).
 """
-import importlib, json, os, re, shutil, stat, subprocess, sys, time
+import importlib, json, os, re, shutil, signal, stat, subprocess, sys, time
 from types import SimpleNamespace
 
 import pandas as pd
@@ -53,7 +53,7 @@ def study_copy(study, tmp_path):
 def test_progress_names_each_run(study):
     _, stdout = study
     for i, norm in enumerate(NORMS, 1):
-        assert f'=== run {i}/{len(NORMS)}: {norm} norm, seed 0, 1 epochs' in stdout
+        assert f'=== run {i}/{len(NORMS)}: {norm} norm, seed 0, 1 epoch' in stdout
     assert 'min left' in stdout
 
 
@@ -243,18 +243,42 @@ def test_runs_train_as_measured_fastest_unless_the_command_says_how(monkeypatch)
     assert how_to_train(cpu, fuse=True) == (1, True)
 
 
-def test_a_kill_stops_every_run_in_flight(tmp_path):
+def children(pid: int) -> list[int]:
+    with open(f'/proc/{pid}/task/{pid}/children') as f: return [int(p) for p in f.read().split()]
+
+
+def running(pid: int) -> bool:
+    "Whether `pid` runs (a zombie left for its new parent to reap does not)."
+    try:
+        with open(f'/proc/{pid}/status') as f: return 'State:\tZ' not in f.read()
+    except FileNotFoundError: return False
+
+
+@pytest.mark.parametrize('stop', ['SIGTERM', 'Ctrl-C', 'SIGKILL'])
+def test_a_kill_stops_every_run_in_flight(tmp_path, stop):
     """A kill of a study training runs at once stops its workers too, as a Ctrl-C stops one run: nothing
-    half-written, no run finishing after the study has ended, the folder free again."""
+    half-written, no worker left running, no run finishing after the study has ended, no traceback, the
+    folder free again. A Ctrl-C reaches every process of the terminal's group; a SIGKILL only the study,
+    whose workers then stop by themselves."""
     args = ['--seeds', '1', '--epochs', '5', '--n-train', '4000', '--n-test', '300', '--bs', '100']
     study = subprocess.Popen(RUN_ALL + args + ['--norms', 'bn,gn,ln', '--jobs', '2', '--out', str(tmp_path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     for line in study.stdout:
         if 'runs to train' in line: break
     time.sleep(8)   # the workers are training
-    study.terminate()
-    assert 'Interrupted: the finished runs are kept.' in study.communicate(timeout=60)[0]
-    time.sleep(3)
+    workers = children(study.pid)
+    assert len(workers) >= 2
+    if stop == 'SIGTERM': study.terminate()
+    elif stop == 'Ctrl-C': os.killpg(study.pid, signal.SIGINT)
+    else: study.kill()
+    out, err = study.communicate(timeout=60)
+    if stop != 'SIGKILL': assert 'Interrupted: the finished runs are kept.' in out
+    for _ in range(60):
+        if not any(map(running, workers)): break
+        time.sleep(0.5)
+    assert not any(map(running, workers))
+    assert 'Traceback' not in err, err[-3000:]
     assert not [p.name for p in tmp_path.iterdir() if p.is_dir()]   # no run, finished or half-written
     with locked(tmp_path): pass
 
