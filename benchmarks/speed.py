@@ -622,6 +622,13 @@ MEASURED = ('matmul_gflops', 'usual', 'reference', 'variants', 'at_once', 'chang
 
 # ---------------------------------------------------------------- write
 
+def write_json(f: Path, data: dict):
+    "Write `data` to `f` at once: to a temporary file beside it, then renamed over it."
+    tmp = f.with_name(f'.{f.name}.tmp')
+    tmp.write_text(json.dumps(data, indent=2) + '\n')
+    os.replace(tmp, f)
+
+
 @call_parse
 def main(
     data:str=None,     # CIFAR-10 folder or .tgz (default: $NORMNETS_DATA, data/cifar10, else download)
@@ -651,9 +658,3 @@ def main(
         partial.unlink(missing_ok=True)
     print(f"wrote {out}; run python scripts/report.py to render it")
 
-
-def write_json(f: Path, data: dict):
-    "Write `data` to `f` at once: to a temporary file beside it, then renamed over it."
-    tmp = f.with_name(f'.{f.name}.tmp')
-    tmp.write_text(json.dumps(data, indent=2) + '\n')
-    os.replace(tmp, f)
