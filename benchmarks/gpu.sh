@@ -27,8 +27,9 @@ TRIAL=${TRIAL:-}           # options that shrink every training run (a trial on 
 norms=${NORMS:+--norms $NORMS}   # the variants trained (default: every registered one)
 end=$((SECONDS + BUDGET))
 stages=("$@")
-declare -A WRITES=([study]="gpu" [speed]="gpu/speed.json" [batch-sizes]="batch_size batch_size.csv batch_size.png"
-                   [search]="search search.csv search.png")
+# what each stage writes under ROOT, and packs: a speed stage cut short brings back the tables it saved
+declare -A WRITES=([study]="gpu" [speed]="gpu/speed.json gpu/speed.partial.json"
+                   [batch-sizes]="batch_size batch_size.csv batch_size.png" [search]="search search.csv search.png")
 for s in "${stages[@]}"; do
     [ -n "${WRITES[$s]:-}" ] || { echo "gpu.sh: unknown stage '$s': choose from study, speed, batch-sizes, search" >&2; exit 2; }
 done
