@@ -205,19 +205,21 @@ def runs_disagreeing(results: Path) -> list[str]:
     return out
 
 
-def problems(results: Path, readme: Path, written=()) -> list[tuple[str, str]]:
+def problems(results: Path, readme: Path, written=(), values: dict | None = None,
+             named: dict | None = None) -> list[tuple[str, str]]:
     """(what, what fixes it) for everything the files no longer match: runs that disagree with the tables
     made of them, broken region markers, README regions and pages under results/, and figures or pages that
     the regions or pages link to and that do not exist, nor are about to be `written` (empty when all is
-    current)."""
+    current). `values` and `named`: the regions and pages, where the caller has made them already."""
     results, readme = Path(results), Path(readme)
     out = [(what, SUMMARIZE) for what in runs_disagreeing(results)]
-    text, values = readme.read_text(), regions(results, readme.parent)
+    text = readme.read_text()
+    values = regions(results, readme.parent) if values is None else values
     out += [(f"README markers: {problem}", BY_HAND) for problem in marker_problems(text, values)]
     if not out:
         out += [(f"README region {m['name']!r}", REWRITE) for m in REGION.finditer(text)
                 if m['body'] != values[m['name']]]
-    named = pages(results)
+    named = pages(results) if named is None else named
     out += [(f"{results / name}", REWRITE) for name, page in named.items()
             if not (results / name).is_file() or (results / name).read_text() != page]
     out += [(f"README links to {t}, which does not exist", RESTORE)
@@ -267,9 +269,11 @@ def write_report(results: Path, readme: Path) -> list[Path]:
     or figures that the pages would link to and that are missing change nothing."""
     results, readme = Path(results), Path(readme)
     with locked(results, elsewhere=''):
-        text, named = fill(readme.read_text(), regions(results, readme.parent)), pages(results)
-        files = {readme: text, **{results / name: page for name, page in named.items()}}
-        blocking = [(what, fix) for what, fix in problems(results, readme, written=files) if fix != REWRITE]
+        values, named = regions(results, readme.parent), pages(results)
+        files = {readme: fill(readme.read_text(), values),
+                 **{results / name: page for name, page in named.items()}}
+        blocking = [(what, fix) for what, fix in problems(results, readme, files, values, named)
+                    if fix != REWRITE]
         if blocking: raise FolderError(f"nothing written: {said(blocking)}")
         write_all(files)
     return list(files)

@@ -22,12 +22,13 @@ import pandas as pd
 from fastcore.script import call_parse
 
 from normnets import NORMS
-from normnets_data import REPO_DIR, find_data, load_cifar
+from normnets_data import find_data, load_cifar
 from normnets_device import keep_freed_memory
 from normnets_recipes import HOLDOUT, OPTIMIZER_SETTINGS, RECIPES, Recipe, recipe, recipe_label
 from normnets_files import check_out, check_run_dir, locked
 from normnets_cli import StudyError, check_jobs, cli_errors, parse_fuse, parse_norms, path_option
-from normnets_study import check_committed, how_to_train, kept_run, quick_options, run_plan
+from normnets_study import (COMMITTED, check_committed, how_to_train, kept_run, quick_options,
+                            run_plan)
 
 
 def base_changes(r: Recipe) -> dict:
@@ -194,7 +195,7 @@ def main(
                         **{k: v for k, v in given.items() if v is not None})
         names, fuse = parse_norms(norms), parse_fuse(fuse)
         check_jobs(jobs, fuse)
-        out = path_option('out', out, REPO_DIR / 'results')
+        out = path_option('out', out, COMMITTED)
         plan = ablation_plan(names, rows, out, **settings)   # every recipe checked first
         runs = [p[:3] for p in plan]
         if runs: jobs, fuse = how_to_train(runs[0][1], jobs, fuse)

@@ -24,12 +24,13 @@ import pandas as pd
 from fastcore.script import call_parse, CliError
 
 from normnets import MAX_EPOCHS
-from normnets_data import REPO_DIR, find_data, load_cifar
+from normnets_data import find_data, load_cifar
 from normnets_device import keep_freed_memory
 from normnets_recipes import HOLDOUT, recipe
 from normnets_files import check_out, locked
 from normnets_cli import StudyError, cli_errors, parse_fuse, parse_norms, path_option
-from normnets_study import check_committed, how_to_train, plan_frame, quick_options, run_plan
+from normnets_study import (COMMITTED, check_committed, how_to_train, plan_frame, quick_options,
+                            run_plan)
 import normnets_plots as plots
 
 # Per optimizer: peak learning rates, a log grid of factor-2 steps around the usual values for it, and weight
@@ -99,7 +100,7 @@ def main(
         if seeds < 1: raise StudyError(f"--seeds {seeds}: a confirmed cell runs at 1 or more seeds more")
         given = dict(n_train=n_train, n_test=n_test, bs=bs, seed=seed, precision=precision)
         subset = {k: v for k, v in given.items() if v is not None}
-        out = path_option('out', out, REPO_DIR / 'results')
+        out = path_option('out', out, COMMITTED)
         screen = screen_plan(names, epochs, out, **subset)   # every recipe validated before any work
         jobs, fuse = how_to_train(screen[0][1], jobs, fuse)   # bad --jobs too
         check_committed(out, quick_options(names, dict(epochs=epochs, **subset)), replace_results)

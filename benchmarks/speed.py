@@ -657,4 +657,3 @@ def main(
         write_json(out, result)
         partial.unlink(missing_ok=True)
     print(f"wrote {out}; run python scripts/report.py to render it")
-

@@ -19,13 +19,14 @@ seconds).
 import matplotlib
 from fastcore.script import call_parse, CliError
 
-from normnets_data import REPO_DIR, find_data, load_cifar
+from normnets_data import find_data, load_cifar
 from normnets_files import check_out, locked
 from normnets import NORMS
 from normnets_device import keep_freed_memory
 from normnets_recipes import at_batch_size, recipe
 from normnets_cli import StudyError, cli_errors, parse_fuse, parse_norms, path_option
-from normnets_study import check_committed, how_to_train, plan_frame, quick_options, run_plan
+from normnets_study import (COMMITTED, check_committed, how_to_train, plan_frame, quick_options,
+                            run_plan)
 import normnets_plots as plots
 
 SIZES = '8,16,32,64,128,256'
@@ -69,7 +70,7 @@ def main(
         n_seeds = {n: seeds or SEEDS[NORMS[n].exercise] for n in names}
         given = dict(epochs=epochs, n_train=n_train, n_test=n_test, precision=precision)
         given = {k: v for k, v in given.items() if v is not None}
-        out = path_option('out', out, REPO_DIR / 'results')
+        out = path_option('out', out, COMMITTED)
         plan = [(f"{n} norm, batch size {b}, seed {s}", r, out / 'batch_size' / f'{n}-bs{b}-seed{s}')
                 for b in bss for n in names for s in range(seed, seed + n_seeds[n])
                 for r in [at_batch_size(recipe(n, seed=s, **given), b)]]   # validated here

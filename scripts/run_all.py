@@ -20,7 +20,7 @@ from fastcore.script import call_parse, CliError
 from normnets_data import REPO_DIR
 from normnets_device import keep_freed_memory
 from normnets_recipes import STUDY_SEEDS
-from normnets_study import run_study
+from normnets_study import COMMITTED, run_study
 from normnets_cli import cli_errors, parse_fuse, path_option
 import normnets_report as report
 
@@ -55,7 +55,7 @@ def main(
     keep_freed_memory()
     # bad values or data, a busy, unwritable or foreign folder, files that contradict each other; Ctrl-C
     with cli_errors():
-        fuse, out_dir = parse_fuse(fuse), path_option('out', out, REPO_DIR / 'results')
+        fuse, out_dir = parse_fuse(fuse), path_option('out', out, COMMITTED)
         settings = given(epochs=epochs, bs=bs, lr=lr, wd=wd, opt=opt, n_train=n_train, n_test=n_test,
                          precision=precision, device=device, reproducible=False if autotune else None)
         summary, missing = run_study(norms, seeds, seed, out_dir, data, resume, jobs, fuse, replace_results,
