@@ -32,13 +32,14 @@ from fastcore.foundation import L
 
 from normnets import init_whitening
 from normnets_data import Cutout, RandomCropFlip
-from normnets_device import RuleError
-from normnets_recipes import OPTIMIZERS, Recipe, recipe, with_lookahead
+from normnets_device import RuleError, machine_kind
+from normnets_recipes import N_TRAIN, OPTIMIZERS, Recipe, recipe, with_lookahead
 
 __all__ = ['normnet_learner', 'recipe', 'DeviceMixedPrecision', 'autocast_of', 'DeviceAvgMetric',
            'RecorderOnHost', 'DeviceAvgLoss', 'DeviceAvgSmoothLoss', 'SparseProgress', 'LineProgress',
            'progress', 'WeightEMA', 'adam_step', 'sgd_step', 'scheduled_values', 'CapturedStep',
-           'captured_step_fits', 'FirstStepsEstimate', 'EpochSeconds']
+           'captured_step_fits', 'COMPILED_FASTER', 'COMPILE_PAYS_AFTER', 'compiled_step_fits',
+           'FirstStepsEstimate', 'EpochSeconds']
 
 
 class DeviceMixedPrecision(MixedPrecision):
@@ -221,15 +222,24 @@ class CapturedStep(Callback):
     replayed, `learn.pred` and `learn.loss` point at its outputs, and the batch is cancelled: the Recorder,
     metrics and schedulers still run in `after_batch`. The optimizer's state is fastai's (`learn.opt.state`),
     so a fit without it goes on from where one with it stopped. With `graph=False` (any device) every step
-    runs eagerly: the same function, which the tests compare with fastai's loop on a CPU."""
+    runs eagerly: the same function, which the tests compare with fastai's loop on a CPU. Where no graph is
+    captured, `compiled=True` runs the function through `torch.compile` (`backend`): on a CPU it fuses the
+    elementwise work of normalization, ReLU, skips and the optimizer into a few loops (`COMPILED_FASTER`). A
+    compile that fails trains on eagerly after one line that says so."""
     # Last of a batch's callbacks: it cancels the batch, so every other `before_batch` (the schedulers that
     # set this step's hyperparameters, timers) must have run.
     order = 1000
     capturing = threading.Lock()   # torch.cuda.graph synchronizes the GPU and empties its cache on entry
 
-    def __init__(self, graph: bool = True, warmup: int = 3): self.graph, self.warmup = graph, warmup
+    def __init__(self, graph: bool = True, warmup: int = 3, compiled: bool = False, backend='inductor'):
+        self.graph, self.warmup, self.compiled, self.backend = graph, warmup, compiled, backend
+        self.took, self.fitting = None, False   # the training step of the last fit: none yet
 
     def before_fit(self):
+        # fastai's get_preds and validate send before_fit too: a learner that has not trained (the runs of a
+        # fused network, each scored on its own) has no optimizer, and nothing here to prepare
+        self.fitting = self.learn.opt is not None
+        if not self.fitting: return
         r, opt = self.learn.recipe, self.learn.opt
         if len(opt.param_lists) != 1: raise RuleError("the captured step takes one parameter group")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -247,17 +257,29 @@ class CapturedStep(Callback):
         self.autocast = torch.autocast(self.dls.device.type, dtype=amp.dtype, cache_enabled=False) \
             if amp else contextlib.nullcontext()
         self.x = self.y = self.cuda_graph = None
+        # torch's loss inside fastai's `BaseLoss`, whose reshapes cast to fastai's tensor types (which recurse
+        # under torch.compile): normnets' predictions and targets already have the shapes it makes
+        self.criterion = getattr(self.learn.loss_func, 'func', self.learn.loss_func)
         # a learner exported with this callback and loaded on a machine without a GPU trains eagerly there
         self.capture = self.graph and self.dls.device.type == 'cuda'
         self.side = torch.cuda.Stream(self.dls.device) if self.capture else None
         self.eager = 0
+        self.step_fn = self.step
+        if self.compiled and not self.capture and not torch._dynamo.config.disable:   # TORCH_COMPILE_DISABLE
+            if getattr(self, 'compiled_step', None) is None:
+                # Compiled once a learner, its later fits reusing it. Dynamo's caches emptied first: a
+                # process that trains many runs one after another (a grid) would reach its limit of graphs
+                # a function and run every later one eagerly.
+                torch.compiler.reset()
+                self.compiled_step, self.first = torch.compile(self.step, backend=self.backend), True
+            self.step_fn = self.compiled_step
 
     def step(self):
         "One training step on the static batch: forward, loss, backward, the optimizer's step."
         for p in self.params: p.grad = None   # backward writes the gradients afresh
         with self.autocast:
             pred = self.model(self.x).float()
-            loss = self.learn.loss_func(pred, self.y)
+            loss = self.criterion(pred, self.y)
         loss.backward()
         grads, hp, c = [p.grad for p in self.params], self.hp.unbind(), self.constants
         with torch.no_grad():
@@ -284,7 +306,7 @@ class CapturedStep(Callback):
         self.steps += 1
         for t, v in zip(self.hp, scheduled_values(self.learn.recipe.opt, h, self.steps)): t.fill_(v)
         if self.cuda_graph is not None: self.cuda_graph.replay()
-        elif not self.capture: self.out = self.step()
+        elif not self.capture: self.out = self.run_step()
         elif self.eager < self.warmup:   # warm-up, real steps: on the side stream, as capture needs
             main = torch.cuda.current_stream(self.dls.device)   # the run's device's, not device 0's
             self.side.wait_stream(main)
@@ -302,12 +324,37 @@ class CapturedStep(Callback):
         self.learn.pred, self.learn.loss = self.out
         raise CancelBatchException()
 
+    def run_step(self):
+        """The step, compiled or eager (`self.step_fn`). A compile that fails (no C++ compiler, an error of
+        inductor's) is one line, and this step and every later one run eagerly. The first call puts batch
+        norm's running statistics back first: the forward pass may have run before the backward pass's compile
+        failed (nothing else changes before the optimizer's step, the last part compiled)."""
+        if self.step_fn == self.step: return self.step()
+        saved = [b.clone() for b in self.model.buffers()] if self.first else None
+        self.first = False
+        try: return self.step_fn()
+        except Exception as e:   # noqa: BLE001  dynamo and inductor raise many kinds; a bug raises again
+            if saved: torch._foreach_copy_(list(self.model.buffers()), saved)
+            cause = getattr(e, 'inner_exception', None) or e   # what the backend raised, in dynamo's error
+            said = str(cause).strip().splitlines()
+            print(f"torch.compile failed ({type(cause).__name__}: {said[0][:150] if said else ''}); this run "
+                  "trains eagerly", file=sys.stderr, flush=True)
+            self.step_fn, self.compiled, self.compiled_step = self.step, False, None
+            return self.step()
+
     def after_fit(self):
+        if not self.fitting: return
         for s in self.state: s['step'] = self.steps
+        # what the fit trained with, as metrics.json records it
+        self.took = ('captured CUDA graph' if self.capture else
+                     'compiled (torch.compile)' if self.step_fn != self.step else 'one function, eager')
         # picklable again, and holding none of the optimizer's state (an exported learner carries no Adam
         # moments) nor the model's parameters: the next fit takes them afresh
         self.cuda_graph = self.side = self.x = self.y = self.out = self.hp = self.autocast = None
-        self.params = self.state = self.do_wd = None
+        self.params = self.state = self.do_wd = self.step_fn = self.criterion = None
+
+    def __getstate__(self):   # the compiled function stays in this process (pickle cannot carry it)
+        return {k: v for k, v in self.__dict__.items() if k != 'compiled_step'}
 
 
 def captured_step_fits(r: Recipe) -> bool:
@@ -316,6 +363,36 @@ def captured_step_fits(r: Recipe) -> bool:
     MixUp)."""
     return torch.device(r.device).type == 'cuda' and r.precision != 'fp16' and not (
         r.ema or r.lookahead or r.mixup)
+
+
+# Where the compiled step trains faster than the same step eager: (machine kind, precision, norm) whose
+# median ratio in benchmarks/speed.py's `compiled` table was 1.05x or more at every batch size measured (8, 32
+# and the recipe's). On the AMD EPYC with AVX512-BF16 (results/speed-bf16.md, 9 rounds each): batch norm
+# 1.08-1.19x in bf16 and 1.11-1.16x in fp32, layer norm 1.09-1.23x in bf16; not layer norm in fp32
+# (1.01-1.05x) nor group norm (0.81-1.04x). The Intel Xeon with AMX and the float32 AMD are not measured yet:
+# they train eagerly.
+COMPILED_FASTER: set[tuple[str, str, str]] = {
+    ('cpu-bf16', 'bf16', 'batch'), ('cpu-bf16', 'fp32', 'batch'), ('cpu-bf16', 'bf16', 'layer')}
+# The training steps a run needs for its compile to pay: the compile took up to 29 s there (less where
+# inductor's cache held its kernels), and a compiled step saved 0.002 s (batch norm, batch size 8) to 0.009 s
+# (layer norm, 128). A quick check compiles nothing; a full-length run of batch norm's recipe (3,900 steps)
+# about breaks even, and trains eagerly.
+COMPILE_PAYS_AFTER = 4000
+
+
+def training_steps(r: Recipe) -> int:
+    "The optimizer steps of a run of recipe `r` (its training loader drops the last partial batch)."
+    return (r.n_train or N_TRAIN - r.holdout) // r.bs * r.epochs
+
+
+def compiled_step_fits(r: Recipe) -> bool:
+    """Whether recipe `r` trains with `CapturedStep`'s function compiled: where it measured faster
+    (`COMPILED_FASTER`), in bf16 or fp32, for enough steps to pay for the compile, without the tricks that act
+    between fastai's steps, and unless torch's `TORCH_COMPILE_DISABLE=1` turns compiling off (the tests train
+    eagerly)."""
+    return ((machine_kind(r.device), r.precision, r.norm) in COMPILED_FASTER and r.precision != 'fp16'
+            and training_steps(r) >= COMPILE_PAYS_AFTER and not (r.ema or r.lookahead or r.mixup)
+            and not torch._dynamo.config.disable)
 
 
 def dls_settings(dls) -> dict:
@@ -366,6 +443,7 @@ def normnet_learner(dls, norm: str | Recipe, **overrides) -> Learner:
     learn.add_cb(ChannelsLast())
     if r.precision != 'fp32': learn.add_cb(DeviceMixedPrecision(r.precision))
     if captured_step_fits(r): learn.add_cb(CapturedStep())
+    elif compiled_step_fits(r): learn.add_cb(CapturedStep(graph=False, compiled=True))
     return learn
 
 

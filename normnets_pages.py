@@ -9,7 +9,7 @@ import pandas as pd
 
 from normnets import ACTIVATIONS, NORMS, PASS_ACCURACY
 from normnets_files import read_csv, read_json
-from normnets_recipes import Recipe, TRAINING_FIELDS, at_batch_size, recipe, recipe_label
+from normnets_recipes import BATCH_SIZE_GRID, Recipe, TRAINING_FIELDS, at_batch_size, recipe, recipe_label
 
 __all__ = ['md', 'pct', 'mean_std', 'spread', 'num', 'norm_order', 'provenance', 'layer_order', 'recipe_gaps',
            'today_cell', 'recipes_markdown', 'beside_page', 'PAGES', 'pages']
@@ -229,24 +229,48 @@ def search_page(results: Path) -> str | None:
             f"\n## Every cell\n\n{cells(df)}")
 
 
-def batch_size_page(results: Path) -> str | None:
-    "batch_size.md: test accuracy (mean ± std over seeds) and cost of every cell of the batch-size grid."
+def batch_size_grid(results: Path) -> pd.DataFrame | None:
+    """The batch-size grid as planned (each exercise norm at `BATCH_SIZE_GRID` and at its recipe's own batch
+    size, the study's cell) and as trained so far (batch_size.csv): a row a norm and batch size, with the
+    test accuracy's mean and std over seeds, batch norm's with test-batch statistics, seeds and seconds; no
+    seeds where a planned cell is still pending."""
     df = read(results / 'batch_size.csv')
     if df is None: return None
     if 'batch_stats_test_acc' not in df: df['batch_stats_test_acc'] = float('nan')   # grids from before it
     grid = df.groupby(['norm', 'bs']).agg(
         test_acc=('test_acc', 'mean'), test_acc_std=('test_acc', 'std'), seconds=('seconds', 'mean'),
-        batch_stats=('batch_stats_test_acc', 'mean')).reset_index()
-    grid['cell'] = [f"{c} ({s / 60:.1f} min)" for c, s in zip(spread(grid, 'test_acc'), grid.seconds)]
-    table = grid.pivot(index='bs', columns='norm', values='cell')[norm_order(grid.norm.unique())]
+        batch_stats=('batch_stats_test_acc', 'mean'), seeds=('seed', 'count')).reset_index()
+    planned = pd.DataFrame([{'norm': n, 'bs': b} for n in NORMS if NORMS[n].exercise
+                            for b in (*BATCH_SIZE_GRID, recipe(n).bs)])
+    return planned.merge(grid, how='outer', on=['norm', 'bs']).fillna({'seeds': 0})
+
+
+def batch_size_page(results: Path) -> str | None:
+    "batch_size.md: test accuracy (mean ± std over seeds) and cost of every cell of the batch-size grid."
+    grid, df = batch_size_grid(results), read(results / 'batch_size.csv')
+    if grid is None: return None
+    seeds = lambda k: f", {k:.0f} seeds" if k > 1 else ''
+    grid['cell'] = [f"{c} ({s / 60:.1f} min{seeds(k)})" if k else 'pending'
+                    for c, s, k in zip(spread(grid, 'test_acc'), grid.seconds, grid.seeds)]
+    table = grid.pivot(index='bs', columns='norm', values='cell')[norm_order(grid.norm.unique())].fillna('')
     table = table.rename(columns=lambda n: f'{n} norm: test acc % (cost)')
-    bn = grid[(grid.norm == 'batch') & grid.batch_stats.notna()].set_index('bs').batch_stats
-    if len(bn): table['batch norm, test-batch statistics: test acc %'] = bn.map(pct)
-    return (f"# Batch size\n\n`scripts/batch_sizes.py` on {df.device_name.iloc[0]}: each norm's recipe at "
-            f"each batch size for {'/'.join(map(str, sorted(df.epochs.unique())))} epochs a cell, seeds "
-            f"{', '.join(map(str, sorted(df.seed.unique())))} (mean ± std where several), the peak lr scaled "
-            "by sqrt(batch size / the recipe's). Batch norm's test-batch statistics: each test batch, of the "
-            "training batch size, normalized with its own statistics instead of the running averages.\n\n"
+    bn = grid[grid.norm == 'batch'].set_index('bs')
+    if len(bn):
+        table['batch norm, test-batch statistics: test acc %'] = [
+            pct(bn.batch_stats.get(b)) if bn.seeds.get(b) else 'pending' if b in bn.index else ''
+            for b in table.index]
+    pending = int((grid.seeds == 0).sum())
+    own = ', '.join(f"{b} for {' and '.join(g.norm)} norm" for b, g in grid.groupby('bs')
+                    if b not in BATCH_SIZE_GRID and len(g))
+    return (f"# Batch size\n\n`scripts/batch_sizes.py` on {', '.join(df.device_name.unique())}: each norm's "
+            f"recipe at each batch size for {'/'.join(map(str, sorted(df.epochs.unique())))} epochs a cell, "
+            f"seed {', '.join(map(str, sorted(df[df.bs.isin(BATCH_SIZE_GRID)].seed.unique())))}, the peak lr "
+            "scaled by sqrt(batch size / "
+            f"the recipe's) (`at_batch_size`). The recipe's own batch size ({own}) is the study's cell: its "
+            "runs, every seed (mean ± std), not trained again. Batch norm's test-batch statistics: each test "
+            "batch, of the training batch size, normalized with its own statistics instead of the running "
+            f"averages. {pending or 'No'} cell{'s' * (pending != 1)} of the grid "
+            f"{'are' if pending != 1 else 'is'} not trained yet (pending).\n\n"
             "![test accuracy against batch size](batch_size.png)\n\n"
             + md(table.reset_index().rename(columns={'bs': 'batch size'}))
             + ''.join(f"\n{line}\n" for line in [batch_norm_behind(grid)] if line)
@@ -254,16 +278,22 @@ def batch_size_page(results: Path) -> str | None:
 
 
 def batch_norm_behind(grid: pd.DataFrame) -> str:
-    "Where batch norm's mean falls behind the better of group and layer norm in the grid, in points."
-    acc = grid.pivot(index='bs', columns='norm', values='test_acc')
+    """Where batch norm's mean falls behind the better of group and layer norm in the grid
+    (`batch_size_grid`), in points, or that it does not down to the smallest batch size measured."""
+    acc = grid[grid.seeds > 0].pivot(index='bs', columns='norm', values='test_acc')
     if not {'batch', 'group', 'layer'} <= set(acc.columns): return ''
     gap = (acc[['group', 'layer']].max(axis=1) - acc['batch']).dropna()
+    if not len(gap): return ''
     behind = gap[gap > 0]
+    pending = sorted(grid[(grid.seeds == 0) & grid.norm.isin(['batch', 'group', 'layer'])].bs.unique())
+    later = f" (batch size {', '.join(map(str, pending))} not trained yet)" if pending else ''
     if not len(behind):
-        return (f"Batch norm stays ahead of group and layer norm at every batch size measured, by "
-                f"{pct(-gap.max())} points at the least (batch size {gap.idxmax()}).")
+        return (f"Batch norm stays ahead of group and layer norm down to batch size {gap.index.min()}{later}"
+                ": "
+                f"by {pct(-gap.max())} points at the least (batch size {gap.idxmax()}), "
+                f"{pct(-gap.min())} at the most (batch size {gap.idxmin()}).")
     return ("Batch norm falls behind the better of group and layer norm at batch size "
-            + ', '.join(f"{b} (by {pct(g)} points)" for b, g in behind.items()) + '.')
+            + ', '.join(f"{b} (by {pct(g)} points)" for b, g in behind.items()) + f"{later}.")
 
 
 def batch_size_recipes(df: pd.DataFrame) -> str:
@@ -351,8 +381,9 @@ def speed_page(f: Path) -> str | None:
         'as run': c.as_run_ips.map(lambda x: num(x, '{:.0f}')), 'relative to as run': median,
         'each round': each})
     prof, study = s['profile'], s['study']
-    return (f"# Speed on {s['device_name']}\n\n`benchmarks/speed.py`: torch {s['torch']}, {s['threads']} "
-            f"threads, {s['steps']} timed training steps after {s['warmup']} of warm-up, all in one run; "
+    return (f"# Speed on {s['device_name']}\n\n`benchmarks/speed.py`: torch {s['torch']}, "
+            f"{s['threads']} threads, {s['steps']} timed training steps after {s['warmup']} of warm-up, each "
+            "table in one run; "
             f"normnets trains in {s['precision']} here. The reference is normnets' network and recipe before "
             "the recipe search."
             "\n\n" + md(pd.DataFrame({
@@ -364,7 +395,32 @@ def speed_page(f: Path) -> str | None:
             + "\n## One change at a time\n\n" + rounds_text(s, 'its variant as run', c.ratios)
             + " The last row is the variant as run, measured again: its distance from 1.00 is the "
             "benchmark's own noise.\n\n"
-            + md(changes) + (profile_text(prof, peaks) if prof else ''))
+            + md(changes) + (profile_text(prof, peaks) if prof else '') + compiled_text(s))
+
+
+def compiled_text(s: dict) -> str:
+    "The training step compiled against the same step eager, as speed.json measured it (a CPU's, if any)."
+    if not s.get('compiled'): return ''
+    c = pd.DataFrame(s['compiled'])
+    median, _ = rounds_cells(c.ratios)
+    when = s.get('dates', {}).get('compiled')
+    table = pd.DataFrame({
+        'variant': c.norm.map(lambda n: f'{n} norm'), 'precision': c.precision, 'batch size': c.bs,
+        'compiled images/s': c.compiled_ips.map('{:.0f}'.format),
+        'eager images/s': c.eager_ips.map('{:.0f}'.format),
+        'x eager': [m if pd.isna(e) else f'failed: {e}' for m, e in zip(median, c.error)],
+        'rounds': [f'{min(r):.2f} to {max(r):.2f}' for r in c.ratios],
+        'compile s': c.compile_s.map('{:.0f}'.format)})
+    return ("\n## The training step compiled\n\n`CapturedStep`'s one function for a training step (forward, "
+            "loss, backward, the optimizer's step) through `torch.compile` (inductor), against the same "
+            "function eager, at small batch sizes and at each recipe's own"
+            + (f", measured on {when}" if when else '') + ". One learner runs the two in turn, "
+            f"{len(c.ratios.iloc[0])} rounds of a chunk of each, as many images a chunk as {s['steps']} "
+            "steps of 32: images/s are the medians, x eager the median of the rounds' ratios. Compile s: the "
+            "first compiled chunk's time beyond the others' (inductor's on-disk cache makes a compile that "
+            "it has seen before quicker). A run on this kind of machine trains compiled where it measured "
+            "faster and it has the steps to pay for the compile (`COMPILED_FASTER`, `COMPILE_PAYS_AFTER` in "
+            "normnets_learner.py).\n\n" + md(table))
 
 
 def profile_text(prof: dict, peaks: dict) -> str:
@@ -396,9 +452,11 @@ AT_ONCE_WAYS = {'fused': 'one fused network', 'processes': 'a process each',
 
 def at_once_table(s: dict) -> str:
     "Several runs at once against one run alone, as speed.json measured them."
-    a = pd.DataFrame(s['at_once'])
+    a = pd.DataFrame(s['at_once'] + (s.get('at_once_small') or []))   # the latter: the grid's small batches
     median, each = rounds_cells(a.ratios)
-    table = pd.DataFrame({'variant': a.norm.map(lambda n: f'{n} norm'), 'runs': a.runs,
+    precision = a.precision.fillna(s['precision']) if 'precision' in a else s['precision']
+    table = pd.DataFrame({'variant': a.norm.map(lambda n: f'{n} norm'), 'precision': precision,
+                          'runs': a.runs,
                           'trained as': a.how.map(AT_ONCE_WAYS), 'batch size a run': a.bs,
                           'train images/s, all runs': a.train_ips.map('{:.0f}'.format),
                           'one run alone': a.alone_ips.map('{:.0f}'.format), 'x alone': median,
@@ -407,7 +465,36 @@ def at_once_table(s: dict) -> str:
             "at once, images/s summed over the runs, against one run alone: as one fused network "
             "(`--fuse yes`), each in a process of its own (`--jobs`), or each in a thread on a CUDA stream "
             "of its own in one process (a GPU). "
-            + rounds_text(s, 'one run alone', a.ratios) + "\n\n" + md(table))
+            + rounds_text(s, 'one run alone', a.ratios)
+            + (" The rows at the batch-size grid's small batch sizes ask whether it should train them as "
+               "processes of one thread each." if s.get('at_once_small') else '') + "\n\n" + md(table))
+
+
+def cluster_page(results: Path) -> str | None:
+    "cluster.md: the same tiny grid here and on Ray clusters of 1 and 2 nodes (benchmarks/cluster.py)."
+    f = results / 'cluster.json'
+    if not f.exists(): return None
+    c = read_json(f)
+    w = pd.DataFrame(c['ways'])
+    here = w.iloc[0]
+    per_hour = w.runs / w.wall_seconds * 3600
+    table = pd.DataFrame({
+        'how': w.way, 'nodes x CPUs': [f"{n} x 1" if n else '' for n in w.nodes],
+        'cluster start s': w.startup_seconds.map(lambda x: f'{x:.1f}' if x else ''),
+        'command s': w.wall_seconds.map('{:.0f}'.format), 'runs': w.runs,
+        'runs an hour': per_hour.map('{:.0f}'.format),
+        'x here': (per_hour / per_hour.iloc[0]).map('{:.2f}'.format),
+        'train s a run': w.train_seconds.map('{:.1f}'.format),
+        'command s a run beyond here\'s': [f"{(x - here.wall_seconds) / r:+.1f}" if n == 1 else ''
+                                           for x, r, n in zip(w.wall_seconds, w.runs, w.nodes)]})
+    return (f"# A grid on a Ray cluster\n\n`benchmarks/cluster.py` on {c['device_name']}, {c['date']}: "
+            f"torch {c['torch']}, Ray {c['ray']}. The same grid (`run_all.py {c['grid']}`) trained here one "
+            "run at a time and on Ray clusters started on this machine (`ray.cluster_utils.Cluster`, inside "
+            "a network namespace of loopback only), every run on 1 thread. Command s: the whole command as a "
+            "user times it, its start, the data, joining the cluster and every run; cluster start s: the "
+            "nodes started and joined, before it. Train s a run: the runs' own training time. The 1-node "
+            "cluster's command time a run beyond here's is Ray's cost a run: the task, its worker process, "
+            "the code and images it receives, the files it sends back.\n\n" + md(table))
 
 
 def beside_page(results: Path, folder: str, title: str, label: str, main: str) -> str | None:
@@ -463,6 +550,7 @@ PAGES = {'study.md': ('Every run', 'findings per norm, each run, accuracy per cl
                            lambda r: speed_page(r / 'speed-bf16.json')),
          'speed-amx.md': ('Speed with AMX', 'the same on an Intel Xeon with AMX, in bfloat16',
                           lambda r: speed_page(r / 'speed-amx.json')),
+         'cluster.md': ('Cluster', 'a small grid here and on Ray clusters of 1 and 2 nodes', cluster_page),
          'gpu.md': ('GPU', 'the study on a GPU beside the CPU study',
                     lambda r: beside_page(r, 'gpu', 'The study on a GPU', 'GPU', 'CPU')),
          'bf16.md': ('bfloat16', 'the study in bfloat16 on a CPU beside the float32 study',

@@ -22,7 +22,7 @@ from normnets_device import RuleError, resolve_device, resolve_precision
 
 __all__ = ['N_TRAIN', 'N_TEST', 'HOLDOUT', 'STUDY_SEEDS', 'NesterovSGD', 'OPTIMIZERS', 'with_lookahead',
            'Recipe', 'RECIPES', 'recipe', 'OPTIMIZER_SETTINGS', 'TRAINING_FIELDS', 'HARDWARE_FIELDS',
-           'recipe_label', 'at_batch_size', 'recorded_recipe']
+           'recipe_label', 'BATCH_SIZE_GRID', 'at_batch_size', 'recorded_recipe']
 
 # Images in CIFAR-10's training and test sets: what a recipe's subsets and held-out set are drawn from.
 N_TRAIN, N_TEST = (10 * n for n in CIFAR10_COUNTS.values())
@@ -185,6 +185,12 @@ def recipe_label(r: Recipe) -> str:
     other = ''.join(f", {k} {getattr(r, k)}" for k in chosen)
     net = ''.join(f", {k} {json.dumps(v)}" for k, v in sorted(r.net.items()))
     return f"{r.opt}, lr {r.lr:g}, wd {r.wd:g}{other}{net}"
+
+
+# The batch-size grid's batch sizes (scripts/batch_sizes.py's default, the batch-size page's plan), besides
+# each recipe's own, whose cell is the study's runs: from a little below the recipes' down to where batch
+# norm's statistics are of 8 images.
+BATCH_SIZE_GRID = (8, 16, 32, 64)
 
 
 def at_batch_size(r: Recipe, bs: int) -> Recipe:

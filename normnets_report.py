@@ -19,8 +19,8 @@ from normnets import NORMS, MAX_EPOCHS, PARAM_LIMIT, PASS_ACCURACY, WIDTHS
 from normnets import normnet, count_params, count_macs
 from normnets_files import FolderError, locked, read_csv, read_json, readable_mode
 from normnets_recipes import recipe
-from normnets_pages import (BAR, PAGES, layer_order, md, mean_std, num, pages, pct, provenance,
-                            recipes_markdown, spread)
+from normnets_pages import (BAR, PAGES, batch_norm_behind, batch_size_grid, layer_order, md, mean_std, num,
+                            pages, pct, provenance, recipes_markdown, spread)
 
 __all__ = ['summary_markdown', 'conclusions', 'regions', 'fill', 'problems', 'stale', 'write_report']
 
@@ -51,8 +51,9 @@ def summary_markdown(summary: pd.DataFrame, missing=(), others=(), damaged=()) -
     return text
 
 
-def conclusions(f: pd.DataFrame, device: str) -> str:
-    "The study's conclusions, each a sentence of values from the findings table `f` (indexed by norm)."
+def conclusions(f: pd.DataFrame, device: str, batch_sizes: str = '') -> str:
+    """The study's conclusions, each a sentence of values from the findings table `f` (indexed by norm), and
+    `batch_sizes`: the batch-size grid's (`batch_norm_behind`), where there is one."""
     exercise = [n for n in f.index if NORMS[n].exercise]
     order = f.test_acc[exercise].sort_values(ascending=False).index
     best, rest = order[0], order[1:]
@@ -79,7 +80,16 @@ def conclusions(f: pd.DataFrame, device: str) -> str:
     fast, slow = f.seconds_per_epoch.idxmin(), f.seconds_per_epoch.idxmax()
     lines.append(f"An epoch takes {f.seconds_per_epoch[fast]:.1f} s ({fast} norm) to "
                  f"{f.seconds_per_epoch[slow]:.1f} s ({slow} norm) on {device}.")
+    if batch_sizes: lines.append(batch_sizes)
     return ''.join(f"- {line}\n" for line in lines)
+
+
+def batch_sizes_line(results: Path, rel: str) -> str:
+    """Where batch norm falls behind in the batch-size grid, or that it does not (the batch-size page's line,
+    linked to it as `rel`/batch_size.md)."""
+    grid = batch_size_grid(results)
+    line = '' if grid is None else batch_norm_behind(grid)
+    return f"[By training batch size]({rel}/batch_size.md): {line[0].lower()}{line[1:]}" if line else ''
 
 
 def describe_layer(name, m) -> str:
@@ -135,7 +145,8 @@ def regions(results: Path, readme_dir: Path) -> dict:
         'param_limit': f'{PARAM_LIMIT:,}', 'max_epochs': str(MAX_EPOCHS),
         'results': '\n' + md(results_table(summary)) + f'\n{provenance(runs)}\n\n'
                    f'![test accuracy and loss of each variant by epoch]({rel}/comparison.png)\n',
-        'conclusions': '\n' + conclusions(findings, summary.device_name.iloc[0]),
+        'conclusions': '\n' + conclusions(findings, summary.device_name.iloc[0],
+                                           batch_sizes_line(results, rel)),
         'architecture': '\n' + architecture_markdown(),
         'recipes': '\n' + recipes_markdown(runs),
         'figures': '\n' + figures_markdown(summary, rel),

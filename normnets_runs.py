@@ -169,7 +169,7 @@ def write_run(learn: Learner, r: Recipe, out: Path, hist: pd.DataFrame, start: f
             best_test_acc=float(hist.test_acc.max()),
             epochs_to_70=int(passed[0]) + 1 if len(passed) else None,
             seconds=float(hist.seconds.sum()),
-            training_step='captured CUDA graph' if hasattr(learn, 'captured_step') else "fastai's loop",
+            training_step=getattr(getattr(learn, 'captured_step', None), 'took', None) or "fastai's loop",
             per_class_test_acc=per_class,
             device_name=device_name(dls.device),
             torch=torch.__version__,

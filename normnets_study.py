@@ -6,28 +6,31 @@ any point (Ctrl-C, a kill) leaves a summary of every finished run that belongs t
 recipes in the same folder are named, not mixed in. One writer at a time: the folder is locked while a study
 writes to it.
 """
-import contextlib, dataclasses, json, multiprocessing, os, signal, threading, time
+import contextlib, dataclasses, json, multiprocessing, os, signal, threading, time, warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import pandas as pd
 import torch
+from fastai.learner import load_learner
 
 from normnets import NORMS, architecture_id
 from normnets_cli import StudyError, check_jobs, parse_norms
 from normnets_data import REPO_DIR, find_data, load_cifar
 from normnets_device import device_name, machine_kind
-from normnets_files import FolderError, check_out, check_run_dirs, damaged, locked, read_json
+from normnets_files import FolderError, check_out, check_run_dirs, damaged, locked, read_csv, read_json
 from normnets_recipes import HARDWARE_FIELDS, STUDY_SEEDS, TRAINING_FIELDS, Recipe, recipe, recorded_recipe
-from normnets_learner import FirstStepsEstimate
-from normnets_runs import train_run
+from normnets_learner import FirstStepsEstimate, normnet_learner
+from normnets_runs import batch_statistics_accuracy, recipe_dls, train_run
 from normnets_fused import fusable_groups, fuse_by_default, train_fused
+from normnets_cluster import Cluster, connect, run_on_cluster
 import normnets_plots as plots
 import normnets_report as report
 
-__all__ = ['STUDY_FILES', 'JOBS_AT_ONCE', 'COMMITTED', 'quick_options', 'check_committed', 'how_to_train',
-           'run_dir', 'kept_run', 'plan_frame', 'find_runs',
-           'findings_frame', 'summarize', 'run_plan', 'run_parallel', 'run_fused', 'run_study']
+__all__ = ['STUDY_FILES', 'JOBS_AT_ONCE', 'JOBS_AT_ONCE_SMALL_BATCHES', 'SMALL_BATCH', 'COMMITTED',
+           'quick_options', 'check_committed', 'how_to_train', 'run_dir', 'kept_run', 'plan_frame',
+           'study_batch_statistics', 'find_runs', 'join_cluster', 'findings_frame', 'summarize', 'run_plan',
+           'run_parallel', 'run_fused', 'run_study']
 
 # What a study writes into its folder beside the runs' folders (`summarize`, `run_study`).
 STUDY_FILES = ('runs.csv', 'summary.csv', 'findings.csv', 'summary.md', 'per_class.csv', 'comparison.png',
@@ -50,14 +53,27 @@ SUMMARY_COLUMNS = ['norm', 'params', 'epochs', 'seeds', 'train_acc', 'train_acc_
 JOBS_AT_ONCE = {'cuda': 4, 'cpu-amx': 2}
 
 
+# At small batch sizes a run leaves a CPU's 2 threads idle between its small kernels: on the AMD EPYC with
+# AVX512-BF16, 2 runs at once, a process and a thread each, trained 1.86x (batch norm) and 1.62x (group norm)
+# the images/s of one run of 2 threads at batch size 8 in float32, the batch-size grid's precision, and 1.17x
+# and 1.19x at 32 (results/speed-bf16.md, the medians of 3 rounds). There, runs of at most `SMALL_BATCH`
+# images a batch train 2 at once.
+JOBS_AT_ONCE_SMALL_BATCHES = {'cpu-bf16': 2}
+SMALL_BATCH = 32
+
+
 def how_to_train(r: Recipe, jobs: int | None = None, fuse: bool | None = None) -> tuple[int, bool | None]:
     """How a plan of runs like recipe `r` trains: (runs at once, fused), `jobs` and `fuse` as the command
     gave them, or where it left them to normnets (None), as measured fastest on this kind of machine:
-    `JOBS_AT_ONCE` processes; else fused None, for `run_plan`: the runs whose variant measured faster fused
-    (`fuse_by_default`) as one network, the others one at a time. Refused: a bad `jobs`, fused with jobs."""
+    `JOBS_AT_ONCE` processes (`JOBS_AT_ONCE_SMALL_BATCHES` for small batches); else fused None, for
+    `run_plan`: the runs whose variant measured faster fused (`fuse_by_default`) as one network, the others
+    one at a time. Refused: a bad `jobs`, fused with jobs."""
     check_jobs(jobs, fuse)
     if jobs is None:
-        jobs = 1 if fuse else min(JOBS_AT_ONCE.get(machine_kind(r.device), 1), os.cpu_count())
+        kind = machine_kind(r.device)
+        small = r.bs <= SMALL_BATCH and kind in JOBS_AT_ONCE_SMALL_BATCHES
+        jobs = 1 if fuse else min((JOBS_AT_ONCE_SMALL_BATCHES if small else JOBS_AT_ONCE).get(kind, 1),
+                                  os.cpu_count())
     return jobs, False if jobs > 1 else fuse
 
 
@@ -146,6 +162,30 @@ def plan_frame(plan: list, scores: tuple = ()) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def study_batch_statistics(plan: list, out: Path, cifar) -> pd.DataFrame:
+    """`plan_frame` of `plan`, the study's runs as cells of the batch-size grid, with batch norm's test
+    accuracy with each test batch's statistics (`batch_statistics_accuracy`) where a run did not record it
+    (the study's runs are from before that score): from the run's model.pkl, once, since a value of
+    <out>/batch_size.csv for the same run and data is kept."""
+    cells = plan_frame(plan, scores=('batch_stats_test_acc',))
+    if not len(cells): return cells
+    cells = cells.astype({'batch_stats_test_acc': float})
+    runs = {f'{d.parent.name}/{d.name}': (r, d) for _, r, d in plan}
+    f = out / 'batch_size.csv'
+    earlier = read_csv(f).set_index(['run', 'data_md5']).batch_stats_test_acc if f.exists() else pd.Series()
+    for i, c in cells[cells.batch_stats_test_acc.isna()].iterrows():
+        cells.loc[i, 'batch_stats_test_acc'] = earlier.get((c.run, c.data_md5), float('nan'))
+        r, d = runs[c.run]
+        if pd.notna(cells.loc[i, 'batch_stats_test_acc']) or not (d / 'model.pkl').exists(): continue
+        with warnings.catch_warnings():   # fastai's about pickle, once a file: these are the study's own
+            warnings.filterwarnings('ignore', message='load_learner` uses Python')
+            trained = load_learner(d / 'model.pkl').model.state_dict()
+        learn = normnet_learner(recipe_dls(r, cifar=cifar), r)   # the run's test images, as it scored them
+        learn.model.load_state_dict(trained)
+        cells.loc[i, 'batch_stats_test_acc'] = batch_statistics_accuracy(learn, r.bs)
+    return cells
+
+
 def find_runs(out: Path, overrides: dict) -> tuple[list, list, list]:
     """Every run in `out` (its <norm>/ and seeds/*/ folders): the whole ones of this study, whose recipe is
     their norm's recipe with these `overrides` at their seed; the whole ones of other recipes; and the damaged
@@ -229,13 +269,14 @@ def summarize(out: Path, overrides: dict, plan: list = ()) -> tuple[pd.DataFrame
 
 
 def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: int = 1,
-             fuse: bool | None = False, chosen=()) -> int:
+             fuse: bool | None = False, chosen=(), cluster: Cluster | None = None) -> int:
     """Train each (title, recipe, folder) of `plan` in order, or keep its whole finished run with `resume`,
     printing progress with the time left; `cell`: grid cells (`train_run`); `jobs` > 1 trains that many at
     once (`run_parallel`); `fuse` trains the runs that can train as one network as one (`run_fused`), None
     those whose variant measured faster fused on this machine (`fuse_by_default`), the others alone. Every
     folder is checked before the first run; with `resume`, runs that differ only in the hardware fields not
-    `chosen` by the command are refused (`refuse_replacing_other_hardware`). Returns how many runs it
+    `chosen` by the command are refused (`refuse_replacing_other_hardware`). On a `cluster` (`join_cluster`)
+    the runs to train are its tasks, as many at once as it has room for. Returns how many runs it
     trained. Ctrl-C or a kill stops after the finished runs, which stay on disk, and is raised again as
     KeyboardInterrupt for the caller to summarize and exit on."""
     check_jobs(jobs, fuse)
@@ -251,10 +292,13 @@ def run_plan(plan: list, cifar, resume: bool = False, cell: bool = False, jobs: 
     jobs = jobs if len(todo) > 1 else 1
     groups = None if fuse is False else fusable_groups(todo, only=None if fuse else fuse_by_default)
     if groups and max(map(len, groups)) == 1: groups = None   # nothing to fuse: one at a time
-    print(plan_line(plan, len(todo), jobs, groups), flush=True)
+    print(plan_line(plan, len(todo), jobs, groups, cluster), flush=True)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops like Ctrl-C
     try:
-        if jobs > 1: run_parallel(plan, kept, todo, cifar, cell, jobs)
+        if cluster:
+            print_kept(plan, kept)
+            run_on_cluster(groups or [[run] for run in todo], cluster, cifar, cell)
+        elif jobs > 1: run_parallel(plan, kept, todo, cifar, cell, jobs)
         elif groups: run_fused(plan, kept, groups, cifar, cell)
         else:   # one after another, each kept one named; progress with the time left before each run
             left, trained, train_seconds = len(todo), 0, 0.0
@@ -283,22 +327,24 @@ def span(values) -> str:
     return f'{min(values)}' if min(values) == max(values) else f'{min(values)}-{max(values)}'
 
 
-def plan_line(plan: list, to_train: int, jobs: int, groups: list | None) -> str:
-    """What `run_plan` is about to do, said before it starts: its runs, on what device and precision, how many
-    are kept from before and how the others train (`jobs` at a time; `groups`: the fused networks; None: not
-    fused)."""
+def plan_line(plan: list, to_train: int, jobs: int, groups: list | None,
+              cluster: Cluster | None = None) -> str:
+    """What `run_plan` is about to do, said before it starts: its runs, on what device (or `cluster`) and
+    precision, how many are kept from before and how the others train (`jobs` at a time; `groups`: the fused
+    networks; None: not fused)."""
     if not to_train: how = ''
     elif groups:
         fused, alone = [g for g in groups if len(g) > 1], sum(len(g) == 1 for g in groups)
         how = f" as {len(fused)} fused network(s) of {span(map(len, fused))} runs" + (
             f" and {alone} alone" if alone else '')
+    elif cluster: how = f", {cluster.at_once} at a time"
     elif jobs > 1: how = f", {jobs} at a time"
     else: how = ", one at a time"
     first, epochs = plan[0][1], span(r.epochs for _, r, _ in plan)
     threads = worker_threads(jobs) if jobs > 1 and to_train else None   # what each run will record
-    return (f"Plan: {plural(len(plan), 'run')} of {epochs} epoch{'s' * (epochs != '1')} on "
-            f"{device_name(first.device, threads)}, {first.precision}; {len(plan) - to_train} kept, "
-            f"{to_train} to train{how}")
+    where = str(cluster) if cluster else device_name(first.device, threads)
+    return (f"Plan: {plural(len(plan), 'run')} of {epochs} epoch{'s' * (epochs != '1')} on {where}, "
+            f"{first.precision}; {len(plan) - to_train} kept, {to_train} to train{how}")
 
 
 def plural(n: int, what: str) -> str: return f"{n} {what}{'s' * (n != 1)}"
@@ -309,11 +355,24 @@ def worker_threads(jobs: int) -> int:
     return max(1, torch.get_num_threads() // jobs)
 
 
+def print_kept(plan: list, kept: list):
+    "A line for each run of `plan` that `run_plan` keeps from before (`kept`: its metrics, or None)."
+    for (title, _, d), m in zip(plan, kept):
+        if m: print(f"kept the finished run in {d}: {title}, test accuracy {m['test_acc']:.4f}")
+
+
+def join_cluster(address: str | None, threads: int, r: Recipe) -> Cluster | None:
+    """The Ray cluster at `address` (`--cluster`; None: none) for a plan of runs like recipe `r`: each run
+    asks for `threads` CPUs, or on a GPU for the share of one that `JOBS_AT_ONCE` measured."""
+    if address is None: return None
+    on_gpu = torch.device(r.device).type == 'cuda'
+    return connect(address, threads, 1 / JOBS_AT_ONCE['cuda'] if on_gpu else None)
+
+
 def run_fused(plan: list, kept: list, groups: list, cifar, cell: bool):
     """`run_plan`'s runs to train, in `groups` of those that can train as one network (`fusable_groups`),
     each group as one (`train_fused`); progress with the time left after each group."""
-    for (title, _, d), m in zip(plan, kept):
-        if m: print(f"kept the finished run in {d}: {title}, test accuracy {m['test_acc']:.4f}")
+    print_kept(plan, kept)
     start, done = time.perf_counter(), 0
     for i, group in enumerate(groups):
         left = sum(map(len, groups[i:]))
@@ -373,8 +432,7 @@ def run_parallel(plan: list, kept: list, todo: list, cifar, cell: bool, jobs: in
     the CPU threads. One small run keeps a GPU busy for a fraction of each step (it waits for Python to launch
     the step's kernels), so on a GPU several at once take little longer than one; on a CPU they only share its
     cores. A Ctrl-C, a kill or a failed run stops every run in flight as a Ctrl-C stops one."""
-    for (title, _, d), m in zip(plan, kept):
-        if m: print(f"kept the finished run in {d}: {title}, test accuracy {m['test_acc']:.4f}")
+    print_kept(plan, kept)
     print(f"\n=== {len(todo)} runs to train, {jobs} at a time ===", flush=True)
     threads, start = worker_threads(jobs), time.perf_counter()
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'),   # CUDA cannot fork
@@ -426,13 +484,15 @@ def check_study_dir(out: Path) -> Path:
 
 def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='results', data=None,
               resume: bool = False, jobs: int | None = None, fuse: bool | None = None,
-              replace_results: bool = False, **overrides) -> tuple[pd.DataFrame | None, list]:
+              replace_results: bool = False, cluster: str | None = None, threads: int = 2,
+              **overrides) -> tuple[pd.DataFrame | None, list]:
     """Train every norm of `norms` (default: all registered) with its recipe and `overrides`, for `seeds`
     seeds from `first_seed`, into `out`; then summarize the folder. Every input is checked before any work.
     `resume` keeps whole runs already in `out` whose whole recipe matches; `jobs` trains that many at once,
     `fuse` each norm's seeds as one network (None: as measured fastest on this kind of machine,
-    `how_to_train`). Runs of other than today's recipes at full length go into the committed results only
-    with `replace_results` (`check_committed`).
+    `how_to_train`); on a Ray `cluster` (its address), each run a task of `threads` CPUs (`join_cluster`).
+    Runs of other than today's recipes at full length go into the committed results only with
+    `replace_results` (`check_committed`).
     Ctrl-C or a kill stops after the finished runs, which are kept and summarized, and the KeyboardInterrupt
     is raised again. Returns the summary and the missing runs."""
     norms = parse_norms(norms if norms is None or isinstance(norms, str) else ','.join(norms))
@@ -444,11 +504,12 @@ def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='re
     jobs, fuse = how_to_train(first, jobs, fuse)
     check_committed(out, quick_options(norms, overrides), replace_results)
     find_data(data)   # data that is not there, before the folder is made
+    on = join_cluster(cluster, threads, first)   # an unreachable or unfit cluster too
     out = check_study_dir(check_out(out))
     # every norm's first seed first
     seed_norms = [(s, n) for s in range(first_seed, first_seed + seeds) for n in norms]
     fused = [n for n in norms if seeds > 1 and (fuse or fuse is None and fuse_by_default(recipes[n]))]
-    how = (f"{seeds} seeds as one network for {', '.join(fused)}"
+    how = (f"on {cluster}" if cluster else f"{seeds} seeds as one network for {', '.join(fused)}"
            + (", the other variants one run at a time" if len(fused) < len(norms) else '') if fused else
            f"{jobs} runs at a time" if jobs > 1 else "one run at a time")
     print(f"Study: {plural(len(norms), 'variant')} x {plural(seeds, 'seed')} into {out}, {how}", flush=True)
@@ -458,7 +519,7 @@ def run_study(norms=None, seeds: int = STUDY_SEEDS, first_seed: int = 0, out='re
     start = time.perf_counter()
     cifar = load_cifar(data)   # bad data fails here too, and it is decoded only once
     with locked(out):
-        try: trained = run_plan(plan, cifar, resume, jobs=jobs, fuse=fuse, chosen=set(overrides))
+        try: trained = run_plan(plan, cifar, resume, jobs=jobs, fuse=fuse, chosen=set(overrides), cluster=on)
         finally: summarized = summarize(out, overrides, seed_norms)   # also after a Ctrl-C, raised again
         # the study's own wall time, data to last file, and how it ran (the GPU page shows it): a study that
         # trained nothing keeps the record of the one that did

@@ -27,7 +27,7 @@ from normnets_device import keep_freed_memory
 from normnets_recipes import HOLDOUT, OPTIMIZER_SETTINGS, RECIPES, Recipe, recipe, recipe_label
 from normnets_files import check_out, check_run_dir, locked
 from normnets_cli import StudyError, check_jobs, cli_errors, parse_fuse, parse_norms, path_option
-from normnets_study import (COMMITTED, check_committed, how_to_train, kept_run, quick_options,
+from normnets_study import (COMMITTED, check_committed, how_to_train, join_cluster, kept_run, quick_options,
                             run_plan)
 
 
@@ -185,6 +185,8 @@ def main(
     fuse: str = 'auto',        # yes: rows that differ only in lr, wd or crops as one network; no; auto: where
                                # measured faster on this kind of machine (normnets_fused.FUSED_FASTER)
     replace_results: bool = False,   # let rows of subsets (--n-train, --n-test) replace results/
+    cluster: str = None,       # train on a Ray cluster: auto (this machine's, or $RAY_ADDRESS) or host:port
+    threads: int = 2,          # CPU threads of each run on a --cluster
 ):
     "Train each norm once per change; record its accuracy and seconds beside its recipe's."
     keep_freed_memory()
@@ -201,9 +203,10 @@ def main(
         if runs: jobs, fuse = how_to_train(runs[0][1], jobs, fuse)
         check_committed(out, quick_options(names, dict(n_train=n_train, n_test=n_test)), replace_results)
         if plan: find_data(data)
+        on = join_cluster(cluster, threads, runs[0][1]) if runs else None
         check_out(out)
         cifar = load_cifar(data) if plan else None
         with locked(check_out(out / 'ablation')):
             if resume: reuse_identical_runs(plan, out / 'ablation')
-            try: run_plan(runs, cifar, resume, cell=True, jobs=jobs, fuse=fuse)
+            try: run_plan(runs, cifar, resume, cell=True, jobs=jobs, fuse=fuse, cluster=on)
             finally: write_rows(ablation_rows(plan), out / 'ablation.csv')

@@ -29,8 +29,8 @@ from normnets_device import keep_freed_memory
 from normnets_recipes import HOLDOUT, recipe
 from normnets_files import check_out, locked
 from normnets_cli import StudyError, cli_errors, parse_fuse, parse_norms, path_option
-from normnets_study import (COMMITTED, check_committed, how_to_train, plan_frame, quick_options,
-                            run_plan)
+from normnets_study import (COMMITTED, check_committed, how_to_train, join_cluster, plan_frame,
+                            quick_options, run_plan)
 import normnets_plots as plots
 
 # Per optimizer: peak learning rates, a log grid of factor-2 steps around the usual values for it, and weight
@@ -89,6 +89,8 @@ def main(
     jobs: int = None,  # cells at once, a process each (default: GPU 4, AMX CPU 2, at most 1 a core; else 1)
     fuse: str = 'auto',    # yes: a norm's cells of an optimizer as one network; no; auto: where it is faster
     replace_results: bool = False,   # let cells of other settings (--n-train, --bs...) replace results/
+    cluster: str = None,   # train on a Ray cluster: auto (this machine's, or $RAY_ADDRESS) or host:port
+    threads: int = 2,      # CPU threads of each run on a --cluster
 ):
     """Search each norm's optimizer, peak learning rate and weight decay with the same budget; write
     search.csv/png."""
@@ -105,16 +107,18 @@ def main(
         jobs, fuse = how_to_train(screen[0][1], jobs, fuse)   # bad --jobs too
         check_committed(out, quick_options(names, dict(epochs=epochs, **subset)), replace_results)
         find_data(data)
+        on = join_cluster(cluster, threads, screen[0][1])
         check_out(out)
         cifar = load_cifar(data)
         confirmed = []
         with locked(check_out(out / 'search')):
             try:
-                run_plan(screen, cifar, resume, cell=True, jobs=jobs, fuse=fuse, chosen=set(subset))
+                run_plan(screen, cifar, resume, cell=True, jobs=jobs, fuse=fuse, chosen=set(subset),
+                         cluster=on)
                 confirmed = confirm_plan(screen, confirm, seeds, out) if confirm else []
                 trained = {d for *_, d in screen}   # a full-length screen's cells are not trained twice
                 run_plan([c for c in confirmed if c[2] not in trained], cifar, resume, cell=True, jobs=jobs,
-                         fuse=fuse, chosen=set(subset))
+                         fuse=fuse, chosen=set(subset), cluster=on)
             finally:   # the table of every finished cell, also after a Ctrl-C
                 stages = {'screen': plan_frame(screen), 'confirm': plan_frame(confirmed)}
                 finished = [d.assign(stage=stage) for stage, d in stages.items() if len(d)]

@@ -42,7 +42,7 @@ from normnets_files import FolderError, check_out, read_json
 from normnets_fused import fused_learner
 from normnets_device import cpu_kind, device_name, keep_freed_memory, resolve_device
 from normnets_recipes import STUDY_SEEDS, TRAINING_FIELDS, recipe
-from normnets_learner import normnet_learner
+from normnets_learner import CapturedStep, normnet_learner
 from normnets_runs import recipe_dls, seed_run
 from normnets_cli import cli_errors, path_option
 from normnets_study import JOBS_AT_ONCE, start_worker
@@ -172,12 +172,15 @@ def recipe_learner(dls, norm, **overrides):
 SEEDING = threading.Lock()   # runs in threads seed the process's generators and build their networks in turn
 
 
-def own_learner(cifar, device, norm, seed):
+def own_learner(cifar, device, norm, seed, **overrides):
     "The learner of `norm`'s recipe at `seed` on `DataLoaders` of its own, as `train_run` builds it."
-    r = recipe(norm, seed=seed, device=str(device))
+    r = recipe(norm, seed=seed, device=str(device), **overrides)
     with SEEDING:
         seed_run(r)
         return normnet_learner(recipe_dls(r, cifar=cifar), r)
+
+
+def ips_of(timer: StepTimer) -> float: return timer.images / timer.seconds
 
 
 def timed_fit(learn, timer: StepTimer, *args) -> StepTimer:
@@ -241,6 +244,14 @@ def torch_optimizer(opt, **options):
     def tweak(learn):
         fastai_loop(learn)
         learn.opt_func = functools.partial(OptimWrapper, opt=opt, **options)
+    return tweak
+
+
+def one_function_step(compiled: bool):
+    "A tweak: the training step as one function (`CapturedStep` without a graph), compiled or eager."
+    def tweak(learn):
+        fastai_loop(learn)
+        learn.add_cb(CapturedStep(graph=False, compiled=compiled))
     return tweak
 
 
@@ -387,11 +398,12 @@ def fused_throughput(cifar, device, norm, copies, steps, warmup) -> float:
     return copies * timer.images / timer.seconds
 
 
-def timed_run(cifar, device, norm, seed, steps, warmup, barrier) -> tuple[int, float, float]:
+def timed_run(cifar, device, norm, seed, steps, warmup, barrier, **overrides) -> tuple[int, float, float]:
     """One run of `norm`'s recipe at `seed`, on `DataLoaders` of its own, timed beside the others at the
     `barrier`: its (images, start, end) over its timed steps. A run that fails breaks the barrier and raises;
     the others stop there, untimed (None)."""
-    try: timer = timed_fit(own_learner(cifar, device, norm, seed), StepTimer(warmup, steps, barrier))
+    try: timer = timed_fit(own_learner(cifar, device, norm, seed, **overrides),
+                           StepTimer(warmup, steps, barrier))
     except BaseException:
         barrier.abort()
         raise
@@ -424,8 +436,8 @@ def start_timing_worker(threads, barrier, cifar):
     worker_barrier, worker_cifar = barrier, cifar
 
 
-def worker_run(device, norm, seed, steps, warmup):
-    return timed_run(worker_cifar, device, norm, seed, steps, warmup, worker_barrier)
+def worker_run(device, norm, seed, steps, warmup, overrides):
+    return timed_run(worker_cifar, device, norm, seed, steps, warmup, worker_barrier, **overrides)
 
 
 @contextlib.contextmanager
@@ -440,10 +452,11 @@ def timing_processes(cifar, runs: int):
     finally: pool.shutdown(cancel_futures=True)
 
 
-def processes_throughput(pool, device, norm, runs, steps, warmup) -> float:
+def processes_throughput(pool, device, norm, runs, steps, warmup, **overrides) -> float:
     """Training images/s summed over `runs` runs at once, each in a process of its own (`timing_processes`:
     as many processes as runs, so each takes one), as `run_all.py --jobs` trains them."""
-    futures = [pool.submit(worker_run, str(device), norm, seed, steps, warmup) for seed in range(runs)]
+    futures = [pool.submit(worker_run, str(device), norm, seed, steps, warmup, overrides)
+               for seed in range(runs)]
     return summed_throughput([f.result() for f in futures])
 
 
@@ -472,6 +485,28 @@ def measure_at_once(cifar, device, dls_of, steps, warmup, rounds) -> list[dict]:
                 if device.type == 'cuda':
                     add(norm, 'streams', runs,
                         lambda: threads_throughput(cifar, device, norm, runs, steps, warmup))
+    return rows
+
+
+def measure_small_batches_at_once(cifar, device, dls_of, steps, warmup, rounds) -> list[dict]:
+    """On a CPU, the batch-size grid's question: at its small batch sizes (`COMPILE_BATCHES`) and in its
+    precision (fp32), do runs in processes of one thread each train more images a second, summed, than one
+    run of every thread? Rows as `measure_at_once`'s, each run timed over as many images as `steps` steps of
+    64."""
+    rows, runs = [], RUNS_AT_ONCE['cpu'][0]
+    with timing_processes(cifar, runs) as pool:
+        for bs in COMPILE_BATCHES:
+            for norm in AT_ONCE_NORMS:
+                n, grid = steps * max(1, 64 // bs), dict(bs=bs, precision='fp32')
+                ips, alone, ratios = paired(
+                    lambda: processes_throughput(pool, device, norm, runs, n, warmup, **grid),
+                    lambda: learner_throughput(dls_of(norm, bs=bs), norm, n, warmup, precision='fp32')[0],
+                    rounds)
+                rows.append(dict(norm=norm, how='processes', runs=runs, **grid, train_ips=ips,
+                                 alone_ips=alone, ratios=ratios))
+                print(f"{norm} norm, batch size {bs}, fp32, {runs} runs at once (processes): {ips:.0f} "
+                      "training images/s (" + ', '.join(f'{x:.2f}' for x in ratios) + "x one run alone)",
+                      flush=True)
     return rows
 
 
@@ -505,6 +540,66 @@ def measure_changes(dls_of, cifar, steps, warmup, rounds, precision, allocator) 
         normnet('batch'), usual_loader(cifar, bs=bs), dls.device, steps, warmup, channels_last=True))
     add('batch', 'none: normnets as run, measured again',
         lambda: learner_throughput(dls, 'batch', steps, warmup)[0])
+    return rows
+
+
+# The batch sizes the compiled step is measured at besides each recipe's own: the batch-size grid's smallest
+# and a middle one, where a step is mostly overhead.
+COMPILE_BATCHES = (8, 32)
+EXERCISE_NORMS = ('batch', 'group', 'layer')   # the exercise's three
+
+
+class AlternatingSteps(Callback):
+    """The learner's `CapturedStep` (compiled) runs its compiled and its eager function in turn, `chunk`
+    training steps each, on the same model, data and state, each chunk timed: a pair of chunks is one round
+    of compiled against eager, a few seconds apart, so that a slow spell of the machine slows both (`paired`'s
+    idea, at a finer grain). The first pair is not a round (the compile, warm-up); the fit stops after
+    `rounds` more."""
+    order = CapturedStep.order - 1   # picks the function before the step runs
+
+    def __init__(self, chunk: int, rounds: int): self.chunk, self.rounds = chunk, rounds
+
+    def before_fit(self): self.count, self.seconds = 0, []
+
+    def before_batch(self):
+        if not self.training: return
+        if self.count % self.chunk == 0:
+            now = time.perf_counter()
+            if self.count: self.seconds.append(now - self.start)
+            if len(self.seconds) == 2 * (1 + self.rounds): raise CancelFitException()
+            step = self.learn.captured_step
+            step.step_fn = step.compiled_step if len(self.seconds) % 2 == 0 else step.step
+            self.start = time.perf_counter()
+        self.count += 1
+
+
+def measure_compiled(dls_of, steps, rounds, precisions) -> list[dict]:
+    """The training step compiled (`torch.compile`) against the same step eager (`AlternatingSteps`), for
+    each study norm at `COMPILE_BATCHES` and its recipe's batch size, in each of `precisions`; a chunk is
+    as many images as `steps` steps of 32. `compile_s`: the first compiled chunk's time beyond the median
+    one's."""
+    rows = []
+    for precision in precisions:
+        for norm in EXERCISE_NORMS:
+            for bs in sorted({*COMPILE_BATCHES, recipe(norm).bs}):
+                learn = recipe_learner(dls_of(norm, bs=bs), norm, precision=precision)
+                one_function_step(True)(learn)
+                chunk = max(2, steps * 32 // bs)
+                timer = AlternatingSteps(chunk, rounds)
+                epochs = -(-chunk * 2 * (rounds + 1) // len(learn.dls.train))
+                with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(epochs, cbs=timer)
+                compiled, eager = (timer.seconds[2 + k::2] for k in (0, 1))
+                row = dict(norm=norm, bs=bs, precision=precision, steps=chunk,
+                           compiled_ips=chunk * bs / statistics.median(compiled),
+                           eager_ips=chunk * bs / statistics.median(eager),
+                           ratios=[e / c for c, e in zip(compiled, eager)],
+                           compile_s=timer.seconds[0] - statistics.median(compiled),
+                           error=None if learn.captured_step.compiled else 'the compile failed')
+                rows.append(row)
+                print(f"{norm} norm, batch size {bs}, {precision}: compiled {row['compiled_ips']:.0f} "
+                      "images/s, "
+                      f"{statistics.median(row['ratios']):.2f}x eager (rounds {min(row['ratios']):.2f} to "
+                      f"{max(row['ratios']):.2f}), compiled in {row['compile_s']:.0f} s", flush=True)
     return rows
 
 
@@ -564,6 +659,7 @@ def measure(cifar, device, steps, warmup, rounds, saved: dict | None = None,
     def table(key, measured):
         if key not in result:
             result[key] = measured()
+            result.setdefault('dates', {})[key] = time.strftime('%Y-%m-%d')   # a resumed run's are several
             save(result)
         return result[key]
 
@@ -604,6 +700,11 @@ def measure(cifar, device, steps, warmup, rounds, saved: dict | None = None,
     # On a GPU the profiler would see a few eager steps, a capture and replays it names by kernel alone: the
     # captured step is measured by its images/s instead.
     table('profile', lambda: measure_profile(dls) if device.type == 'cpu' else None)
+    # On a CPU: the grids train in float32 on any machine (--precision fp32), the study in its own precision.
+    table('at_once_small', lambda: measure_small_batches_at_once(cifar, device, dls_of, steps, warmup, rounds)
+          if device.type == 'cpu' else None)
+    table('compiled', lambda: measure_compiled(dls_of, steps, 3 * rounds, sorted({precision, 'fp32'}))
+          if device.type == 'cpu' else None)
     fused = pd.DataFrame([a for a in at_once if a['how'] == 'fused' and a['runs'] == STUDY_SEEDS])
     by_seeds = pd.DataFrame(variants).set_index('norm').assign(train_ips=fused.set_index('norm').train_ips)
     result['study'] = dict(
@@ -617,7 +718,8 @@ def measure(cifar, device, steps, warmup, rounds, saved: dict | None = None,
 
 
 # The tables `measure` saves one by one, in the order it measures them.
-MEASURED = ('matmul_gflops', 'usual', 'reference', 'variants', 'at_once', 'changes', 'profile')
+MEASURED = ('matmul_gflops', 'usual', 'reference', 'variants', 'at_once', 'changes', 'profile',
+            'at_once_small', 'compiled')
 
 
 # ---------------------------------------------------------------- write

@@ -49,6 +49,8 @@ def main(
     jobs: int = None,  # runs at once, a process each (default: GPU 4, AMX CPU 2, at most 1 a core; else 1)
     fuse: str = 'auto',  # yes: each variant's seeds as one network; no; auto: where measured faster
     replace_results: bool = False,  # let runs of other settings (--epochs, --n-train...) replace results/
+    cluster: str = None,  # train on a Ray cluster: auto (this machine's, or $RAY_ADDRESS) or host:port
+    threads: int = 2,  # CPU threads of each run on a --cluster
 ):
     "Train every variant with its recipe, the same data and seeds, and write the study's tables and figures."
     matplotlib.use('Agg')
@@ -59,7 +61,7 @@ def main(
         settings = given(epochs=epochs, bs=bs, lr=lr, wd=wd, opt=opt, n_train=n_train, n_test=n_test,
                          precision=precision, device=device, reproducible=False if autotune else None)
         summary, missing = run_study(norms, seeds, seed, out_dir, data, resume, jobs, fuse, replace_results,
-                                     **settings)
+                                     cluster, threads, **settings)
         if summary is None:
             raise CliError(f"no finished run of this study in {out_dir}: its files are left as they were")
         if out is None and not missing:   # the README reports results/

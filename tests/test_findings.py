@@ -17,7 +17,8 @@ import speed
 from normnets import NORMS, PARAM_LIMIT, count_macs, count_params, normnet
 from normnets_data import REPO_DIR
 from normnets_files import read_json
-from normnets_recipes import OPTIMIZER_SETTINGS, RECIPES, TRAINING_FIELDS, recipe, recipe_label
+from normnets_recipes import (BATCH_SIZE_GRID, OPTIMIZER_SETTINGS, RECIPES, TRAINING_FIELDS, recipe,
+                              recipe_label)
 from normnets_runs import with_batch_statistics
 import normnets_report
 from normnets_study import findings_frame
@@ -34,13 +35,13 @@ def md_rows(markdown: str) -> list[list[str]]:
 
 def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
     r = subprocess.run([sys.executable, str(REPO_DIR / 'scripts' / 'batch_sizes.py'), '--sizes', '50,100',
-                        '--epochs', '1', '--seeds', '1', '--n-train', '400', '--n-test', '200',
-                        '--precision', 'fp32', '--out', str(tmp_path)],
+                        '--epochs', '1', '--norms', 'all', '--n-train', '400', '--n-test', '200',
+                        '--out', str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_csv(tmp_path / 'batch_size.csv')
     assert len(df) == 2 * len(NORMS) and set(df.bs) == {50, 100} and set(df.norm) == set(NORMS)
-    # the precision given, whatever this machine's 'auto' is, so that one grid can span machines
+    # float32 by default, whatever this machine's 'auto' is, so that one grid can span machines
     assert {read_json(tmp_path / f'{run}/metrics.json')['precision'] for run in df.run} == {'fp32'}
     assert df.test_acc.between(0, 1).all() and df.seconds.gt(0).all() and (df.epochs == 1).all()
     for n, g in df.groupby('norm'):   # the square-root rule, the same for every norm
@@ -55,7 +56,13 @@ def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
     table = md_rows(page)
     assert table[0][1:len(NORMS) + 1] == [f'{n} norm: test acc % (cost)' for n in NORMS]
     assert table[0][len(NORMS) + 1] == 'batch norm, test-batch statistics: test acc %'
-    assert [r[0] for r in table[1:3]] == ['50', '100']
+    # the committed grid's plan beside the cells trained: its cells not trained here are pending
+    rows = {r[0]: r[1:] for r in table[1:] if r[0].isdigit()}
+    assert list(rows) == sorted(rows, key=int) and {'8', '50', '100', '256'} <= set(rows)
+    assert 'pending' not in rows['50'] + rows['100'] and rows['8'][:3] == ['pending'] * 3
+    assert rows['256'][0] == 'pending' and rows['256'][1] == ''   # batch norm's own size, not group norm's
+    planned = sum(NORMS[n].exercise for n in NORMS) * (len(BATCH_SIZE_GRID) + 1)   # and the recipe's own
+    assert f'{planned} cells of the grid are not trained yet (pending)' in page
     # each norm's cells are named against today's recipe at their batch size: only the length differs
     recipes = {r[0]: r for r in table if r[0] in NORMS}
     assert all(recipes[n][3] == f'**no**: epochs 1 (today {recipe(n).epochs})' for n in NORMS)

@@ -68,9 +68,10 @@ def test_speed_continues_from_the_tables_a_cut_run_saved(monkeypatch, tmp_path):
     "Each table saved as it is measured; a rerun measures only the tables it lacks."
     def never(*args, **kw): raise AssertionError('measured again')
     for name in ('matmul_gflops', 'time_plain_loop', 'learner_throughput', 'measure_variants',
-                 'measure_at_once', 'measure_changes'):
+                 'measure_at_once', 'measure_changes', 'measure_small_batches_at_once'):
         monkeypatch.setattr(speed, name, never)
     monkeypatch.setattr(speed, 'measure_profile', lambda dls: {'steps': 10})
+    monkeypatch.setattr(speed, 'measure_compiled', lambda *a: [{'norm': 'batch'}])
     monkeypatch.setattr(speed, 'keep_freed_memory', lambda: None)
     cifar = SimpleNamespace()
     monkeypatch.setattr(speed, 'recipe_loaders', lambda cifar, device: lambda norm, **kw: SimpleNamespace(
@@ -82,11 +83,12 @@ def test_speed_continues_from_the_tables_a_cut_run_saved(monkeypatch, tmp_path):
                  precision=r.precision, bs=256, steps=5, warmup=1, rounds=1, matmul_gflops={'fp32': 1.0},
                  usual={}, reference={}, changes=[],
                  variants=[{'norm': 'batch', 'train_ips': 100.0, 'infer_ips': 1000.0}],
-                 at_once=[{'how': 'fused', 'runs': 3, 'norm': 'batch', 'train_ips': 150.0}])
+                 at_once=[{'how': 'fused', 'runs': 3, 'norm': 'batch', 'train_ips': 150.0}], at_once_small=[])
     saves = []
     result = speed.measure(cifar, device, 5, 1, 1, dict(saved), lambda res: saves.append(dict(res)))
-    assert result['profile'] == {'steps': 10} and len(saves) == 1
-    assert saves[0]['variants'] == saved['variants']
+    assert result['profile'] == {'steps': 10} and result['compiled'] == [{'norm': 'batch'}]
+    assert len(saves) == 2   # a save a table measured
+    assert saves[0]['variants'] == saved['variants'] and set(saves[-1]['dates']) == {'profile', 'compiled'}
     # a different setting starts anew: the first table is measured again
     with pytest.raises(AssertionError, match='measured again'):
         speed.measure(cifar, device, 6, 1, 1, dict(saved), saves.append)

@@ -1,7 +1,7 @@
 """The recipe and the Learner: bad values are refused on creation, precision follows the hardware, the Learner
 carries each norm's recipe, a quick real training learns, and the exported learner works in a fresh session.
 Uses the real CIFAR-10 (NORMNETS_DATA, see the README)."""
-import dataclasses, inspect, json, math, subprocess, sys, textwrap
+import dataclasses, inspect, json, math, os, shutil, subprocess, sys, textwrap
 
 import pandas as pd
 import pytest
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from PIL import Image
 from fastai.callback.fp16 import MixedPrecision
-from fastai.learner import load_learner
+from fastai.learner import Learner, load_learner
 from fastai.callback.core import Callback
 from fastai.callback.mixup import MixUp
 from fastai.optimizer import Lookahead, Optimizer
@@ -489,24 +489,110 @@ class FromReference(Callback):
                              for a, b in zip(self.learn.model.state_dict().values(), model)))
 
 
-@pytest.mark.parametrize('opt', list(OPTIMIZERS))
-@pytest.mark.parametrize('norm', list(NORMS))
-def test_the_captured_step_run_eagerly_follows_fastais_loop(norm, opt, cifar):
-    """20 steps of the one-cycle schedule at the recipe's own peak rate (fastai's Adam, the project's Nesterov
-    SGD): each step of `CapturedStep`'s function, from the state fastai's loop reached, ends within 1e-5 of
-    where fastai's loop's step ends. (Run freely, the two loops part: the foreach ops round differently in the
-    last bit, and at these rates such differences grow within a few steps, as between any two kernels.)"""
+def forced_step_gaps(norm, opt, cifar, step: CapturedStep) -> tuple[list, Learner]:
+    """20 steps of the one-cycle schedule at the recipe's own peak rate (its optimizer's, for another one),
+    fastai's loop against `step`, each step of `step`'s starting from the state fastai's loop reached: how
+    far each step ends from fastai's (`FromReference`), and the learner `step` trained."""
     base = recipe(norm)
     peak = {} if opt == base.opt else dict(lr=0.4, wd=1e-4) if opt == 'sgd' else dict(lr=1e-2, wd=0.05)
     r = recipe(norm, opt=opt, precision='fp32', device='cpu', bs=16, n_train=320, n_test=16, epochs=1, **peak)
     learners = []
-    for captured in (False, True):
+    for _ in range(2):
         seed_run(r)
         learners.append(normnet_learner(recipe_dls(r, cifar=cifar), r))
     reference, states = learners[0], StepStates()
     with reference.no_bar(), reference.no_logging(): reference.fit_one_cycle(1, cbs=states)
-    forced, step = FromReference(states.states), CapturedStep(graph=False)
+    forced = FromReference(states.states)
     with learners[1].no_bar(), learners[1].no_logging(): learners[1].fit_one_cycle(1, cbs=[forced, step])
-    assert len(forced.gaps) == 20 and max(forced.gaps) < 1e-5, forced.gaps
-    state = learners[1].opt.state[next(learners[1].model.parameters())]
+    assert len(forced.gaps) == 20
+    return forced.gaps, learners[1]
+
+
+@pytest.mark.parametrize('opt', list(OPTIMIZERS))
+@pytest.mark.parametrize('norm', list(NORMS))
+def test_the_captured_step_run_eagerly_follows_fastais_loop(norm, opt, cifar):
+    """With fastai's Adam and the project's Nesterov SGD, each step of `CapturedStep`'s function, from the
+    state fastai's loop reached, ends within 1e-5 of where fastai's loop's step ends. (Run freely, the two
+    loops part: the foreach ops round differently in the last bit, and at these rates such differences grow
+    within a few steps, as between any two kernels.)"""
+    step = CapturedStep(graph=False)
+    gaps, learn = forced_step_gaps(norm, opt, cifar, step)
+    assert max(gaps) < 1e-5, gaps
+    state = learn.opt.state[next(learn.model.parameters())]
     assert state.get('step', 20) == 20   # Adam's step count is fastai's
+    assert step.took == 'one function, eager'
+
+
+def compiling():
+    "What conftest's TORCH_COMPILE_DISABLE=1 turned off, on again: a decorator of a test or a with block."
+    return torch._dynamo.config.patch(disable=False)
+
+
+def cxx_compiler() -> str | None:
+    return next((c for c in (os.environ.get('CXX'), 'g++', 'c++', 'clang++') if c and shutil.which(c)), None)
+
+
+@pytest.mark.skipif(cxx_compiler() is None, reason="torch.compile's CPU backend needs a C++ compiler")
+@pytest.mark.parametrize('norm,opt', [('batch', 'sgd'), ('layer', 'adam')])
+@compiling()   # conftest turns it off
+def test_the_compiled_step_follows_fastais_loop(norm, opt, cifar, monkeypatch):
+    """The step compiled (torch.compile, inductor) ends each of 20 steps within 1e-3 of fastai's loop (of a
+    tensor's scale), from the state that loop reached; most steps within 1e-5, as the eager step. Inductor
+    fuses and reorders the step's reductions (batch norm's backward among them): in the first steps, from
+    the initial weights, that moved a convolution's weights by up to 2.3e-4 here. Batch norm with SGD and
+    layer norm with Adam: both optimizers."""
+    monkeypatch.setattr(normnets_learner, 'COMPILED_FASTER', set())   # the reference: fastai's loop
+    step = CapturedStep(graph=False, compiled=True)
+    gaps, _ = forced_step_gaps(norm, opt, cifar, step)
+    assert step.took == 'compiled (torch.compile)'
+    assert max(gaps) < 1e-3 and sorted(gaps)[len(gaps) // 2] < 1e-5, gaps
+
+
+@compiling()
+def test_a_compile_that_fails_is_one_line_and_the_run_trains_eagerly(cifar, capsys, monkeypatch):
+    """A backend that fails (as inductor does without a C++ compiler) costs the run nothing: one line says so,
+    and the run trains exactly as the eager step does, batch norm's running statistics included (its first
+    forward pass ran before the failure)."""
+    monkeypatch.setattr(normnets_learner, 'COMPILED_FASTER', set())   # no step of the learner's own
+    def no_compiler(gm, inputs): raise RuntimeError("no C++ compiler\nmore lines of the compiler's error")
+    r = recipe('batch', precision='fp32', device='cpu', bs=16, n_train=160, n_test=16, epochs=1)
+    states = []
+    for step in (CapturedStep(graph=False), CapturedStep(graph=False, compiled=True, backend=no_compiler)):
+        seed_run(r)
+        learn = normnet_learner(recipe_dls(r, cifar=cifar), r)
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, cbs=step)
+        states.append(learn.model.state_dict())
+        assert step.took == 'one function, eager'
+    err = capsys.readouterr().err
+    assert err.count('torch.compile failed') == 1 and 'no C++ compiler); this run trains eagerly' in err
+    assert "more lines" not in err
+    for k, v in states[0].items(): assert torch.equal(v, states[1][k]), k
+
+
+def test_a_learner_that_has_not_trained_scores_with_its_step_callback(cifar):
+    """fastai's get_preds sends before_fit and after_fit: a learner without an optimizer (a run of a fused
+    network, scored on its own) has nothing for the step to prepare, and records no step of its own."""
+    r = recipe('batch', precision='fp32', device='cpu', bs=16, n_train=160, n_test=32, epochs=1)
+    learn = normnet_learner(recipe_dls(r, cifar=cifar), r)
+    learn.add_cb(CapturedStep(graph=False, compiled=True))
+    with learn.no_bar(): preds, _ = learn.get_preds()
+    assert preds.shape == (32, 10) and learn.captured_step.took is None
+
+
+@pytest.mark.parametrize('kind,norm,compiles', [('cpu-bf16', 'batch', True), ('cpu-fp32', 'batch', False),
+                                                ('cpu-bf16', 'group', False)])
+def test_a_run_compiles_its_step_where_the_rule_measured_it_faster(kind, norm, compiles, cifar, monkeypatch):
+    """`COMPILED_FASTER` decides by machine kind, precision and norm, for a run of enough steps to pay for
+    the compile; a recipe with a trick that acts between fastai's steps (EMA) keeps fastai's loop;
+    TORCH_COMPILE_DISABLE=1 (the tests') turns it off."""
+    monkeypatch.setattr(normnets_learner, 'COMPILED_FASTER', {('cpu-bf16', 'fp32', 'batch')})
+    monkeypatch.setattr(normnets_learner, 'machine_kind', lambda device: kind)
+    r = recipe(norm, precision='fp32', device='cpu', bs=16)   # 20 epochs of 3,125 steps
+    assert not normnets_learner.compiled_step_fits(r)   # the tests' TORCH_COMPILE_DISABLE
+    with compiling():
+        assert normnets_learner.compiled_step_fits(r) == compiles
+        assert not normnets_learner.compiled_step_fits(dataclasses.replace(r, ema=0.99))
+        assert not normnets_learner.compiled_step_fits(dataclasses.replace(r, n_train=160))   # a quick check
+        learn = normnet_learner(get_dls(cifar=cifar, bs=16, crop_pad=r.crop_pad), r)
+    assert hasattr(learn, 'captured_step') == compiles
+    if compiles: assert learn.captured_step.compiled and not learn.captured_step.graph

@@ -44,6 +44,7 @@ FLOORS = [{'normnets', 'normnets_device', 'normnets_files'},
           {'normnets_learner', 'normnets_pages'},
           {'normnets_runs', 'normnets_report'},
           {'normnets_fused'},
+          {'normnets_cluster'},
           {'normnets_study'}]
 
 

@@ -155,6 +155,13 @@ def test_speed_page_renders_every_measurement(tmp_path):
                       ratios=[0.7, 0.75, 0.8]),
                  dict(norm='group', how='streams', runs=4, bs=128, train_ips=8000.0, alone_ips=4000.0,
                       ratios=[2.0, 1.9, 2.1])],
+        at_once_small=[dict(norm='batch', how='processes', runs=2, bs=8, precision='bf16', train_ips=1200.0,
+                            alone_ips=600.0, ratios=[2.0, 1.8, 2.2])],
+        compiled=[dict(norm='layer', bs=8, precision='fp32', steps=160, compiled_ips=730.0, eager_ips=640.0,
+                       ratios=[1.2, 1.0, 1.1], compile_s=21.4, error=None),
+                  dict(norm='group', bs=32, precision='fp32', steps=40, compiled_ips=640.0, eager_ips=640.0,
+                       ratios=[1.0, 1.0, 1.0], compile_s=0.2, error='the compile failed')],
+        dates={'compiled': '2026-12-07'},
         study=dict(seeds=3, epochs=20, seconds=600.0, fused_seconds=900.0),
     )
     (tmp_path / 'speed.json').write_text(json.dumps(s))
@@ -168,10 +175,17 @@ def test_speed_page_renders_every_measurement(tmp_path):
     assert ['usual pipeline (49,672-parameter solution)', '49,672', '21.10 M', 'fp32', '128', '500'] in [
         r[:6] for r in table]
     assert ['batch norm', 'without channels-last', '1000', '1900', '0.50', '0.50, 0.60, 0.45'] in table
-    assert ['batch norm', '3', 'one fused network', '256', '1500', '2000', '0.75',
-            '0.70, 0.75, 0.80'] in table
-    assert ['group norm', '4', 'a thread and CUDA stream each', '128', '8000', '4000', '2.00',
+    assert ['batch norm', 'fp32', '3', 'one fused network', '256', '1500', '2000', '0.75',
+            '0.70, 0.75, 0.80'] in table   # in the benchmark's precision
+    assert ['group norm', 'fp32', '4', 'a thread and CUDA stream each', '128', '8000', '4000', '2.00',
             '2.00, 1.90, 2.10'] in table
+    assert ['batch norm', 'bf16', '2', 'a process each', '8', '1200', '600', '2.00',
+            '2.00, 1.80, 2.20'] in table
+    # the compiled step against the eager one: the median of the rounds, their range, the compile's time
+    assert ['layer norm', 'fp32', '8', '730', '640', '1.10', '1.00 to 1.20', '21'] in table
+    assert ['group norm', 'fp32', '32', '640', '640', 'failed: the compile failed', '1.00 to 1.00',
+            '0'] in table
+    assert 'measured on 2026-12-07' in page
     assert page.count('measured 3 times') == 2 and page.count('(a row with one ratio was measured once)') == 1
     assert ['batch norm', "glibc's allocator", '900', '1000', '0.90', '0.90'] in table
     assert 'failed: no compiler' in page and 'floor' not in page

@@ -12,9 +12,9 @@ from torch import nn
 
 import normnets_report as report
 import normnets_device, normnets_files, normnets_study
-from conftest import MEASURED_JOBS_AT_ONCE
+from conftest import MEASURED_JOBS_AT_ONCE, MEASURED_SMALL_BATCHES
 from normnets import NORMS, Norm
-from normnets_data import REPO_DIR
+from normnets_data import REPO_DIR, load_cifar
 from fastcore.script import CliError
 from normnets_files import RUN_FILES, FolderError, check_run_dir, damaged, locked
 from normnets_recipes import RECIPES, Recipe, TRAINING_FIELDS, recipe
@@ -171,6 +171,27 @@ def test_the_findings_are_the_summarys_values_and_the_conclusions_quote_only_the
         assert any(abs(abs(float(number)) - abs(v)) < 0.051 for v in values), number
 
 
+def test_the_studys_runs_are_the_batch_size_grids_cells_scored_with_batch_statistics_once(study_copy):
+    """The batch-size grid takes the study's runs as its cells at the recipe's batch size; batch norm's, from
+    before the test-batch score, are scored so from their model.pkl, and a score batch_size.csv already holds
+    for the same run and data is kept, not computed again."""
+    plan = [(f"{n} norm", recipe(n, **TINY), normnets_study.run_dir(study_copy, n, 0))
+            for n in ('batch', 'group')]
+    f = study_copy / 'batch' / 'metrics.json'
+    m = json.loads(f.read_text())
+    recorded = m.pop('batch_stats_test_acc')   # as the committed study's runs, from before the score
+    f.write_text(json.dumps(m))
+    cifar = load_cifar(None)
+    cells = normnets_study.study_batch_statistics(plan, study_copy, cifar).set_index('norm')
+    assert list(cells.index) == ['batch', 'group'] and cells.bs.tolist() == [100, 100]
+    assert cells.batch_stats_test_acc['batch'] == recorded   # what the run scored when it trained
+    assert pd.isna(cells.batch_stats_test_acc['group'])
+    cells.reset_index().assign(batch_stats_test_acc=[0.125, None]).to_csv(study_copy / 'batch_size.csv',
+                                                                           index=False)
+    again = normnets_study.study_batch_statistics(plan, study_copy, cifar).set_index('norm')
+    assert again.batch_stats_test_acc['batch'] == 0.125
+
+
 def test_interrupted_rerun_keeps_the_summary_of_every_finished_run(study_copy, monkeypatch):
     before = {f: (study_copy / f).read_bytes() for f in ('summary.csv', 'runs.csv', 'per_class.csv')}
     def interrupted(*args, **kw): raise KeyboardInterrupt
@@ -227,8 +248,8 @@ def test_runs_train_as_measured_fastest_unless_the_command_says_how(monkeypatch)
     monkeypatch.setattr(normnets_study, 'JOBS_AT_ONCE', MEASURED_JOBS_AT_ONCE)   # not conftest's
     flags = 'fpu avx2 avx512f'   # a CPU without bfloat16 arithmetic
     monkeypatch.setattr(normnets_device, 'cpuinfo', lambda field: flags if field == 'flags' else '')
-    gpu = SimpleNamespace(device='cuda', precision='bf16')
-    cpu = SimpleNamespace(device='cpu', precision='fp32')
+    gpu = SimpleNamespace(device='cuda', precision='bf16', bs=128)
+    cpu = SimpleNamespace(device='cpu', precision='fp32', bs=256)
     monkeypatch.setattr(os, 'cpu_count', lambda: 16)   # a GPU server's cores
     assert how_to_train(gpu) == (MEASURED_JOBS_AT_ONCE['cuda'], False)
     assert how_to_train(cpu) == (1, None) and how_to_train(cpu, jobs=2) == (2, False)
@@ -241,6 +262,21 @@ def test_runs_train_as_measured_fastest_unless_the_command_says_how(monkeypatch)
     flags = 'fpu avx512_bf16 amx_bf16 amx_tile'   # an Intel Xeon with AMX: 2 runs at once, a core each
     assert how_to_train(cpu) == (2, False) and how_to_train(cpu, jobs=1) == (1, None)
     assert how_to_train(cpu, fuse=True) == (1, True)
+
+
+def test_small_batches_train_at_once_where_that_measured_faster(monkeypatch):
+    """On the AMD EPYC with AVX512-BF16, runs of small batches (the batch-size grid's smallest) train 2 at
+    once, a process and a thread each; larger batches there, and small ones elsewhere, one at a time."""
+    monkeypatch.setattr(normnets_study, 'JOBS_AT_ONCE_SMALL_BATCHES', MEASURED_SMALL_BATCHES)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+    flags = 'fpu avx2 avx512f avx512_bf16'
+    monkeypatch.setattr(normnets_device, 'cpuinfo', lambda field: flags if field == 'flags' else '')
+    small, large = (SimpleNamespace(device='cpu', precision='fp32', bs=b)
+                    for b in (normnets_study.SMALL_BATCH, 64))
+    assert how_to_train(small) == (2, False) and how_to_train(large) == (1, None)
+    assert how_to_train(small, jobs=1) == (1, None) and how_to_train(small, fuse=True) == (1, True)
+    flags = 'fpu avx2 avx512f'   # a float32 AMD: unmeasured, one at a time
+    assert how_to_train(small) == (1, None)
 
 
 def children(pid: int) -> list[int]:
