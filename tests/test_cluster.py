@@ -27,7 +27,8 @@ in_a_namespace = pytest.mark.skipif(
     not namespaces_work(), reason="no network namespace here (unshare -rn) to keep the cluster on loopback")
 
 # Runs inside the namespace: the cluster, the grid on it with its worker node removed once the first run is
-# back, the grid again with --resume, a bad address, and a GPU plan on this CPU-only cluster.
+# back, the grid again with --resume, a batch-size grid, a bad address, and a GPU plan on this CPU-only
+# cluster.
 IN_NAMESPACE = textwrap.dedent('''
     import json, subprocess, sys
     from ray.cluster_utils import Cluster
@@ -50,6 +51,11 @@ IN_NAMESPACE = textwrap.dedent('''
         found['grid'] = dict(rc=p.wait(), out=''.join(lines), err=p.stderr.read()[-3000:])
         r = subprocess.run(on_cluster + ['--resume'], capture_output=True, text=True)
         found['resume'] = dict(rc=r.returncode, out=r.stdout, err=r.stderr[-3000:])
+        sizes = [run_all[0], run_all[1].replace('run_all.py', 'batch_sizes.py'), '--norms', 'bn,gn',
+                 '--sizes', '50', '--epochs', '1', '--n-train', '400', '--n-test', '200',
+                 '--cluster', cluster.address, '--threads', '1', '--out', out + '-sizes']
+        r = subprocess.run(sizes, capture_output=True, text=True)
+        found['sizes'] = dict(rc=r.returncode, out=r.stdout, err=r.stderr[-3000:])
         r = subprocess.run(run_all + grid + ['--cluster', '127.0.0.1:1', '--out', out + '-bad'],
                            capture_output=True, text=True, timeout=300)
         found['bad'] = dict(rc=r.returncode, out=r.stdout, err=r.stderr)
@@ -108,6 +114,17 @@ def test_resume_on_the_cluster_keeps_every_finished_run(on_cluster):
     resume = on_cluster[1]['resume']
     assert resume['rc'] == 0, resume['err']
     assert '4 kept, 0 to train' in resume['out']
+
+
+@in_a_namespace
+def test_the_batch_size_grid_trains_on_the_cluster_too(on_cluster):
+    tmp, found = on_cluster
+    sizes = found['sizes']
+    assert sizes['rc'] == 0, sizes['err']
+    assert 'on a Ray cluster at 127.0.0.1:' in sizes['out'] and '2/2 trained' in sizes['out']
+    cells = sorted(p.name for p in (tmp / 'cluster-sizes' / 'batch_size').iterdir())
+    assert cells == ['batch-bs50-seed0', 'group-bs50-seed0']
+    assert all(damaged(tmp / 'cluster-sizes' / 'batch_size' / c) is None for c in cells)
 
 
 @in_a_namespace
