@@ -13,10 +13,9 @@ norm is scored twice: with its running averages, as usual, and with the statisti
 training batch size (the study's runs are scored so from their model.pkl). Where the command leaves it to
 normnets, each batch size's cells train as measured fastest on this kind of machine: several at once, a
 process each (normnets_study.JOBS_AT_ONCE_SMALL_BATCHES), or a cell's seeds as one fused network
-(normnets_fused.FUSED_FASTER). Cells go
-to <out>/batch_size/<norm>-bs<k>-seed<s>/ (history and metrics); the table to <out>/batch_size.csv and the
-figure to <out>/batch_size.png, both written from every finished cell, also after a Ctrl-C. Small batches
-take many more steps an epoch (see each cell's seconds).
+(normnets_fused.FUSED_FASTER). Cells go to <out>/batch_size/<norm>-bs<k>-seed<s>/ (history and metrics); the
+table to <out>/batch_size.csv and the figure to <out>/batch_size.png, both written from every finished cell,
+also after a Ctrl-C. Small batches take many more steps an epoch (see each cell's seconds).
 """
 
 import matplotlib
