@@ -256,7 +256,7 @@ class CapturedStep(Callback):
         amp = getattr(self.learn, 'device_mixed_precision', None)
         self.autocast = torch.autocast(self.dls.device.type, dtype=amp.dtype, cache_enabled=False) \
             if amp else contextlib.nullcontext()
-        self.x = self.y = self.cuda_graph = None
+        self.inputs = self.targets = self.cuda_graph = None
         # torch's loss inside fastai's `BaseLoss`, whose reshapes cast to fastai's tensor types (which recurse
         # under torch.compile): normnets' predictions and targets already have the shapes it makes
         self.criterion = getattr(self.learn.loss_func, 'func', self.learn.loss_func)
@@ -278,8 +278,8 @@ class CapturedStep(Callback):
         "One training step on the static batch: forward, loss, backward, the optimizer's step."
         for p in self.params: p.grad = None   # backward writes the gradients afresh
         with self.autocast:
-            pred = self.model(self.x).float()
-            loss = self.criterion(pred, self.y)
+            pred = self.model(self.inputs).float()
+            loss = self.criterion(pred, self.targets)
         loss.backward()
         grads, hp, c = [p.grad for p in self.params], self.hp.unbind(), self.constants
         with torch.no_grad():
@@ -297,12 +297,12 @@ class CapturedStep(Callback):
         if any(h[k] != v for k, v in self.constants.items()):
             raise RuleError(f"the captured step takes {', '.join(self.constants)} as constant through a fit")
         x, y = (t.as_subclass(torch.Tensor) for t in (self.xb[0], self.yb[0]))
-        if self.x is None: self.x, self.y = torch.empty_like(x), torch.empty_like(y)
-        if x.shape != self.x.shape:   # normnets' training loaders drop the last partial batch (drop_last)
-            raise RuleError(f"the captured step trains on batches of one shape: {tuple(self.x.shape)}, then "
-                            f"{tuple(x.shape)}; use a training DataLoader with drop_last=True")
-        self.x.copy_(x, non_blocking=True)
-        self.y.copy_(y, non_blocking=True)
+        if self.inputs is None: self.inputs, self.targets = torch.empty_like(x), torch.empty_like(y)
+        if x.shape != self.inputs.shape:   # normnets' training loaders drop the last partial batch
+            raise RuleError(f"the captured step trains on batches of one shape: {tuple(self.inputs.shape)}, "
+                            f"then {tuple(x.shape)}; use a training DataLoader with drop_last=True")
+        self.inputs.copy_(x, non_blocking=True)
+        self.targets.copy_(y, non_blocking=True)
         self.steps += 1
         for t, v in zip(self.hp, scheduled_values(self.learn.recipe.opt, h, self.steps)): t.fill_(v)
         if self.cuda_graph is not None: self.cuda_graph.replay()
@@ -350,7 +350,8 @@ class CapturedStep(Callback):
                      'compiled (torch.compile)' if self.step_fn != self.step else 'one function, eager')
         # picklable again, and holding none of the optimizer's state (an exported learner carries no Adam
         # moments) nor the model's parameters: the next fit takes them afresh
-        self.cuda_graph = self.side = self.x = self.y = self.out = self.hp = self.autocast = None
+        self.cuda_graph = self.side = self.inputs = self.targets = self.out = self.hp = None
+        self.autocast = None
         self.params = self.state = self.do_wd = self.step_fn = self.criterion = None
 
     def __getstate__(self):   # the compiled function stays in this process (pickle cannot carry it)
