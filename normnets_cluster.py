@@ -103,14 +103,11 @@ def train_group(group: list, cell: bool, cifar, threads: int) -> tuple[list, str
     trained into a temporary folder of this node; each run's files as {name: bytes}, its metrics, and the
     node."""
     import torch
-    from normnets_runs import train_run
     from normnets_fused import train_fused
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix='normnets-task-') as tmp:
         folders = [Path(tmp) / f'run{i}' for i in range(len(group))]
-        recipes = [r for _, r, _ in group]
-        metrics = train_fused(recipes, folders, cifar=cifar, cell=cell) if len(group) > 1 else \
-            [train_run(recipes[0], folders[0], cifar=cifar, cell=cell)]
+        metrics = train_fused([r for _, r, _ in group], folders, cifar=cifar, cell=cell)   # one: train_run
         files = [{f.name: f.read_bytes() for f in d.iterdir()} for d in folders]
     return list(zip(files, metrics)), os.uname().nodename
 
@@ -134,8 +131,7 @@ def run_on_cluster(groups: list, cluster: Cluster, cifar, cell: bool):
     from ray.exceptions import RayTaskError
     task = ray.remote(max_retries=RETRIES)(train_group).options(**cluster.options)
     images = ray.put(cifar)   # once into the object store, read there by every task
-    threads = cluster.options['num_cpus'] if 'num_gpus' not in cluster.options else 1
-    tasks = {task.remote(g, cell, images, threads): g for g in groups}
+    tasks = {task.remote(g, cell, images, cluster.options['num_cpus']): g for g in groups}   # 1 on a GPU
     total, trained, start = sum(map(len, groups)), 0, time.perf_counter()
     pending, roomless = list(tasks), None   # roomless: since when no alive node has room for a task
     try:

@@ -229,14 +229,12 @@ def search_page(results: Path) -> str | None:
             f"\n## Every cell\n\n{cells(df)}")
 
 
-def batch_size_grid(results: Path) -> pd.DataFrame | None:
+def batch_size_grid(df: pd.DataFrame) -> pd.DataFrame:
     """The batch-size grid as planned (each exercise norm at `BATCH_SIZE_GRID` and at its recipe's own batch
-    size, the study's cell) and as trained so far (batch_size.csv): a row a norm and batch size, with the
-    test accuracy's mean and std over seeds, batch norm's with test-batch statistics, seeds and seconds; no
-    seeds where a planned cell is still pending."""
-    df = read(results / 'batch_size.csv')
-    if df is None: return None
-    if 'batch_stats_test_acc' not in df: df['batch_stats_test_acc'] = float('nan')   # grids from before it
+    size, the study's cell) and as trained so far (`df`, batch_size.csv): a row a norm and batch size, with
+    the test accuracy's mean and std over seeds, batch norm's with test-batch statistics, seeds and seconds;
+    no seeds where a planned cell is still pending."""
+    if 'batch_stats_test_acc' not in df: df = df.assign(batch_stats_test_acc=float('nan'))   # grids before it
     grid = df.groupby(['norm', 'bs']).agg(
         test_acc=('test_acc', 'mean'), test_acc_std=('test_acc', 'std'), seconds=('seconds', 'mean'),
         batch_stats=('batch_stats_test_acc', 'mean'), seeds=('seed', 'count')).reset_index()
@@ -247,8 +245,9 @@ def batch_size_grid(results: Path) -> pd.DataFrame | None:
 
 def batch_size_page(results: Path) -> str | None:
     "batch_size.md: test accuracy (mean ± std over seeds) and cost of every cell of the batch-size grid."
-    grid, df = batch_size_grid(results), read(results / 'batch_size.csv')
-    if grid is None: return None
+    df = read(results / 'batch_size.csv')
+    if df is None: return None
+    grid = batch_size_grid(df)
     seeds = lambda k: f", {k:.0f} seeds" if k > 1 else ''
     grid['cell'] = [f"{c} ({s / 60:.1f} min{seeds(k)})" if k else 'pending'
                     for c, s, k in zip(spread(grid, 'test_acc'), grid.seconds, grid.seeds)]
@@ -285,7 +284,7 @@ def batch_norm_behind(grid: pd.DataFrame) -> str:
     gap = (acc[['group', 'layer']].max(axis=1) - acc['batch']).dropna()
     if not len(gap): return ''
     behind = gap[gap > 0]
-    pending = sorted(grid[(grid.seeds == 0) & grid.norm.isin(['batch', 'group', 'layer'])].bs.unique())
+    pending = sorted(grid[grid.seeds == 0].bs.unique())   # only planned cells (exercise norms) lack seeds
     later = f" (batch size {', '.join(map(str, pending))} not trained yet)" if pending else ''
     if not len(behind):
         return (f"Batch norm stays ahead of group and layer norm down to batch size {gap.index.min()}{later}"

@@ -20,7 +20,7 @@ from normnets import normnet, count_params, count_macs
 from normnets_files import FolderError, locked, read_csv, read_json, readable_mode
 from normnets_recipes import recipe
 from normnets_pages import (BAR, PAGES, batch_norm_behind, batch_size_grid, layer_order, md, mean_std, num,
-                            pages, pct, provenance, recipes_markdown, spread)
+                            pages, pct, provenance, read, recipes_markdown, spread)
 
 __all__ = ['summary_markdown', 'conclusions', 'regions', 'fill', 'problems', 'stale', 'write_report']
 
@@ -87,8 +87,8 @@ def conclusions(f: pd.DataFrame, device: str, batch_sizes: str = '') -> str:
 def batch_sizes_line(results: Path, rel: str) -> str:
     """Where batch norm falls behind in the batch-size grid, or that it does not (the batch-size page's line,
     linked to it as `rel`/batch_size.md)."""
-    grid = batch_size_grid(results)
-    line = '' if grid is None else batch_norm_behind(grid)
+    df = read(results / 'batch_size.csv')
+    line = '' if df is None else batch_norm_behind(batch_size_grid(df))
     return f"[By training batch size]({rel}/batch_size.md): {line[0].lower()}{line[1:]}" if line else ''
 
 

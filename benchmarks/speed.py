@@ -180,9 +180,6 @@ def own_learner(cifar, device, norm, seed, **overrides):
         return normnet_learner(recipe_dls(r, cifar=cifar), r)
 
 
-def ips_of(timer: StepTimer) -> float: return timer.images / timer.seconds
-
-
 def timed_fit(learn, timer: StepTimer, *args) -> StepTimer:
     "Fit `learn` quietly for enough epochs to reach the last step `timer` times (it stops the fit there)."
     epochs = -(-(timer.warmup + timer.steps) // len(learn.dls.train))
@@ -247,12 +244,10 @@ def torch_optimizer(opt, **options):
     return tweak
 
 
-def one_function_step(compiled: bool):
-    "A tweak: the training step as one function (`CapturedStep` without a graph), compiled or eager."
-    def tweak(learn):
-        fastai_loop(learn)
-        learn.add_cb(CapturedStep(graph=False, compiled=compiled))
-    return tweak
+def compiled_step(learn):
+    "A tweak: the training step as one function (`CapturedStep` without a graph), through `torch.compile`."
+    fastai_loop(learn)
+    learn.add_cb(CapturedStep(graph=False, compiled=True))
 
 
 def compiled(learn, **options):
@@ -583,7 +578,7 @@ def measure_compiled(dls_of, steps, rounds, precisions) -> list[dict]:
         for norm in EXERCISE_NORMS:
             for bs in sorted({*COMPILE_BATCHES, recipe(norm).bs}):
                 learn = recipe_learner(dls_of(norm, bs=bs), norm, precision=precision)
-                one_function_step(True)(learn)
+                compiled_step(learn)
                 chunk = max(2, steps * 32 // bs)
                 timer = AlternatingSteps(chunk, rounds)
                 epochs = -(-chunk * 2 * (rounds + 1) // len(learn.dls.train))
