@@ -259,7 +259,7 @@ def batch_size_page(results: Path) -> str | None:
             pct(bn.batch_stats.get(b)) if bn.seeds.get(b) else 'pending' if b in bn.index else ''
             for b in table.index]
     pending = int((grid.seeds == 0).sum())
-    own = ', '.join(f"{b} for {' and '.join(g.norm)} norm" for b, g in grid.groupby('bs')
+    own = ', '.join(f"{b} for {spoken(list(g.norm))} norm" for b, g in grid.groupby('bs')
                     if b not in BATCH_SIZE_GRID and len(g))
     return (f"# Batch size\n\n`scripts/batch_sizes.py` on {', '.join(df.device_name.unique())}: each norm's "
             f"recipe at each batch size for {'/'.join(map(str, sorted(df.epochs.unique())))} epochs a cell, "
@@ -276,16 +276,23 @@ def batch_size_page(results: Path) -> str | None:
             + f"\n## Recipes\n\n{batch_size_recipes(df)}")
 
 
+def spoken(words: list[str]) -> str:
+    "['batch', 'group', 'layer'] as 'batch, group and layer'."
+    return f"{', '.join(words[:-1])} and {words[-1]}" if len(words) > 1 else words[0]
+
+
 def batch_norm_behind(grid: pd.DataFrame) -> str:
     """Where batch norm's mean falls behind the better of group and layer norm in the grid
     (`batch_size_grid`), in points, or that it does not down to the smallest batch size measured."""
     acc = grid[grid.seeds > 0].pivot(index='bs', columns='norm', values='test_acc')
     if not {'batch', 'group', 'layer'} <= set(acc.columns): return ''
-    gap = (acc[['group', 'layer']].max(axis=1) - acc['batch']).dropna()
+    # a batch size counts once all three are trained there: not against group norm alone while layer trains
+    gap = (acc[['group', 'layer']].max(axis=1, skipna=False) - acc['batch']).dropna()
     if not len(gap): return ''
     behind = gap[gap > 0]
-    pending = sorted(grid[grid.seeds == 0].bs.unique())   # only planned cells (exercise norms) lack seeds
-    later = f" (batch size {', '.join(map(str, pending))} not trained yet)" if pending else ''
+    pending = grid[grid.seeds == 0]   # only planned cells (exercise norms) lack seeds
+    later = '; '.join(f"{spoken(list(g.norm))} norm at batch size {b}" for b, g in pending.groupby('bs'))
+    later = f" ({later} not trained yet)" if later else ''
     if not len(behind):
         return (f"Batch norm stays ahead of group and layer norm down to batch size {gap.index.min()}{later}"
                 ": "

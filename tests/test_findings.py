@@ -22,8 +22,8 @@ from normnets_recipes import (BATCH_SIZE_GRID, OPTIMIZER_SETTINGS, RECIPES, TRAI
 from normnets_runs import with_batch_statistics
 import normnets_report
 from normnets_study import findings_frame
-from normnets_pages import (PAGES, ablation_page, batch_size_page, inference_page, layer_order,
-                            precision_page, search_page)
+from normnets_pages import (PAGES, ablation_page, batch_norm_behind, batch_size_grid, batch_size_page,
+                            inference_page, layer_order, precision_page, search_page)
 from normnets_report import architecture_markdown, write_report
 
 
@@ -69,6 +69,19 @@ def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
     # the activation a network names is the one the order shows
     assert layer_order('{"act": "gelu"}') == 'conv, norm, GELU'
     assert layer_order({"act": "gelu", "norm_after_relu": True}) == 'conv, GELU, norm'
+
+
+def test_the_batch_size_conclusion_compares_only_batch_sizes_where_all_three_norms_are_trained():
+    cells = [('batch', 8, .80), ('group', 8, .81), ('batch', 16, .81), ('group', 16, .79), ('layer', 16, .78)]
+    df = pd.DataFrame([dict(norm=n, bs=b, test_acc=a, seed=0, seconds=1.0) for n, b, a in cells])
+    # group norm ahead at 8 while layer norm trains there: no conclusion about 8 yet
+    line = batch_norm_behind(batch_size_grid(df))
+    assert line.startswith('Batch norm stays ahead of group and layer norm down to batch size 16 (layer norm '
+                           'at batch size 8; batch, group and layer norm at batch size 32; ')
+    assert 'by 2.00 points at the least (batch size 16)' in line
+    df.loc[len(df)] = dict(norm='layer', bs=8, test_acc=.79, seed=0, seconds=1.0)
+    assert batch_norm_behind(batch_size_grid(df)).startswith(
+        'Batch norm falls behind the better of group and layer norm at batch size 8 (by 1.00 points) (batch,')
 
 
 def trained_like(norm: str) -> nn.Module:
