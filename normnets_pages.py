@@ -259,6 +259,8 @@ def batch_size_page(results: Path) -> str | None:
             pct(bn.batch_stats.get(b)) if bn.seeds.get(b) else 'pending' if b in bn.index else ''
             for b in table.index]
     pending = int((grid.seeds == 0).sum())
+    cells = f"{pending} cells of the grid are" if pending != 1 else "1 cell of the grid is"
+    left = f"{cells} not trained yet (pending)." if pending else "Every cell of the grid is trained."
     own = ', '.join(f"{b} for {spoken(list(g.norm))} norm" for b, g in grid.groupby('bs')
                     if b not in BATCH_SIZE_GRID and len(g))
     return (f"# Batch size\n\n`scripts/batch_sizes.py` on {', '.join(df.device_name.unique())}: each norm's "
@@ -268,8 +270,7 @@ def batch_size_page(results: Path) -> str | None:
             f"the recipe's) (`at_batch_size`). The recipe's own batch size ({own}) is the study's cell: its "
             "runs, every seed (mean ± std), not trained again. Batch norm's test-batch statistics: each test "
             "batch, of the training batch size, normalized with its own statistics instead of the running "
-            f"averages. {pending or 'No'} cell{'s' * (pending != 1)} of the grid "
-            f"{'are' if pending != 1 else 'is'} not trained yet (pending).\n\n"
+            f"averages. {left}\n\n"
             "![test accuracy against batch size](batch_size.png)\n\n"
             + md(table.reset_index().rename(columns={'bs': 'batch size'}))
             + ''.join(f"\n{line}\n" for line in [batch_norm_behind(grid)] if line)

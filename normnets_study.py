@@ -145,10 +145,10 @@ def refuse_replacing_other_hardware(plan: list, kept: list, chosen=()):
                      "the new value to train them again")
 
 
-def plan_frame(plan: list, scores: tuple = ()) -> pd.DataFrame:
+def plan_frame(plan: list, out: Path, scores: tuple = ()) -> pd.DataFrame:
     """One row per finished run of `plan` ((title, recipe, folder) triples): its norm, the recipe's
     TRAINING_FIELDS ('net' as JSON) and seed, its accuracies and the metrics named in `scores`, seconds,
-    device and data, and its folder as <parent>/<name>."""
+    device and data, and its folder in the results folder `out`."""
     rows = []
     for _, r, d in plan:
         m = kept_run(d, r)
@@ -158,7 +158,7 @@ def plan_frame(plan: list, scores: tuple = ()) -> pd.DataFrame:
                          'train_acc': m['train_acc'], 'test_acc': m['test_acc'],
                          **{k: m.get(k) for k in scores}, 'seconds': m['seconds'],
                          'device_name': m['device_name'], 'data_md5': m['data_md5'],
-                         'run': f'{d.parent.name}/{d.name}'})
+                         'run': d.relative_to(out).as_posix()})
     return pd.DataFrame(rows)
 
 
@@ -167,10 +167,10 @@ def study_batch_statistics(plan: list, out: Path, cifar) -> pd.DataFrame:
     accuracy with each test batch's statistics (`batch_statistics_accuracy`) where a run did not record it
     (the study's runs are from before that score): from the run's model.pkl, once, since a value of
     <out>/batch_size.csv for the same run and data is kept."""
-    cells = plan_frame(plan, scores=('batch_stats_test_acc',))
+    cells = plan_frame(plan, out, scores=('batch_stats_test_acc',))
     if not len(cells): return cells
     cells = cells.astype({'batch_stats_test_acc': float})
-    runs = {f'{d.parent.name}/{d.name}': (r, d) for _, r, d in plan}
+    runs = {d.relative_to(out).as_posix(): (r, d) for _, r, d in plan}
     f = out / 'batch_size.csv'
     earlier = read_csv(f).set_index(['run', 'data_md5']).batch_stats_test_acc if f.exists() else pd.Series()
     for i, c in cells[cells.batch_stats_test_acc.isna()].iterrows():

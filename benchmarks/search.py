@@ -61,10 +61,10 @@ def screen_plan(norms, epochs, out, **overrides) -> list:
 def confirm_plan(screen, k: int, seeds: int, out) -> list:
     """The `k` best finished screen cells of each norm by held-out accuracy, at the rules' full length, for
     the screen's seed and `seeds` more (a screen of full length holds the first of them already)."""
-    df = plan_frame(screen)
+    df = plan_frame(screen, out)
     if not len(df): return []
     best = df.sort_values('test_acc', ascending=False).groupby('norm', sort=False).head(k)
-    by_run = {f'{d.parent.name}/{d.name}': r for _, r, d in screen}
+    by_run = {d.relative_to(out).as_posix(): r for _, r, d in screen}
     return [(f"{r.norm} norm, {r.opt}, peak lr {r.lr:g}, weight decay {r.wd:g}, seed {r.seed} (confirm)", r,
              cell_dir(out, r))
             for run in best.run for first in [by_run[run]]
@@ -120,7 +120,7 @@ def main(
                 run_plan([c for c in confirmed if c[2] not in trained], cifar, resume, cell=True, jobs=jobs,
                          fuse=fuse, chosen=set(subset), cluster=on)
             finally:   # the table of every finished cell, also after a Ctrl-C
-                stages = {'screen': plan_frame(screen), 'confirm': plan_frame(confirmed)}
+                stages = {'screen': plan_frame(screen, out), 'confirm': plan_frame(confirmed, out)}
                 finished = [d.assign(stage=stage) for stage, d in stages.items() if len(d)]
                 df = pd.concat(finished) if finished else pd.DataFrame(columns=['test_acc'])
                 df = df.rename(columns={'test_acc': 'holdout_acc'})

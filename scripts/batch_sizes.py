@@ -94,12 +94,12 @@ def main(
                     run_plan(cells, cifar, resume, cell=True, jobs=b_jobs, fuse=b_fuse, chosen=set(given),
                              cluster=on)
             finally:   # the table of every finished cell, also after a Ctrl-C
-                df = plan_frame(plan, scores=('batch_stats_test_acc',))
-                df = pd.concat([df, study_batch_statistics(study, out, cifar)], ignore_index=True)
+                grid = plan_frame(plan, out, scores=('batch_stats_test_acc',))
+                df = pd.concat([grid, study_batch_statistics(study, out, cifar)], ignore_index=True)
                 if len(df):
                     df.to_csv(out / 'batch_size.csv', index=False)
                     plots.batch_size(df, out / 'batch_size.png')
                     print(df.pivot_table(index='bs', columns='norm', values='test_acc').to_string())
-    missing = len(plan) - len(df)
+    missing = len(plan) - len(grid)   # the study's cells are not the grid's to train
     if missing:
         raise CliError(f"incomplete grid: {missing} of {len(plan)} cells missing (run again with --resume)")

@@ -71,6 +71,21 @@ def test_a_tiny_batch_size_grid_writes_well_formed_files(tmp_path):
     assert layer_order({"act": "gelu", "norm_after_relu": True}) == 'conv, GELU, norm'
 
 
+def test_the_finished_grid_resumes_to_its_table_training_nothing(monkeypatch, tmp_path, capsys):
+    "A copy of the committed grid and study, resumed: every cell kept, none missing, the same table."
+    import normnets_study
+    def never(*args, **kw): raise AssertionError('trained again')
+    monkeypatch.setattr(normnets_study, 'train_run', never)
+    results = REPO_DIR / 'results'
+    for folder in ('batch_size', 'seeds', *(n for n in NORMS if NORMS[n].exercise)):
+        shutil.copytree(results / folder, tmp_path / folder)
+    shutil.copy(results / 'batch_size.csv', tmp_path)
+    batch_sizes.main(out=str(tmp_path), resume=True)   # said 'incomplete grid', counting the study's cells
+    assert 'missing' not in capsys.readouterr().out
+    assert (tmp_path / 'batch_size.csv').read_text() == (results / 'batch_size.csv').read_text()
+    assert 'Every cell of the grid is trained.' in batch_size_page(tmp_path)
+
+
 def test_the_batch_size_conclusion_compares_only_batch_sizes_where_all_three_norms_are_trained():
     cells = [('batch', 8, .80), ('group', 8, .81), ('batch', 16, .81), ('group', 16, .79), ('layer', 16, .78)]
     df = pd.DataFrame([dict(norm=n, bs=b, test_acc=a, seed=0, seconds=1.0) for n, b, a in cells])
