@@ -391,7 +391,7 @@ def compiled_step_fits(r: Recipe) -> bool:
     (`COMPILED_FASTER`), in bf16 or fp32, for enough steps to pay for the compile, without the tricks that act
     between fastai's steps, and unless torch's `TORCH_COMPILE_DISABLE=1` turns compiling off (the tests train
     eagerly)."""
-    return ((machine_kind(r.device), r.precision, r.norm) in COMPILED_FASTER and r.precision != 'fp16'
+    return ((machine_kind(r.device), r.precision, r.norm) in COMPILED_FASTER
             and training_steps(r) >= COMPILE_PAYS_AFTER and not (r.ema or r.lookahead or r.mixup)
             and not torch._dynamo.config.disable)
 

@@ -541,7 +541,7 @@ def measure_changes(dls_of, cifar, steps, warmup, rounds, precision, allocator) 
 # The batch sizes the compiled step is measured at besides each recipe's own: the batch-size grid's smallest
 # and a middle one, where a step is mostly overhead.
 COMPILE_BATCHES = (8, 32)
-EXERCISE_NORMS = ('batch', 'group', 'layer')   # the exercise's three
+EXERCISE_NORMS = tuple(n for n in NORMS if NORMS[n].exercise)   # batch, group and layer norm
 
 
 class AlternatingSteps(Callback):
